@@ -1,0 +1,484 @@
+"""The `finestyle` command. Thin: parse options into a config, call one stage function, report.
+
+Exit codes: 0 success (bad inputs skipped and reported still count), 2 unusable input or arguments
+(one line on stderr, no traceback), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import UserError, VerificationError
+
+app = typer.Typer(
+    name="finestyle",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="FineStyle: concept-oriented style personalization for Stable Diffusion, from a few "
+    "reference images to a validated ONNX/TensorRT export and an inference server.",
+)
+models_app = typer.Typer(
+    no_args_is_help=False,
+    invoke_without_command=True,
+    help="List the builtin models, or write one as a local folder.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a ratio against a baseline.")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(msg: str, code: int) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map our exceptions onto the exit-code contract."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .env import configure_environment
+
+        configure_environment()
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
+        except VerificationError as exc:
+            _fail(f"verification failed: {exc}", 1)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").startswith("finestyle."):
+                _fail(f"`{fn.__name__}` is not built yet in this version ({exc.name} is missing)", 2)
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def _print_summary(title: str, lines: dict[str, Any]) -> None:
+    typer.echo(f"\n{title}")
+    width = max((len(k) for k in lines), default=0)
+    for k, v in lines.items():
+        typer.echo(f"  {k.ljust(width)}  {v}")
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare
+
+
+@app.command()
+@command
+def prepare(
+    images: list[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    style: str = typer.Option(..., "--style", help='Style descriptor, e.g. "watercolor painting".'),
+    out: Path = typer.Option(..., "--out", help="Output dataset folder (published atomically)."),
+    captioner: Optional[str] = typer.Option(
+        None, help="BLIP model: hub id, local folder or builtin [default: builtin:tiny-blip]."
+    ),
+    base: Optional[str] = typer.Option(
+        None, help="Text-to-image model whose cross-attention locates concepts [default: builtin:tiny-sd]."
+    ),
+    concepts: Optional[str] = typer.Option(None, help="attention | grid | boxes | none | auto."),
+    concept_words: Optional[str] = typer.Option(None, help='Extra concept phrases, e.g. "boat, lake".'),
+    boxes: Optional[str] = typer.Option(None, help="JSON file of per-image boxes (for --concepts boxes)."),
+    full_image: Optional[bool] = typer.Option(
+        None, "--full-image/--no-full-image", help="Keep each whole image as one pair."
+    ),
+    max_concepts: Optional[int] = typer.Option(None, help="Most concept crops per image."),
+    min_crop: Optional[int] = typer.Option(None, help="Smallest crop side in pixels."),
+    margin: Optional[float] = typer.Option(None, help="Margin around boxes (fraction of box size)."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution recorded with buckets."),
+    batch_size: Optional[int] = typer.Option(None, help="Captioning batch size."),
+    caption_prefix: Optional[str] = typer.Option(None, help='BLIP conditional prefix ("" = none).'),
+    num_beams: Optional[int] = typer.Option(None, help="Beam width (1 = greedy)."),
+    max_length: Optional[int] = typer.Option(None, help="Most new caption tokens."),
+    template: Optional[str] = typer.Option(
+        None, help='Training text template, e.g. "{concept}, in {style} style".'
+    ),
+    dtype: Optional[str] = typer.Option(None, help="Captioner dtype: fp32 | bf16 | fp16 | auto."),
+    device: Optional[str] = typer.Option(None, help="cuda | mps | cpu | auto."),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML file (its `prepare:` section); options override it."
+    ),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if an identical dataset exists."),
+) -> None:
+    """Turn reference images into concept crop-caption pairs: a Hugging Face dataset."""
+    from .config import PrepareConfig, stage_from_sources
+
+    values = dict(
+        images=images,
+        style=style,
+        out=str(out),
+        captioner=captioner,
+        base=base,
+        concepts=concepts,
+        concept_words=concept_words,
+        boxes=boxes,
+        full_image=full_image,
+        max_concepts=max_concepts,
+        min_crop=min_crop,
+        margin=margin,
+        resolution=resolution,
+        batch_size=batch_size,
+        caption_prefix=caption_prefix,
+        num_beams=num_beams,
+        max_length=max_length,
+        template=template,
+        dtype=dtype,
+        device=device,
+        force=force or None,
+    )
+    cfg = stage_from_sources(PrepareConfig, "prepare", str(config) if config else None, values)
+    from .prepare import run_prepare
+
+    result = run_prepare(cfg)
+    _print_summary(
+        "prepare: done" + (" (reused)" if result["reused"] else ""),
+        {
+            "dataset": result["out"],
+            "rows": result["rows"],
+            "images used": result["images_used"],
+            "skipped": result["skipped"],
+            "preview": f"{result['out']}/preview.png",
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command()
+@command
+def train(
+    dataset: Path = typer.Argument(..., help="Dataset folder from `prepare` (or an ImageFolder)."),
+    base: str = typer.Option(..., "--base", help="Base model: hub id, local folder or builtin."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank [8]."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha [= rank]."),
+    targets: Optional[str] = typer.Option(None, help="kv (FineStyle) | qkvo | attn | a regex [kv]."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [500]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [1e-4]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [1]."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation [1]."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution [512]."),
+    seed: Optional[int] = typer.Option(None, help="Seed [0]."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16 | auto."),
+    gradient_checkpointing: Optional[bool] = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing"
+    ),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR gamma (e.g. 5)."),
+    noise_offset: Optional[float] = typer.Option(None, help="Noise offset (e.g. 0.05)."),
+    caption_dropout: Optional[float] = typer.Option(None, help="Empty-text probability [0.1]."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
+    sample_every: Optional[int] = typer.Option(None, help="Sample grids every N steps."),
+    sample_prompt: Optional[list[str]] = typer.Option(None, help="Validation prompt (repeatable)."),
+    sample_steps: Optional[int] = typer.Option(None, help="Denoising steps for samples [20]."),
+    device: Optional[str] = typer.Option(None, help="cuda | mps | cpu | auto."),
+    config: Optional[Path] = typer.Option(None, help="YAML file (its `train:` section)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+) -> None:
+    """Fine-tune LoRA adapters on the UNet's cross-attention K/V (FineStyle) from a dataset."""
+    from .config import TrainConfig, stage_from_sources
+
+    values = dict(
+        dataset=str(dataset),
+        base=base,
+        out=str(out),
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        resolution=resolution,
+        seed=seed,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+        snr_gamma=snr_gamma,
+        noise_offset=noise_offset,
+        caption_dropout=caption_dropout,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        sample_every=sample_every,
+        sample_prompts=sample_prompt or None,
+        sample_steps=sample_steps,
+        device=device,
+        resume=resume or None,
+    )
+    cfg = stage_from_sources(TrainConfig, "train", str(config) if config else None, values)
+    from .training import run_train
+
+    r = run_train(cfg)
+    _print_summary(
+        "train: done",
+        {
+            "adapter": r["adapter"],
+            "steps": r["steps"],
+            "steps/s": f"{r['steps_per_s']:.2f}",
+            "final loss": f"{r['final_loss']:.4f}",
+            "trainable params": r["trainable_params"],
+            "samples": r["samples_dir"],
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+@app.command()
+@command
+def export(
+    base: str = typer.Option(..., "--base", help="Base model the adapter was trained on."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (RUN/adapter)."),
+    out: Path = typer.Option(..., "--out", help="Export folder."),
+    format: Optional[str] = typer.Option(None, "--format", help="onnx | tensorrt [onnx]."),
+    fp16: Optional[bool] = typer.Option(None, "--fp16/--fp32", help="Half-precision ONNX (GPU)."),
+    optimize: Optional[bool] = typer.Option(
+        None, "--optimize/--no-optimize", help="onnxruntime diffusion graph optimizer."
+    ),
+    lora_scale: Optional[float] = typer.Option(None, help="Scale at which the adapter is fused [1.0]."),
+    with_base_unet: Optional[bool] = typer.Option(
+        None, "--with-base-unet/--no-base-unet", help="Also export the base UNet (style guidance)."
+    ),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu | auto."),
+    config: Optional[Path] = typer.Option(None, help="YAML file (its `export:` section)."),
+    force: bool = typer.Option(False, "--force", help="Re-export even if identical."),
+) -> None:
+    """Merge the adapter into the UNet, export ONNX (or TensorRT) and prove parity."""
+    from .config import ExportConfig, stage_from_sources
+
+    values = dict(
+        base=base,
+        adapter=str(adapter) if adapter else None,
+        out=str(out),
+        format=format,
+        fp16=fp16,
+        optimize=optimize,
+        lora_scale=lora_scale,
+        with_base_unet=with_base_unet,
+        device=device,
+        force=force or None,
+    )
+    cfg = stage_from_sources(ExportConfig, "export", str(config) if config else None, values)
+    from .export import run_export
+
+    r = run_export(cfg)
+    _print_summary(
+        "export: done" + (" (reused)" if r.get("reused") else ""),
+        {
+            "export": r["out"],
+            "manifest": f"{r['out']}/manifest.json",
+            **{f"parity {k}": v for k, v in r.get("parity", {}).items()},
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# generate / serve
+
+
+@app.command()
+@command
+def generate(
+    model: str = typer.Argument(..., help="Export folder, diffusers folder or builtin."),
+    prompt: str = typer.Argument(..., help="The prompt."),
+    out: Path = typer.Option(..., "--out", help="Output PNG."),
+    runtime: Optional[str] = typer.Option(None, help="auto | onnxruntime | tensorrt | torch."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
+    exclude_concepts: Optional[str] = typer.Option(
+        None, help='Reference concepts to keep out, "trees, sun".'
+    ),
+    adapter: Optional[str] = typer.Option(None, help="torch runtime: adapter folder on top of MODEL."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps [20]."),
+    guidance: Optional[float] = typer.Option(None, help="Prompt guidance λ2 [7.5]."),
+    style_guidance: Optional[float] = typer.Option(None, help="Style guidance λ1 [0 = off]."),
+    width: Optional[int] = typer.Option(None, help="Width (multiple of 8)."),
+    height: Optional[int] = typer.Option(None, help="Height (multiple of 8)."),
+    seed: Optional[int] = typer.Option(None, help="Seed [0]."),
+    num_images: Optional[int] = typer.Option(None, help="Images [1]."),
+) -> None:
+    """Generate images from an export (onnxruntime/TensorRT) or a torch model."""
+    from .config import GenerateConfig, stage_from_sources
+
+    values = dict(
+        model=model,
+        prompt=prompt,
+        out=str(out),
+        runtime=runtime,
+        negative_prompt=negative_prompt,
+        exclude_concepts=exclude_concepts,
+        adapter=adapter,
+        steps=steps,
+        guidance=guidance,
+        style_guidance=style_guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        num_images=num_images,
+    )
+    cfg = stage_from_sources(GenerateConfig, "generate", None, values)
+    from .runtime import run_generate
+
+    r = run_generate(cfg)
+    _print_summary(
+        "generate: done",
+        {"images": ", ".join(r["files"]), "runtime": r["runtime"], "seconds": f"{r['seconds']:.2f}"},
+    )
+
+
+@app.command()
+@command
+def serve(
+    export_dir: Path = typer.Argument(..., help="Export folder."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless you mean it)."),
+    port: int = typer.Option(8000, help="Port."),
+) -> None:
+    """Serve an export over HTTP: POST /v1/generate, /healthz, /readyz, /v1/model, /metrics."""
+    try:
+        from .server import run_server
+    except ImportError:
+        from .errors import NotBuiltYet
+
+        raise NotBuiltYet("`serve` is not built yet (issue: inference server)") from None
+    run_server(str(export_dir), host=host, port=port)
+
+
+# ------------------------------------------------------------------------------------------------
+# run / demo
+
+
+@app.command()
+@command
+def run(
+    config: Path = typer.Argument(..., help="Pipeline YAML (workdir, prepare, train, export)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. train.steps=100."),
+    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
+) -> None:
+    """Run the whole DAG (prepare -> train -> export) as one Prefect flow run."""
+    from .config import load_pipeline_config
+
+    cfg = load_pipeline_config(config, set_ or [])
+    _run_pipeline(cfg, force or [])
+
+
+@app.command()
+@command
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Work folder for the demo run."),
+    steps: int = typer.Option(60, help="Training steps."),
+    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
+) -> None:
+    """The whole DAG on builtin models and data/examples, offline, in minutes on a CPU."""
+    from .config import PipelineConfig, PrepareConfig, TrainConfig
+
+    examples = Path(__file__).resolve().parent.parent / "data" / "examples"
+    if not examples.is_dir():
+        examples = Path("data/examples")
+    cfg = PipelineConfig(
+        workdir=str(out),
+        prepare=PrepareConfig(images=[str(examples)], resolution=64, batch_size=8, num_beams=1),
+        train=TrainConfig(
+            steps=steps, resolution=64, checkpoint_every=max(steps // 2, 1), sample_steps=10, lr=1e-3
+        ),
+        generate_prompt="a lighthouse on a cliff, in flat pastel paper-cut illustration style",
+    )
+    _run_pipeline(cfg, force or [])
+
+
+def _run_pipeline(cfg: Any, force: list[str]) -> None:
+    bad = set(force) - {"prepare", "train", "export"}
+    if bad:
+        raise UserError(f"--force: unknown stage {sorted(bad)[0]!r}; use prepare, train or export")
+    try:
+        from flows.pipeline import finestyle_pipeline
+    except ImportError as exc:
+        from .errors import NotBuiltYet
+
+        raise NotBuiltYet(
+            f"the pipeline flow is not available ({exc}); install the project "
+            "with `pip install -e .` from its checkout"
+        ) from None
+    from .config import to_dict
+
+    result = finestyle_pipeline(config=to_dict(cfg), force=list(force))
+    _print_summary("pipeline: done", result["summary"])
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List the builtin models."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .models import BUILTINS
+
+    for b in BUILTINS.values():
+        typer.echo(f"{b.name:26s} {b.kind:14s} {b.description}")
+
+
+@models_app.command("save")
+@command
+def models_save(
+    name: str = typer.Argument(..., help="Builtin name, e.g. builtin:tiny-sd."),
+    out: Path = typer.Argument(..., help="Folder to write (diffusers/transformers layout)."),
+) -> None:
+    """Write a builtin as an ordinary local model folder (safetensors)."""
+    from .models import save_builtin
+
+    path = save_builtin(name, out)
+    typer.echo(f"wrote {name} to {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+
+
+@bench_app.command("caption")
+@command
+def bench_caption(
+    captioner: str = typer.Option("builtin:blip-base-random", help="Captioner to measure."),
+    images: int = typer.Option(16, help="Number of images."),
+    batch_size: int = typer.Option(8, help="Batch size of the project's path."),
+    max_new_tokens: int = typer.Option(20, help="Tokens generated per caption."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Captioning images/s: the project's batched path vs a one-at-a-time generate loop."""
+    from .bench import bench_caption as run
+
+    r = run(captioner, images, batch_size, max_new_tokens)
+    typer.echo(json.dumps(r, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception:  # noqa: BLE001 - internal failure: traceback then exit 1
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Environment hygiene: keep Prefect, Hugging Face and onnxruntime state local and off the network.
+
+Nothing here runs at import time. The CLI calls `configure_environment()` once at start-up; tests
+do the same from conftest. Values already set by the user always win (setdefault).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+QUIET_DEFAULTS = {
+    # Prefect 3 tries to reach a telemetry host unless told not to (STACK.md).
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # The first temporary local API run migrates its database: allow for a slow CPU.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "ORT_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def state_dir() -> Path:
+    """Where FineStyle keeps local tool state: $FINESTYLE_HOME or ./.finestyle."""
+    return Path(os.environ.get("FINESTYLE_HOME", ".finestyle")).absolute()
+
+
+def configure_environment(offline: bool | None = None) -> dict[str, str]:
+    """Set the quiet, local defaults for this process and return what was set.
+
+    Args:
+        offline: True sets HF_HUB_OFFLINE=1 (no hub lookups at all); None leaves it as is.
+    """
+    home = state_dir()
+    values = dict(QUIET_DEFAULTS)
+    values["PREFECT_HOME"] = str(home / "prefect")
+    if offline:
+        values["HF_HUB_OFFLINE"] = "1"
+    applied = {}
+    for k, v in values.items():
+        if k not in os.environ:
+            os.environ[k] = v
+            applied[k] = v
+    return applied

@@ -1,0 +1,527 @@
+"""Model loading (hub id, local folder or builtin name) and the builtin random-weight presets.
+
+Every model argument in FineStyle goes through `load_sd_pipeline` or `load_captioner`. The same
+code path loads `stable-diffusion-v1-5/stable-diffusion-v1-5` on a connected machine, a local
+diffusers folder, or `builtin:tiny-sd` built offline from a config. Weights are read from
+safetensors only and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError, UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+# Words the tiny BLIP's BERT vocabulary knows. A random-weight captioner then "says" plausible
+# visual phrases, which keeps the downstream concept code exercised by real strings.
+_BLIP_WORDS = (
+    "a an the of with and on in at near under over by its two three painting photograph picture drawing "
+    "red blue green yellow orange purple white black brown pink golden small large big tall round "
+    "boat lake tree trees house sun moon sky cloud clouds mountain mountains hill river flower flowers "
+    "cat dog bird fish car road bridge field grass leaves forest sea beach rock rocks window door "
+    "person woman man child girl boy table chair cup vase fruit apple bowl background texture pattern"
+).split()
+
+
+# --------------------------------------------------------------------------------------------
+# device and dtype
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """Return `prefer` if given, else the best available device: cuda > mps > cpu."""
+    if prefer and prefer != "auto":
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, prefer: str | None = None) -> torch.dtype:
+    """fp32 on CPU; fp16 on cuda/mps unless `prefer` names one (fp32, fp16, bf16)."""
+    if prefer and prefer != "auto":
+        names = {
+            "fp32": torch.float32,
+            "float32": torch.float32,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+        }
+        if prefer not in names:
+            raise UserError(f"dtype: unknown value {prefer!r}; use one of fp32, fp16, bf16, auto")
+        return names[prefer]
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+@contextlib.contextmanager
+def _quiet_hf_logs() -> Iterator[None]:
+    """Silence diffusers/transformers loggers during a load: we report failures ourselves."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    old = (dlog.get_verbosity(), tlog.get_verbosity())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(old[0])
+        tlog.set_verbosity(old[1])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch inside a forked RNG so building a builtin never disturbs the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizers built offline
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte -> printable-unicode table that CLIP's BPE uses (openai/CLIP simple_tokenizer.py).
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_byte_clip_tokenizer(folder: Path) -> None:
+    """Write a real CLIPTokenizer over the 256 byte characters (+ `</w>` forms), no merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+
+
+def _blip_vocab() -> list[str]:
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    return special + list(dict.fromkeys(_BLIP_WORDS + [".", ","]))
+
+
+def _build_blip_processor(folder: Path, image_size: int) -> Any:
+    from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(_blip_vocab()) + "\n")
+    tok = BertTokenizerFast(
+        vocab_file=str(folder / "vocab.txt"),
+        do_lower_case=True,
+        bos_token="[DEC]",
+        model_max_length=64,
+    )
+    ip = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return BlipProcessor(image_processor=ip, tokenizer=tok)
+
+
+# --------------------------------------------------------------------------------------------
+# builtin presets
+
+
+def _tiny_sd_components() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # Sizes follow diffusers' own tests (tests/pipelines/stable_diffusion): small, but every block
+    # type SD uses is present, including cross-attention at two resolutions.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        write_byte_clip_tokenizer(Path(d))
+        tokenizer = CLIPTokenizer.from_pretrained(d)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def _sd15_random_components() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # The published stable-diffusion-v1-5 configs (unet/, vae/, text_encoder/config.json).
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=32,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        write_byte_clip_tokenizer(Path(d))
+        tokenizer = CLIPTokenizer.from_pretrained(d)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def _tiny_blip() -> tuple[Any, Any]:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as d:
+        processor = _build_blip_processor(Path(d), image_size=64)
+    tok = processor.tokenizer
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        encoder_hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        eos_token_id=tok.sep_token_id,
+        sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+    )
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    return model, processor
+
+
+def _blip_base_random() -> tuple[Any, Any]:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    # Salesforce/blip-image-captioning-base: ViT-B/16 at 384 px + BERT-base decoder (~224M).
+    with tempfile.TemporaryDirectory() as d:
+        processor = _build_blip_processor(Path(d), image_size=384)
+    tok = processor.tokenizer
+    text = dict(
+        vocab_size=30524,
+        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        eos_token_id=tok.sep_token_id,
+        sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(image_size=384, patch_size=16)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    return model, processor
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A builtin preset: what it is and how to build it."""
+
+    name: str
+    kind: str  # "text-to-image" or "captioner"
+    description: str
+    build: Callable[[], Any]
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in [
+        Builtin(
+            "builtin:tiny-sd",
+            "text-to-image",
+            "tiny Stable Diffusion (UNet 32/64 ch with cross-attention, VAE, CLIP text, DDIM); "
+            "random weights, CPU-fast",
+            _tiny_sd_components,
+        ),
+        Builtin(
+            "builtin:sd15-random",
+            "text-to-image",
+            "Stable Diffusion 1.5 architecture (860M UNet, VAE, CLIP ViT-L text) with random "
+            "weights, for benchmarks",
+            _sd15_random_components,
+        ),
+        Builtin(
+            "builtin:tiny-blip",
+            "captioner",
+            "tiny BLIP captioner (ViT 64 px + 2-layer BERT decoder) with its processor",
+            _tiny_blip,
+        ),
+        Builtin(
+            "builtin:blip-base-random",
+            "captioner",
+            "BLIP-base architecture (ViT-B/16 384 px + BERT-base decoder, 224M) with random "
+            "weights, for benchmarks",
+            _blip_base_random,
+        ),
+    ]
+}
+
+
+def is_builtin(name: str) -> bool:
+    return str(name).startswith(BUILTIN_PREFIX)
+
+
+def _get_builtin(name: str, kind: str) -> Builtin:
+    b = BUILTINS.get(name)
+    if b is None:
+        known = ", ".join(BUILTINS)
+        raise ModelLoadError(f"unknown builtin model {name!r}; known builtins: {known}")
+    if b.kind != kind:
+        raise ModelLoadError(f"{name!r} is a {b.kind} model, but a {kind} model is needed here")
+    return b
+
+
+def build_builtin_pipeline(name: str) -> Any:
+    """Build a builtin text-to-image preset as a `StableDiffusionPipeline` (fp32, CPU, seeded)."""
+    from diffusers import StableDiffusionPipeline
+
+    b = _get_builtin(name, "text-to-image")
+    with _seeded(0):
+        comps = b.build()
+    return StableDiffusionPipeline(
+        **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def build_builtin_captioner(name: str) -> tuple[Any, Any]:
+    """Build a builtin captioner preset: (BlipForConditionalGeneration, BlipProcessor)."""
+    b = _get_builtin(name, "captioner")
+    with _seeded(0):
+        model, processor = b.build()
+    return model.eval(), processor
+
+
+def save_builtin(name: str, out: str | os.PathLike) -> Path:
+    """Write a builtin as an ordinary local folder (safetensors) that `from_pretrained` loads."""
+    from .fsutil import staging_dir
+
+    b = BUILTINS.get(name)
+    if b is None:
+        raise UserError(f"unknown builtin model {name!r}; known builtins: {', '.join(BUILTINS)}")
+    out = Path(out)
+    with staging_dir(out) as tmp:
+        if b.kind == "text-to-image":
+            build_builtin_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+        else:
+            model, processor = build_builtin_captioner(name)
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _explain_load_failure(name: str, exc: BaseException) -> ModelLoadError:
+    text = f"{type(exc).__name__}: {exc}"
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            why = "is a file, not a model folder"
+        else:
+            why = f"lacks the files a model needs ({str(exc).splitlines()[0][:200]})"
+        return ModelLoadError(
+            f"cannot load model {name!r}: the local folder {why}; pass a diffusers/transformers "
+            "folder saved with save_pretrained (safetensors), or a builtin (`finestyle models`)"
+        )
+    if "/" in name or "offline" in text.lower() or "connect" in text.lower():
+        return ModelLoadError(
+            f"cannot load model {name!r}: the Hugging Face hub is unreachable (or offline mode is on) "
+            "and it is not in the local cache, or it has no safetensors weights; on a connected machine "
+            f"run `huggingface-cli download {name} --local-dir DIR` and pass DIR instead"
+        )
+    return ModelLoadError(
+        f"cannot load model {name!r}: it is neither a builtin (`finestyle models`), an existing "
+        "local folder, nor a Hugging Face hub id of the form org/name"
+    )
+
+
+def _guarded_load(name: str, load: Callable[[], Any]) -> Any:
+    """Run a `from_pretrained` call; turn hub/folder failures into one clear ModelLoadError."""
+    try:
+        with _quiet_hf_logs():
+            return load()
+    except (OSError, ValueError) as exc:
+        raise _explain_load_failure(name, exc) from exc
+    except Exception as exc:  # hub client errors that aren't OSError
+        if type(exc).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+            raise _explain_load_failure(name, exc) from exc
+        raise
+
+
+def load_sd_pipeline(
+    name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Any:
+    """Load a Stable Diffusion pipeline from a hub id, local folder or builtin name.
+
+    Args:
+        name: `org/name` on the hub, a local diffusers folder, or `builtin:tiny-sd` etc.
+        device: where to put it; default: cuda > mps > cpu.
+        dtype: torch dtype or a name (fp32/fp16/bf16); default: fp32 on CPU, fp16 on GPU.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dev, dtype)
+    name = str(name)
+    if is_builtin(name):
+        pipe = build_builtin_pipeline(name)
+    else:
+        pipe = _guarded_load(
+            name,
+            lambda: StableDiffusionPipeline.from_pretrained(
+                name,
+                use_safetensors=True,
+                torch_dtype=dt,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            ),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.dtype != dt:
+        pipe.to(dtype=dt)
+    return pipe.to(dev)
+
+
+def load_captioner(
+    name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[Any, Any]:
+    """Load a BLIP captioner and its processor from a hub id, local folder or builtin name."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dev, dtype)
+    name = str(name)
+    if is_builtin(name):
+        model, processor = build_builtin_captioner(name)
+    else:
+        processor = _guarded_load(name, lambda: BlipProcessor.from_pretrained(name))
+        model = _guarded_load(
+            name, lambda: BlipForConditionalGeneration.from_pretrained(name, use_safetensors=True)
+        )
+    if model.dtype != dt:
+        model = model.to(dtype=dt)
+    return model.to(dev).eval(), processor
+
+
+def model_kind(name: str) -> str | None:
+    """Best-effort kind of a model reference: 'text-to-image', 'captioner' or None if unknown."""
+    if is_builtin(name):
+        b = BUILTINS.get(name)
+        return b.kind if b else None
+    p = Path(name)
+    if (p / "model_index.json").exists():
+        return "text-to-image"
+    if (p / "config.json").exists():
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except ValueError:
+            return None
+        return "captioner" if cfg.get("model_type") == "blip" else None
+    return None

@@ -1,0 +1,102 @@
+"""Shared fixtures: builtin models as local folders, synthetic images, and an offline environment.
+
+The environment is set here, before anything imports Prefect or the HF hub client: offline hub,
+Prefect state in a temp folder with analytics off, no onnxruntime telemetry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_STATE = Path(tempfile.mkdtemp(prefix="finestyle-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["FINESTYLE_HOME"] = str(_STATE)
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = str(_STATE / "hf")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "data" / "examples"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT (not installable in this workplace)")
+    cuda, trt = _has_cuda(), _has_tensorrt()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+        if "tensorrt" in item.keywords and not trt:
+            item.add_marker(skip_trt)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """builtin:tiny-sd written as an ordinary diffusers folder."""
+    from finestyle.models import save_builtin
+
+    return save_builtin("builtin:tiny-sd", tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finestyle.models import save_builtin
+
+    return save_builtin("builtin:tiny-blip", tmp_path_factory.mktemp("models") / "tiny-blip")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from finestyle.models import load_sd_pipeline
+
+    return load_sd_pipeline("builtin:tiny-sd", device="cpu")
+
+
+def make_scene(size: tuple[int, int] = (160, 128), seed: int = 0):
+    """A synthetic reference image: flat sky, ground, and two coloured shapes."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    im = Image.new("RGB", size, (190, 215, 230))
+    d = ImageDraw.Draw(im)
+    w, h = size
+    d.rectangle((0, int(h * 0.65), w, h), fill=(140, 190, 130))
+    x = rng.randint(5, w // 3)
+    d.ellipse((x, 20, x + w // 4, 20 + w // 4), fill=(240, 190, 100))
+    d.rectangle((w // 2, h // 2, w // 2 + w // 4, h // 2 + h // 4), fill=(220, 110, 100))
+    return im
+
+
+@pytest.fixture
+def scene_dir(tmp_path: Path) -> Path:
+    """A folder of three distinct synthetic reference images."""
+    d = tmp_path / "refs"
+    d.mkdir()
+    for i in range(3):
+        make_scene((160 + 16 * i, 128), seed=i).save(d / f"scene{i}.png")
+    return d
