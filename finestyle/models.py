@@ -286,6 +286,8 @@ def _tiny_blip() -> tuple[Any, Any]:
         sep_token_id=tok.sep_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    # BLIP's vision default initializer_range is 1e-10: random weights would then ignore the image
+    # and caption every crop alike. 0.02 (BERT's) makes the random captioner image-dependent.
     vision = dict(
         hidden_size=32,
         intermediate_size=37,
@@ -293,6 +295,7 @@ def _tiny_blip() -> tuple[Any, Any]:
         num_attention_heads=4,
         image_size=64,
         patch_size=16,
+        initializer_range=0.02,
     )
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
     return model, processor
@@ -312,7 +315,7 @@ def _blip_base_random() -> tuple[Any, Any]:
         sep_token_id=tok.sep_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    vision = dict(image_size=384, patch_size=16)
+    vision = dict(image_size=384, patch_size=16, initializer_range=0.02)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
     return model, processor
 

@@ -1,0 +1,352 @@
+"""Stage 1, prepare: reference images -> concept crops -> BLIP captions -> published dataset.
+
+The pieces are separate functions so the Prefect flow can wrap each as a task (discover, ingest,
+extract+caption per chunk, publish), and `run_prepare` composes them for the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .captioning import Captioner, CaptionSettings, caption_dtype
+from .concepts import (
+    Region,
+    _fit_size,
+    attention_regions,
+    grid_regions,
+    load_boxes_file,
+    phrases_from_caption,
+    user_regions,
+)
+from .config import PrepareConfig, to_dict
+from .dataset import write_dataset
+from .errors import UserError
+from .fsutil import clean_stale_temps, hash_json, hash_tree, read_json, sha256_file, staging_dir, write_json
+from .images import LoadedImage, Rejected, discover, load_all
+from .models import is_builtin, load_captioner, load_sd_pipeline, pick_device
+
+# Models are loaded once per process and reused by every chunk/task (keyed by name/device/dtype).
+_MODELS: dict[tuple[str, str, str], Any] = {}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def model_fingerprint(name: str | None) -> str | None:
+    """Identify a model for cache keys: builtin/hub name, or a hash of a local folder's files."""
+    if not name:
+        return None
+    p = Path(name)
+    if is_builtin(name) or not p.exists():
+        return name
+    files = (
+        hash_tree(p)
+        if sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) < 50_000_000
+        else {
+            f.relative_to(p).as_posix(): f"{f.stat().st_size}:{f.stat().st_mtime_ns}"
+            for f in p.rglob("*")
+            if f.is_file()
+        }
+    )
+    return hash_json(files)
+
+
+def cache_key(cfg: PrepareConfig, candidates: list[Path]) -> str:
+    """Content key: input file hashes + every option that changes the output + model identities."""
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force", "device", "images")}
+    inputs = sorted(sha256_file(p) for p in candidates)
+    return hash_json(
+        {
+            "stage": "prepare",
+            "v": 1,
+            "inputs": inputs,
+            "config": conf,
+            "captioner": model_fingerprint(cfg.captioner),
+            "base": model_fingerprint(cfg.base),
+        }
+    )
+
+
+def get_captioner(cfg: PrepareConfig) -> Captioner:
+    dev = pick_device(cfg.device)
+    dt = caption_dtype(dev, cfg.dtype)
+    key = (cfg.captioner, str(dev), str(dt))
+    if key not in _MODELS:
+        _MODELS[key] = load_captioner(cfg.captioner, device=dev, dtype=dt)
+    model, processor = _MODELS[key]
+    return Captioner(
+        model,
+        processor,
+        CaptionSettings(
+            prefix=cfg.caption_prefix,
+            num_beams=cfg.num_beams,
+            min_length=cfg.min_length,
+            max_length=cfg.max_length,
+            repetition_penalty=cfg.repetition_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+            batch_size=cfg.batch_size,
+        ),
+    )
+
+
+def get_base(cfg: PrepareConfig) -> Any:
+    dev = pick_device(cfg.device)
+    key = (str(cfg.base), str(dev), "fp32" if dev.type == "cpu" else "fp16")
+    if key not in _MODELS:
+        _MODELS[key] = load_sd_pipeline(str(cfg.base), device=dev)
+    return _MODELS[key]
+
+
+def render_text(template: str, concept: str, caption: str, style: str) -> str:
+    return " ".join(template.format(concept=concept, caption=caption, style=style).split())
+
+
+def _row(li: LoadedImage, region: Region, caption: str, cfg: PrepareConfig, root: str) -> dict[str, Any]:
+    x0, y0, x1, y1 = region.bbox
+    crop = li.image.crop(region.bbox)
+    # Keep the aspect ratio; cap stored pixels at 2x the training resolution (area), never upscale.
+    cap = 2 * cfg.resolution
+    if max(crop.size) > cap:
+        crop = crop.copy()
+        crop.thumbnail((cap, cap), resample=3)
+    return {
+        "image": crop,
+        "concept": region.concept,
+        "caption": caption,
+        "text": render_text(cfg.template, region.concept, caption, cfg.style),
+        "source": _rel(li.path, root),
+        "source_sha256": li.sha256,
+        "bbox": [x0, y0, x1, y1],
+        "method": region.method,
+        "width": crop.width,
+        "height": crop.height,
+        "bucket": list(_fit_size(crop.size, cfg.resolution, 64)),
+        "resolution": cfg.resolution,
+    }
+
+
+def _rel(path: str, root: str) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def extract_rows(
+    images: list[LoadedImage],
+    cfg: PrepareConfig,
+    root: str = ".",
+    boxes: dict[str, list[dict[str, Any]]] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Rejected]]:
+    """Concepts + captions for a chunk of images. Returns (rows, per-image summaries, problems).
+
+    1. Caption every whole image (batched).
+    2. Find regions with the chosen method.
+    3. Caption grid proposals (batched) and drop duplicate captions.
+    4. Render texts from the template.
+    """
+    method = cfg.method
+    problems: list[Rejected] = []
+    captioner = get_captioner(cfg)
+    # 1. whole-image captions (every method uses them: the full-image pair and the `{caption}` slot)
+    captions = captioner.caption([li.image for li in images])
+    rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    pipe = get_base(cfg) if method == "attention" else None
+    for li, cap in zip(images, captions, strict=True):
+        w, h = li.image.size
+        regions: list[Region] = []
+        # 2. regions
+        if method == "attention":
+            phrases = phrases_from_caption(cap, cfg.concept_words, limit=cfg.max_concepts + 2)
+            regions = attention_regions(
+                pipe,
+                li.image,
+                cap,
+                phrases,
+                timestep=cfg.attention_timestep,
+                threshold=cfg.threshold,
+                seed=cfg.seed,
+                margin=cfg.margin,
+                min_crop=cfg.min_crop,
+                max_concepts=cfg.max_concepts,
+                background=cfg.background,
+            )
+        elif method == "grid":
+            props = grid_regions((w, h), cfg.grid_scales)
+            props = [
+                r
+                for r in props
+                if min(r.bbox[2] - r.bbox[0], r.bbox[3] - r.bbox[1]) >= min(cfg.min_crop, w, h)
+            ]
+            # 3. caption the proposals, dedupe by caption (and against the whole-image caption)
+            crop_caps = captioner.caption([li.image.crop(r.bbox) for r in props])
+            seen = {cap}
+            for r, c in zip(props, crop_caps, strict=True):
+                if c and c not in seen:
+                    seen.add(c)
+                    r.concept = c
+                    regions.append(r)
+                if len(regions) >= cfg.max_concepts:
+                    break
+        elif method == "boxes":
+            entries = (boxes or {}).get(_rel(li.path, root)) or (boxes or {}).get(Path(li.path).name) or []
+            regions, bad = user_regions(entries, (w, h), Path(li.path).name)
+            problems.extend(Rejected(li.path, f"box skipped: {b}") for b in bad)
+            regions = regions[: cfg.max_concepts] if cfg.max_concepts else regions
+        # 4. rows
+        if cfg.full_image:
+            rows.append(_row(li, Region(cap or "the whole scene", (0, 0, w, h), "full"), cap, cfg, root))
+        for r in regions:
+            rows.append(_row(li, r, cap, cfg, root))
+        summaries.append(
+            {
+                "source": _rel(li.path, root),
+                "sha256": li.sha256,
+                "size": [w, h],
+                "caption": cap,
+                "concepts": [r.concept for r in regions],
+                "notes": li.notes,
+                "boxes": {r.concept: list(r.bbox) for r in regions},
+            }
+        )
+    return rows, summaries, problems
+
+
+def run_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
+    """Run the whole prepare stage. Returns a small summary (paths and counts)."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    # 1. discover inputs and compute the content key
+    candidates, skipped = discover(cfg.images)
+    for s in skipped:
+        log(f"skipped {s.path}: {s.reason}")
+    if not candidates:
+        raise UserError(
+            f"no candidate images in {', '.join(cfg.images)} "
+            f"({len(skipped)} entries skipped, e.g. {skipped[0].path}: {skipped[0].reason})"
+            if skipped
+            else f"no candidate images in {', '.join(cfg.images)}"
+        )
+    key = cache_key(cfg, candidates)
+    if not cfg.force and (out / "report.json").exists():
+        try:
+            old = read_json(out / "report.json")
+        except (OSError, ValueError):
+            old = {}
+        if old.get("cache_key") == key:
+            log(f"prepare: reusing {out} (same inputs and configuration; --force to rebuild)")
+            return {
+                "out": str(out),
+                "reused": True,
+                "rows": old["counts"]["rows"],
+                "cache_key": key,
+                "images_used": old["counts"]["images_used"],
+                "skipped": old["counts"]["skipped"],
+            }
+    boxes = load_boxes_file(cfg.boxes) if cfg.method == "boxes" else None
+    # 2. decode safely
+    t_ingest = time.perf_counter()
+    images, rejected = load_all(candidates, cfg.max_pixels, cfg.min_image_side, cfg.animated, log=log)
+    skipped += rejected
+    if not images:
+        first = rejected[0] if rejected else None
+        raise UserError(
+            f"none of the {len(candidates)} input image(s) was usable"
+            + (f"; e.g. {first.path}: {first.reason}" if first else "")
+        )
+    t_extract = time.perf_counter()
+    root = _common_root(cfg.images)
+    # 3. concepts + captions
+    rows, summaries, problems = extract_rows(images, cfg, root=root, boxes=boxes)
+    skipped += problems
+    t_publish = time.perf_counter()
+    report = _report(
+        cfg,
+        key,
+        candidates,
+        images,
+        rows,
+        summaries,
+        skipped,
+        {"ingest_s": t_extract - t_ingest, "extract_caption_s": t_publish - t_extract},
+    )
+    # 4. publish atomically
+    clean_stale_temps(out.parent, out.name)
+    with staging_dir(out) as tmp:
+        write_dataset(tmp, rows, report)
+        report["timings"]["publish_s"] = time.perf_counter() - t_publish
+        report["timings"]["total_s"] = time.perf_counter() - t0
+        write_json(tmp / "report.json", report)
+    log(f"prepare: {len(rows)} rows from {len(images)} image(s) -> {out} ({len(skipped)} skipped)")
+    return {
+        "out": str(out),
+        "reused": False,
+        "rows": len(rows),
+        "images_used": len(images),
+        "skipped": len(skipped),
+        "cache_key": key,
+    }
+
+
+def _common_root(inputs: list[str]) -> str:
+    dirs = [Path(i) for i in inputs if Path(i).is_dir()]
+    return str(dirs[0]) if len(dirs) == 1 else "."
+
+
+def _report(
+    cfg: PrepareConfig,
+    key: str,
+    candidates: list[Path],
+    images: list[LoadedImage],
+    rows: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    skipped: list[Rejected],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    per_method: dict[str, int] = {}
+    for r in rows:
+        per_method[r["method"]] = per_method.get(r["method"], 0) + 1
+    import datasets
+    import transformers
+
+    return {
+        "stage": "prepare",
+        "cache_key": key,
+        "method": cfg.method,
+        "config": to_dict(cfg),
+        "counts": {
+            "candidates": len(candidates),
+            "images_used": len(images),
+            "rows": len(rows),
+            "rows_per_method": per_method,
+            "skipped": len(skipped),
+            "concepts": sorted({r["concept"] for r in rows if r["method"] != "full"}),
+        },
+        "skipped": [s.as_dict() for s in skipped],
+        "images": summaries,
+        "timings": timings,
+        "versions": {
+            "finestyle": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+    }
+
+
+def summary_table(report_path: str | Path) -> list[dict[str, Any]]:
+    """Concepts per image, for flow artifacts."""
+    rep = json.loads(Path(report_path).read_text())
+    return [
+        {"image": s["source"], "caption": s["caption"], "concepts": ", ".join(s["concepts"]) or "-"}
+        for s in rep["images"]
+    ]
