@@ -161,7 +161,7 @@ def _tiny_sd_components() -> dict[str, Any]:
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=8,
+        sample_size=32,  # 32x32 latents = 64x64 images (the tiny VAE downsamples 2x)
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -74,7 +74,9 @@ def resize_to_bucket(image: Any, size: tuple[int, int]) -> Any:
 
     w, h = size
     scale = max(w / image.width, h / image.height)
-    im = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
+    im = image.resize(
+        (max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC
+    )
     left, top = (im.width - w) // 2, (im.height - h) // 2
     return im.crop((left, top, left + w, top + h))
 
@@ -89,14 +91,15 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in order:
         by_bucket.setdefault(examples[i].size, []).append(i)
-    batches = [idx[k:k + batch_size] for idx in by_bucket.values() for k in range(0, len(idx), batch_size)]
+    batches = [idx[k : k + batch_size] for idx in by_bucket.values() for k in range(0, len(idx), batch_size)]
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
 
 
 @torch.no_grad()
-def build_caches(pipe: Any, rows: list[dict[str, Any]], cfg: TrainConfig, device: torch.device,
-                 dtype: torch.dtype) -> tuple[list[Example], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+def build_caches(
+    pipe: Any, rows: list[dict[str, Any]], cfg: TrainConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[list[Example], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Encode every crop once (mean, std of the VAE posterior) and every unique text once.
 
     Returns (examples, latent cache [(mean, std)], text embeddings [n_texts, seq, dim]; index 0 is "").
@@ -106,8 +109,13 @@ def build_caches(pipe: Any, rows: list[dict[str, Any]], cfg: TrainConfig, device
     tok = pipe.tokenizer
     embs = []
     for k in range(0, len(texts), 16):
-        ids = tok(texts[k:k + 16], padding="max_length", truncation=True, max_length=tok.model_max_length,
-                  return_tensors="pt").input_ids.to(device)
+        ids = tok(
+            texts[k : k + 16],
+            padding="max_length",
+            truncation=True,
+            max_length=tok.model_max_length,
+            return_tensors="pt",
+        ).input_ids.to(device)
         embs.append(pipe.text_encoder(ids)[0].to(dtype).cpu())
     text_emb = torch.cat(embs)
     latents: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -135,13 +143,24 @@ def add_lora(unet: Any, cfg: TrainConfig) -> Any:
     """Attach a peft LoRA adapter to the modules matching cfg.targets; return the LoraConfig."""
     from peft import LoraConfig
 
-    names = [n for n, m in unet.named_modules() if re.fullmatch(cfg.target_regex, n) and isinstance(m, torch.nn.Linear)]
+    names = [
+        n
+        for n, m in unet.named_modules()
+        if re.fullmatch(cfg.target_regex, n) and isinstance(m, torch.nn.Linear)
+    ]
     if not names:
-        raise UserError(f"train.targets: {cfg.targets!r} matches no Linear module of this UNet "
-                        "(e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)")
+        raise UserError(
+            f"train.targets: {cfg.targets!r} matches no Linear module of this UNet "
+            "(e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)"
+        )
     init = {"gaussian": "gaussian", "default": True, "pissa": "pissa"}[cfg.init]
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
-                      init_lora_weights=init, target_modules=cfg.target_regex)
+    lcfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.dropout,
+        init_lora_weights=init,
+        target_modules=cfg.target_regex,
+    )
     unet.add_adapter(lcfg)
     return lcfg
 
@@ -175,17 +194,28 @@ def save_adapter(folder: Path, unet: Any, lcfg: Any, meta: dict[str, Any]) -> No
     peft_sd = lora_state_dict(unet)
     diff_sd = convert_state_dict_to_diffusers(peft_sd)
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=diff_sd, weight_name=ADAPTER_WEIGHTS, safe_serialization=True,
-        unet_lora_adapter_metadata=lcfg.to_dict())
+        folder,
+        unet_lora_layers=diff_sd,
+        weight_name=ADAPTER_WEIGHTS,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=lcfg.to_dict(),
+    )
     # kohya / A1111 / ComfyUI naming: lora_unet_..., with alpha tensors per module
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
     for k in list(kohya):
         if k.endswith(".lora_down.weight"):
             kohya[k.replace(".lora_down.weight", ".alpha")] = torch.tensor(float(lcfg.lora_alpha))
-    save_file({k: v.contiguous() for k, v in kohya.items()}, str(folder / KOHYA_WEIGHTS),
-              metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(lcfg.r),
-                        "ss_network_alpha": str(lcfg.lora_alpha), "ss_base_model_version": "sd_v1",
-                        "finestyle_targets": str(meta.get("targets"))})
+    save_file(
+        {k: v.contiguous() for k, v in kohya.items()},
+        str(folder / KOHYA_WEIGHTS),
+        metadata={
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(lcfg.r),
+            "ss_network_alpha": str(lcfg.lora_alpha),
+            "ss_base_model_version": "sd_v1",
+            "finestyle_targets": str(meta.get("targets")),
+        },
+    )
     write_json(folder / "finestyle_adapter.json", meta)
 
 
@@ -193,8 +223,13 @@ def save_adapter(folder: Path, unet: Any, lcfg: Any, meta: dict[str, Any]) -> No
 # loss
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                   scheduler: Any, snr_gamma: float | None) -> torch.Tensor:
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: Any,
+    snr_gamma: float | None,
+) -> torch.Tensor:
     """Noise-prediction MSE, optionally Min-SNR weighted (Hang et al. 2023, arXiv:2303.09556)."""
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
@@ -207,7 +242,9 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
     return (loss * weights).mean()
 
 
-def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def diffusion_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     pt = scheduler.config.prediction_type
     if pt == "epsilon":
         return noise
@@ -234,8 +271,18 @@ def _set_rng_state(gen: torch.Generator, st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, unet: Any, optimizer: Any, lr_sched: Any, scaler: Any,
-                    gen: torch.Generator, position: dict[str, int], losses: list[float], keep: int) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    unet: Any,
+    optimizer: Any,
+    lr_sched: Any,
+    scaler: Any,
+    gen: torch.Generator,
+    position: dict[str, int],
+    losses: list[float],
+    keep: int,
+) -> Path:
     """Write checkpoints/step-N atomically (state.json last), then prune the oldest beyond `keep`."""
     from safetensors.torch import save_file
 
@@ -244,11 +291,18 @@ def save_checkpoint(ckpt_root: Path, step: int, unet: Any, optimizer: Any, lr_sc
         save_file(lora_state_dict(unet), str(tmp / "adapter.safetensors"))
         # optimizer/scheduler/RNG states are plain tensors and numbers: torch.save here, read back
         # with weights_only=True (no pickle code execution).
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(gen)},
-                   tmp / "training_state.pt")
-        write_json(tmp / "state.json", {"step": step, "position": position, "losses": losses,
-                                        "complete": True})
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(gen),
+            },
+            tmp / "training_state.pt",
+        )
+        write_json(
+            tmp / "state.json", {"step": step, "position": position, "losses": losses, "complete": True}
+        )
     done = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.json").exists())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -260,8 +314,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, unet: Any, optimizer: Any, lr_sched: Any, scaler: Any,
-                    gen: torch.Generator) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, unet: Any, optimizer: Any, lr_sched: Any, scaler: Any, gen: torch.Generator
+) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     load_lora_state(unet, load_file(str(path / "adapter.safetensors")))
@@ -353,11 +408,34 @@ def train_cache_key(cfg: TrainConfig) -> str:
     """Content key of a training run: dataset fingerprint + base + every option that changes weights."""
     from .prepare import model_fingerprint
 
-    conf = {k: v for k, v in to_dict(cfg).items()
-            if k not in ("out", "resume", "device", "checkpoint_every", "keep_checkpoints", "sample_every",
-                         "sample_prompts", "sample_steps", "sample_resolution", "dataset", "base", "cache")}
-    return hash_json({"stage": "train", "v": 1, "dataset": dataset_fingerprint(cfg.dataset),
-                      "base": model_fingerprint(cfg.base), "config": conf})
+    conf = {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if k
+        not in (
+            "out",
+            "resume",
+            "device",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "sample_every",
+            "sample_prompts",
+            "sample_steps",
+            "sample_resolution",
+            "dataset",
+            "base",
+            "cache",
+        )
+    }
+    return hash_json(
+        {
+            "stage": "train",
+            "v": 1,
+            "dataset": dataset_fingerprint(cfg.dataset),
+            "base": model_fingerprint(cfg.base),
+            "config": conf,
+        }
+    )
 
 
 def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict[str, Any]:
@@ -381,7 +459,9 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
     # 1. Load the dataset and the base model
     rows = load_training_rows(cfg.dataset)
     fingerprint = dataset_fingerprint(cfg.dataset)
-    pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32 if device.type == "cpu" else torch.float16)
+    pipe = load_sd_pipeline(
+        cfg.base, device=device, dtype=torch.float32 if device.type == "cpu" else torch.float16
+    )
     unet, scheduler = pipe.unet, pipe.scheduler
     from diffusers import DDPMScheduler
 
@@ -396,7 +476,9 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
 
         cache_file = out / "cache" / f"{train_cache_key(cfg)[:16]}.safetensors"
         cache_file.parent.mkdir(exist_ok=True)
-        flat = {f"m{i}": m for i, (m, _) in enumerate(latent_cache)} | {f"s{i}": s for i, (_, s) in enumerate(latent_cache)}
+        flat = {f"m{i}": m for i, (m, _) in enumerate(latent_cache)} | {
+            f"s{i}": s for i, (_, s) in enumerate(latent_cache)
+        }
         save_file({**flat, "text": text_emb}, str(cache_file))
         loaded = load_file(str(cache_file))
         latent_cache = [(loaded[f"m{i}"], loaded[f"s{i}"]) for i in range(len(latent_cache))]
@@ -431,8 +513,9 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    lr_sched = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=cfg.steps)
+    lr_sched = get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+    )
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     step, epoch, pos, losses = 0, 0, 0, []
@@ -485,8 +568,10 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
             loss = diffusion_loss(pred, target, t, noise_sched, cfg.snr_gamma) / cfg.grad_accum
             if not torch.isfinite(loss):
                 last = latest_checkpoint(ckpt_root)
-                raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1}; lower train.lr or use "
-                                       f"mixed_precision=no. Last good checkpoint: {last or 'none'}")
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step + 1}; lower train.lr or use "
+                    f"mixed_precision=no. Last good checkpoint: {last or 'none'}"
+                )
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()
         # 5c. optimizer step
@@ -507,8 +592,18 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
         # 5d. checkpoints and samples
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_root, step, unet, optimizer, lr_sched, scaler, gen,
-                            {"epoch": epoch, "pos": pos}, losses, cfg.keep_checkpoints)
+            save_checkpoint(
+                ckpt_root,
+                step,
+                unet,
+                optimizer,
+                lr_sched,
+                scaler,
+                gen,
+                {"epoch": epoch, "pos": pos},
+                losses,
+                cfg.keep_checkpoints,
+            )
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
             _write_samples(pipe, prompts, cfg, out, step, device)
         if stop_after is not None and steps_this_run >= stop_after:
@@ -518,44 +613,97 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
     loop_s = time.perf_counter() - t_loop
 
     # 6. Final checkpoint, adapter, samples, loss curve, report
-    save_checkpoint(ckpt_root, step, unet, optimizer, lr_sched, scaler, gen, {"epoch": epoch, "pos": pos}, losses,
-                    cfg.keep_checkpoints)
-    meta = {"base_model": cfg.base, "dataset": str(cfg.dataset), "dataset_fingerprint": fingerprint,
-            "targets": cfg.targets, "target_regex": cfg.target_regex, "rank": cfg.rank, "alpha": cfg.lora_alpha,
-            "weight_name": ADAPTER_WEIGHTS, "kohya_weight_name": KOHYA_WEIGHTS, "style": style,
-            "concepts": sorted({r.get("concept", "") for r in rows if r.get("concept")}),
-            "train_config": to_dict(cfg), "cache_key": train_cache_key(cfg), "finestyle": __version__}
+    save_checkpoint(
+        ckpt_root,
+        step,
+        unet,
+        optimizer,
+        lr_sched,
+        scaler,
+        gen,
+        {"epoch": epoch, "pos": pos},
+        losses,
+        cfg.keep_checkpoints,
+    )
+    meta = {
+        "base_model": cfg.base,
+        "dataset": str(cfg.dataset),
+        "dataset_fingerprint": fingerprint,
+        "targets": cfg.targets,
+        "target_regex": cfg.target_regex,
+        "rank": cfg.rank,
+        "alpha": cfg.lora_alpha,
+        "weight_name": ADAPTER_WEIGHTS,
+        "kohya_weight_name": KOHYA_WEIGHTS,
+        "style": style,
+        "concepts": sorted({r.get("concept", "") for r in rows if r.get("concept")}),
+        "train_config": to_dict(cfg),
+        "cache_key": train_cache_key(cfg),
+        "finestyle": __version__,
+    }
     adapter_dir = out / "adapter"
     with staging_dir(adapter_dir) as tmp:
         save_adapter(tmp, unet, lcfg, meta)
     unet.eval()
     _write_samples(pipe, prompts, cfg, out, step, device, final=True)
     plot_loss(losses, out / "loss.png")
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     report = {
-        "stage": "train", "cache_key": meta["cache_key"], "config": to_dict(cfg), "base_model": cfg.base,
-        "dataset_fingerprint": fingerprint, "device": str(device), "autocast": str(amp) if amp else "fp32",
-        "steps": step, "steps_this_run": steps_this_run, "loop_seconds": loop_s, "cache_seconds": cache_s,
+        "stage": "train",
+        "cache_key": meta["cache_key"],
+        "config": to_dict(cfg),
+        "base_model": cfg.base,
+        "dataset_fingerprint": fingerprint,
+        "device": str(device),
+        "autocast": str(amp) if amp else "fp32",
+        "steps": step,
+        "steps_this_run": steps_this_run,
+        "loop_seconds": loop_s,
+        "cache_seconds": cache_s,
         "total_seconds": time.perf_counter() - t_start,
         "steps_per_s": steps_this_run / loop_s if loop_s > 0 else 0.0,
-        "peak_memory_gib": peak, "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
-        "trainable_params": n_train, "unet_params": n_unet, "trainable_share": n_train / n_unet,
-        "examples": len(examples), "unique_texts": int(text_emb.shape[0]) - 1,
+        "peak_memory_gib": peak,
+        "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+        "trainable_params": n_train,
+        "unet_params": n_unet,
+        "trainable_share": n_train / n_unet,
+        "examples": len(examples),
+        "unique_texts": int(text_emb.shape[0]) - 1,
         "buckets": sorted({f"{e.size[0]}x{e.size[1]}" for e in examples}),
-        "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"), "losses": losses,
+        "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "losses": losses,
         "sample_prompts": prompts,
     }
     write_json(out / "report.json", report)
-    log(f"train: {step} steps, {report['steps_per_s']:.2f} steps/s, {n_train:,} trainable params "
-        f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}")
-    return {"adapter": str(adapter_dir), "out": str(out), "steps": step, "steps_per_s": report["steps_per_s"],
-            "final_loss": report["final_loss"], "trainable_params": n_train,
-            "samples_dir": str(out / "samples"), "cache_key": meta["cache_key"]}
+    log(
+        f"train: {step} steps, {report['steps_per_s']:.2f} steps/s, {n_train:,} trainable params "
+        f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}"
+    )
+    return {
+        "adapter": str(adapter_dir),
+        "out": str(out),
+        "steps": step,
+        "steps_per_s": report["steps_per_s"],
+        "final_loss": report["final_loss"],
+        "trainable_params": n_train,
+        "samples_dir": str(out / "samples"),
+        "cache_key": meta["cache_key"],
+    }
 
 
-def _write_samples(pipe: Any, prompts: list[str], cfg: TrainConfig, out: Path, step: int, device: torch.device,
-                   final: bool = False) -> None:
+def _write_samples(
+    pipe: Any,
+    prompts: list[str],
+    cfg: TrainConfig,
+    out: Path,
+    step: int,
+    device: torch.device,
+    final: bool = False,
+) -> None:
     was_training = pipe.unet.training
     pipe.unet.eval()
     pipe.vae.to(device)
@@ -575,8 +723,8 @@ def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
     """The finestyle_adapter.json of an adapter folder (base model, rank, alpha, concepts...)."""
     p = Path(adapter_dir) / "finestyle_adapter.json"
     if not p.exists():
-        raise UserError(f"adapter {str(adapter_dir)!r} has no finestyle_adapter.json; pass the adapter/ "
-                        "folder written by `finestyle train`")
+        raise UserError(
+            f"adapter {str(adapter_dir)!r} has no finestyle_adapter.json; pass the adapter/ "
+            "folder written by `finestyle train`"
+        )
     return read_json(p)
-
-

@@ -29,21 +29,41 @@ def dataset(tmp_path_factory) -> Path:
     for i in range(2):
         make_scene((128 + 32 * i, 96), seed=i).save(refs / f"s{i}.png")
     out = root / "ds"
-    run_prepare(PrepareConfig(images=[str(refs)], style="paper-cut", out=str(out), concepts="grid",
-                              grid_scales=[2], max_concepts=2, resolution=64, num_beams=1), **QUIET)
+    run_prepare(
+        PrepareConfig(
+            images=[str(refs)],
+            style="paper-cut",
+            out=str(out),
+            concepts="grid",
+            grid_scales=[2],
+            max_concepts=2,
+            resolution=64,
+            num_beams=1,
+        ),
+        **QUIET,
+    )
     return out
 
 
 def tcfg(dataset, out, **kw) -> TrainConfig:
-    base = dict(dataset=str(dataset), base="builtin:tiny-sd", out=str(out), steps=6, resolution=64,
-                sample_steps=2, lr=1e-3, rank=4, seed=3)
+    base = dict(
+        dataset=str(dataset),
+        base="builtin:tiny-sd",
+        out=str(out),
+        steps=6,
+        resolution=64,
+        sample_steps=2,
+        lr=1e-3,
+        rank=4,
+        seed=3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _unet_out(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
+    x = torch.randn(1, 4, 16, 16, generator=g)
     c = torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([500]), encoder_hidden_states=c).sample
@@ -58,8 +78,13 @@ def test_train_writes_everything_and_reloads_with_diffusers(dataset, tmp_path):
 
     out = tmp_path / "run"
     r = run_train(tcfg(dataset, out, alpha=8.0), **QUIET)  # alpha != rank: a lost alpha shows
-    for p in ("adapter/" + ADAPTER_WEIGHTS, "adapter/finestyle_lora_kohya.safetensors",
-              "adapter/finestyle_adapter.json", "loss.png", "report.json"):
+    for p in (
+        "adapter/" + ADAPTER_WEIGHTS,
+        "adapter/finestyle_lora_kohya.safetensors",
+        "adapter/finestyle_adapter.json",
+        "loss.png",
+        "report.json",
+    ):
         assert (out / p).exists(), p
     assert list((out / "samples").glob("*.png")) and list((out / "checkpoints").glob("step-*"))
     rep = json.loads((out / "report.json").read_text())
@@ -85,7 +110,9 @@ def test_train_writes_everything_and_reloads_with_diffusers(dataset, tmp_path):
     assert any(k.endswith(".alpha") and float(v) == 8.0 for k, v in kohya.items())
 
 
-@pytest.mark.parametrize("targets,pattern", [("kv", r"attn2\.to_[kv]$"), ("attn", r"attn[12]\.to_(q|k|v|out\.0)$")])
+@pytest.mark.parametrize(
+    "targets,pattern", [("kv", r"attn2\.to_[kv]$"), ("attn", r"attn[12]\.to_(q|k|v|out\.0)$")]
+)
 def test_only_targeted_modules_change(dataset, tmp_path, targets, pattern):
     from safetensors.torch import load_file
 
@@ -93,11 +120,13 @@ def test_only_targeted_modules_change(dataset, tmp_path, targets, pattern):
 
     run_train(tcfg(dataset, tmp_path / "r", targets=targets, steps=2), **QUIET)
     sd = load_file(str(tmp_path / "r" / "adapter" / ADAPTER_WEIGHTS))
-    modules = {re.sub(r"\.lora\.(up|down)\.weight$|\.lora_[AB]\.weight$", "", k).replace("unet.", "", 1)
-               for k in sd}
+    modules = {
+        re.sub(r"\.lora\.(up|down)\.weight$|\.lora_[AB]\.weight$", "", k).replace("unet.", "", 1) for k in sd
+    }
     assert modules and all(re.search(pattern, m) for m in modules), modules
-    all_targets = [n for n, _ in build_builtin_pipeline("builtin:tiny-sd").unet.named_modules()
-                   if re.search(pattern, n)]
+    all_targets = [
+        n for n, _ in build_builtin_pipeline("builtin:tiny-sd").unet.named_modules() if re.search(pattern, n)
+    ]
     assert len(modules) == len(all_targets)
     if targets == "kv":
         assert not any("attn1" in m or "to_q" in m or "to_out" in m for m in modules)
@@ -107,7 +136,9 @@ def test_kill_and_resume_is_bit_exact(dataset, tmp_path):
     from safetensors.torch import load_file
 
     full = tmp_path / "full"
-    run_train(tcfg(dataset, full, steps=6, checkpoint_every=2, caption_dropout=0.3, dropout=0.1, flip=True), **QUIET)
+    run_train(
+        tcfg(dataset, full, steps=6, checkpoint_every=2, caption_dropout=0.3, dropout=0.1, flip=True), **QUIET
+    )
     killed = tmp_path / "killed"
     code = f"""
 import os, signal
@@ -127,8 +158,19 @@ T.run_train(TrainConfig(dataset={str(dataset)!r}, base="builtin:tiny-sd", out={s
     r = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-2000:]
     assert not (killed / "adapter").exists()
-    run_train(tcfg(dataset, killed, steps=6, checkpoint_every=2, caption_dropout=0.3, dropout=0.1, flip=True,
-                   resume=True), **QUIET)
+    run_train(
+        tcfg(
+            dataset,
+            killed,
+            steps=6,
+            checkpoint_every=2,
+            caption_dropout=0.3,
+            dropout=0.1,
+            flip=True,
+            resume=True,
+        ),
+        **QUIET,
+    )
     a = load_file(str(full / "adapter" / ADAPTER_WEIGHTS))
     b = load_file(str(killed / "adapter" / ADAPTER_WEIGHTS))
     assert a.keys() == b.keys()
@@ -169,14 +211,37 @@ def test_v_prediction_and_linear_projection_config_trains(dataset, tmp_path):
     pipe.scheduler.register_to_config(prediction_type="v_prediction")
     folder = tmp_path / "sd2like"
     pipe.save_pretrained(folder, safe_serialization=True)
-    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert (
+        json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+        == "v_prediction"
+    )
     r = run_train(tcfg(dataset, tmp_path / "r", base=str(folder), steps=3), **QUIET)
     assert r["steps"] == 3 and r["final_loss"] == r["final_loss"]  # finite
 
 
 def test_cli_train_20_steps(dataset, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "finestyle.cli", "train", str(dataset), "--base", "builtin:tiny-sd",
-                        "--out", str(tmp_path / "run"), "--steps", "20", "--resolution", "64", "--sample-steps", "2"],
-                       capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finestyle.cli",
+            "train",
+            str(dataset),
+            "--base",
+            "builtin:tiny-sd",
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "20",
+            "--resolution",
+            "64",
+            "--sample-steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "steps/s" in r.stdout and (tmp_path / "run" / "adapter" / ADAPTER_WEIGHTS).exists()

@@ -1,0 +1,240 @@
+"""Stage 3: merge proven, ONNX parity proven, manifest verified, crash-safe publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
+from finestyle.errors import UserError, VerificationError
+from finestyle.export import merge_adapter, run_export, unet_parity, verify_export
+from finestyle.prepare import run_prepare
+from finestyle.training import run_train
+
+Q = {"log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    from tests.conftest import make_scene
+
+    root = tmp_path_factory.mktemp("exp")
+    (root / "refs").mkdir()
+    make_scene((128, 96), seed=1).save(root / "refs" / "a.png")
+    run_prepare(
+        PrepareConfig(
+            images=[str(root / "refs")],
+            style="ink",
+            out=str(root / "ds"),
+            concepts="none",
+            resolution=64,
+            num_beams=1,
+        ),
+        **Q,
+    )
+    # a strong adapter (high lr) so that dropping it or mis-scaling it is far above the thresholds
+    run_train(
+        TrainConfig(
+            dataset=str(root / "ds"),
+            base="builtin:tiny-sd",
+            out=str(root / "run"),
+            steps=8,
+            lr=5e-2,
+            resolution=64,
+            sample_steps=2,
+            rank=4,
+        ),
+        **Q,
+    )
+    return root / "run" / "adapter"
+
+
+@pytest.fixture(scope="module")
+def export_dir(adapter, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "e"
+    run_export(ExportConfig(base="builtin:tiny-sd", adapter=str(adapter), out=str(out), device="cpu"), **Q)
+    return out
+
+
+def test_export_layout_manifest_and_optimum_loads_it(export_dir):
+    from diffusers import StableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    m = verify_export(export_dir)
+    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert (export_dir / "onnx" / comp / "model.onnx").exists()
+        assert f"onnx/{comp}/model.onnx" in m["files"]
+    assert (export_dir / "onnx" / "model_index.json").exists()
+    assert m["thresholds"]["unet_atol"] == 1e-4 and m["parity"]["unet"]["max_abs_diff"] <= 1e-4
+    assert m["merge"]["adapter_effect"] > 1e-3 and m["adapter_fingerprint"] and m["versions"]["onnxruntime"]
+    unet_keys = json.loads((export_dir / "merged" / "unet" / "config.json").read_text())
+    assert unet_keys
+    from safetensors.torch import load_file
+
+    sd = load_file(str(export_dir / "merged" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in sd if "base_layer" in k or "lora_" in k]
+    # optimum's pipeline loads it and matches the torch merged pipeline
+    ort_pipe = ORTStableDiffusionPipeline.from_pretrained(str(export_dir / "onnx"))
+    pt = StableDiffusionPipeline.from_pretrained(str(export_dir / "merged"), use_safetensors=True)
+    lat = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    kw = dict(num_inference_steps=3, output_type="np", height=64, width=64)
+    a = ort_pipe("a red boat", latents=lat.clone(), **kw).images[0]
+    b = pt("a red boat", latents=lat.clone(), **kw).images[0]
+    assert np.abs(a - b).max() <= m["thresholds"]["image_atol"]
+
+
+def test_merge_detects_dropped_adapter_and_wrong_scale(adapter, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    pipe, rep = merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
+    assert rep["max_abs_diff"] <= 1e-4
+    # scale honoured: 0.5 differs from 1.0
+    half, _ = merge_adapter("builtin:tiny-sd", str(adapter), 0.5, torch.device("cpu"), 1e-4)
+    w1 = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
+    w05 = half.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
+    assert not torch.allclose(w1, w05)
+    real = StableDiffusionPipeline.fuse_lora
+    monkeypatch.setattr(StableDiffusionPipeline, "fuse_lora", lambda self, **k: None)
+    with pytest.raises(VerificationError, match="merged UNet differs"):
+        merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
+    monkeypatch.setattr(
+        StableDiffusionPipeline, "fuse_lora", lambda self, **k: real(self, **{**k, "lora_scale": 2.0})
+    )
+    with pytest.raises(VerificationError, match="merged UNet differs"):
+        merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
+
+
+def test_merge_is_deterministic(adapter):
+    a, _ = merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
+    b, _ = merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_parity_fails_on_a_broken_onnx(export_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from finestyle.models import load_sd_pipeline
+
+    m = onnx.load(str(export_dir / "onnx" / "unet" / "model.onnx"))
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    arr = numpy_helper.to_array(init).copy()
+    arr += 0.05
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(m, str(tmp_path / "broken.onnx"))
+    merged = load_sd_pipeline(str(export_dir / "merged"), device="cpu")
+    with pytest.raises(VerificationError, match="ONNX UNet differs"):
+        unet_parity(merged.unet, tmp_path / "broken.onnx", 1e-4)
+    # the base (un-adapted) UNet is not the export either
+    base = load_sd_pipeline("builtin:tiny-sd", device="cpu")
+    with pytest.raises(VerificationError):
+        unet_parity(base.unet, export_dir / "onnx" / "unet" / "model.onnx", 1e-4)
+
+
+def test_loading_rejects_tampered_partial_and_escaping_exports(export_dir, tmp_path):
+    import shutil
+
+    import onnx
+
+    bad = tmp_path / "bad"
+    shutil.copytree(export_dir, bad)
+    with open(bad / "onnx" / "vae_decoder" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="vae_decoder/model.onnx does not match"):
+        verify_export(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(UserError, match="not a FineStyle export"):
+        verify_export(bad)
+    # external data pointing outside the folder
+    esc = tmp_path / "esc"
+    shutil.copytree(export_dir, esc)
+    p = esc / "onnx" / "text_encoder" / "model.onnx"
+    m = onnx.load(str(p))
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", "../../../../etc/passwd"
+    onnx.save(m, str(p))
+    man = json.loads((esc / "manifest.json").read_text())
+    from finestyle.fsutil import sha256_file
+
+    man["files"]["onnx/text_encoder/model.onnx"] = sha256_file(p)
+    (esc / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(UserError, match="outside the folder"):
+        verify_export(esc)
+
+
+def test_reexport_is_reused_and_kill_leaves_nothing(adapter, export_dir, tmp_path):
+    r = run_export(
+        ExportConfig(base="builtin:tiny-sd", adapter=str(adapter), out=str(export_dir), device="cpu"), **Q
+    )
+    assert r["reused"] is True
+    out = tmp_path / "killed"
+    code = f"""
+import os, signal
+import finestyle.export as E
+from finestyle.config import ExportConfig
+real = E.onnx_export
+def die(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+E.onnx_export = die
+E.run_export(ExportConfig(base="builtin:tiny-sd", adapter={str(adapter)!r}, out={str(out)!r}, device="cpu"))
+"""
+    p = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-1500:]
+    assert not out.exists()
+    leftovers = [x for x in tmp_path.iterdir() if x.name.startswith(".killed")]
+    assert all(not (x / "manifest.json").exists() for x in leftovers)
+
+
+def test_cli_export_and_missing_tensorrt(adapter, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "finestyle.cli",
+                "export",
+                "--base",
+                "builtin:tiny-sd",
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(tmp_path / "t"),
+                "--format",
+                "tensorrt",
+            ],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+        )
+        assert r.returncode == 2 and "TensorRT" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_engines_build(adapter, tmp_path):
+    run_export(
+        ExportConfig(
+            base="builtin:tiny-sd",
+            adapter=str(adapter),
+            out=str(tmp_path / "t"),
+            format="tensorrt",
+            trt_size=64,
+        ),
+        **Q,
+    )
+    assert (tmp_path / "t" / "tensorrt" / "unet.plan").exists()
