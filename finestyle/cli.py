@@ -187,6 +187,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="cuda | mps | cpu | auto."),
     config: Optional[Path] = typer.Option(None, help="YAML file (its `train:` section)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Retrain even if an identical finished run exists."),
 ) -> None:
     """Fine-tune LoRA adapters on the UNet's cross-attention K/V (FineStyle) from a dataset."""
     from .config import TrainConfig, stage_from_sources
@@ -216,13 +217,14 @@ def train(
         sample_steps=sample_steps,
         device=device,
         resume=resume or None,
+        force=force or None,
     )
     cfg = stage_from_sources(TrainConfig, "train", str(config) if config else None, values)
     from .training import run_train
 
     r = run_train(cfg)
     _print_summary(
-        "train: done",
+        "train: done" + (" (reused)" if r.get("reused") else ""),
         {
             "adapter": r["adapter"],
             "steps": r["steps"],

@@ -251,6 +251,8 @@ class TrainConfig:
     """Sample image size; default: the model's native size."""
     device: str = "auto"
     """cuda | mps | cpu | auto."""
+    force: bool = False
+    """Retrain even if `out` holds a finished run with the same content key."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_prompts, str):

@@ -42,4 +42,7 @@ def configure_environment(offline: bool | None = None) -> dict[str, str]:
         if k not in os.environ:
             os.environ[k] = v
             applied[k] = v
+    # Prefect creates only the last level of PREFECT_HOME; a missing parent makes its temporary
+    # server fail to open its database (and time out after 90 s). Create the whole path.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     return applied

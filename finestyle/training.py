@@ -449,6 +449,22 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    key = train_cache_key(cfg)
+    if not cfg.force and (out / "report.json").exists() and (out / "adapter" / ADAPTER_WEIGHTS).exists():
+        old = read_json(out / "report.json")
+        if old.get("cache_key") == key and old.get("steps") == cfg.steps:
+            log(f"train: reusing {out} (same dataset, base and options; --force to retrain)")
+            return {
+                "adapter": str(out / "adapter"),
+                "out": str(out),
+                "steps": old["steps"],
+                "reused": True,
+                "steps_per_s": old["steps_per_s"],
+                "final_loss": old["final_loss"],
+                "trainable_params": old["trainable_params"],
+                "samples_dir": str(out / "samples"),
+                "cache_key": key,
+            }
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     device = pick_device(cfg.device)

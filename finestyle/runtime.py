@@ -1,0 +1,377 @@
+"""Inference runtime: one denoising loop over interchangeable backends (onnxruntime, torch).
+
+FineStyle's control at inference (StyleDrop/FineStyle guidance):
+
+    eps = eps_tuned(neg) + λ2·(eps_tuned(prompt) − eps_tuned(neg)) + λ1·(eps_tuned(prompt) − eps_base(prompt))
+
+λ2 is the usual prompt guidance (`guidance`), λ1 the style guidance (`style_guidance`). λ1 > 0 costs
+one more UNet pass per step (the base UNet on the prompt): `finestyle export --with-base-unet`
+puts that UNet in the artifact; the torch backend can switch the adapter off instead.
+Neutral settings (λ1 = 0) skip the extra pass and give exactly the plain CFG image.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import GenerateConfig
+from .errors import UserError
+from .fsutil import sha256_file
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 7.5
+    style_guidance: float = 0.0
+    width: int | None = None
+    height: int | None = None
+    seed: int = 0
+    num_images: int = 1
+
+
+@dataclass
+class Backend:
+    """What the loop needs from a backend. Tensors in and out are CPU torch fp32."""
+
+    name: str
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    scaling_factor: float
+    vae_scale: int
+    latent_channels: int
+    native_size: int
+    encode_text: Any  # (input_ids LongTensor) -> embeddings
+    unet: Any  # (latents, t, emb) -> eps
+    decode: Any  # (latents / scaling) -> images in [-1, 1]
+    unet_base: Any | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest_sha256: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# backends
+
+
+def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise UserError(
+            "the onnxruntime runtime needs onnxruntime: pip install 'finestyle[cpu]' (or [gpu])"
+        ) from exc
+    from transformers import CLIPTokenizer
+
+    from .export import ort_providers, verify_export
+
+    manifest = verify_export(export_dir)
+    onnx_dir = export_dir / "onnx"
+    provs = ort_providers(providers)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+
+    def sess(comp: str) -> Any:
+        return ort.InferenceSession(str(onnx_dir / comp / "model.onnx"), sess_options=so, providers=provs)
+
+    te, un, vd = sess("text_encoder"), sess("unet"), sess("vae_decoder")
+    ub = sess("unet_base") if (onnx_dir / "unet_base" / "model.onnx").exists() else None
+    unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
+    half = any(i.type == "tensor(float16)" for i in un.get_inputs())
+    fdt = np.float16 if half else np.float32
+
+    def unet_call(s: Any) -> Any:
+        def run(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            out = s.run(
+                None,
+                {
+                    "sample": lat.numpy().astype(fdt),
+                    "timestep": np.array(float(t), dtype=np.float32),
+                    "encoder_hidden_states": emb.numpy().astype(fdt),
+                },
+            )[0]
+            return torch.from_numpy(out.astype(np.float32))
+
+        return run
+
+    return Backend(
+        name=f"onnxruntime[{provs[0]}]",
+        tokenizer=CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer"),
+        scheduler_config=json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
+        scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+        vae_scale=2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        latent_channels=int(unet_cfg.get("in_channels", 4)),
+        native_size=int(unet_cfg.get("sample_size", 64)),
+        encode_text=lambda ids: torch.from_numpy(
+            te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
+        ),
+        unet=unet_call(un),
+        unet_base=unet_call(ub) if ub is not None else None,
+        decode=lambda z: torch.from_numpy(
+            vd.run(None, {"latent_sample": z.numpy().astype(fdt)})[0].astype(np.float32)
+        ),
+        manifest=manifest,
+        manifest_sha256=sha256_file(export_dir / "manifest.json"),
+    )
+
+
+def _torch_backend(model: str, adapter: str | None, device: str | None) -> Backend:
+    from .models import load_sd_pipeline
+
+    path = Path(model)
+    manifest, msha = {}, None
+    base_for_style: str | None = None
+    if (path / "manifest.json").exists():
+        from .export import verify_export
+
+        manifest = verify_export(path)
+        msha = sha256_file(path / "manifest.json")
+        pipe = load_sd_pipeline(str(path / "merged"), device=device)
+        base_for_style = manifest.get("base_model")
+    else:
+        pipe = load_sd_pipeline(model, device=device)
+    has_adapter = False
+    if adapter:
+        from .training import ADAPTER_WEIGHTS, adapter_info
+
+        info = adapter_info(adapter)
+        pipe.load_lora_weights(
+            adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="finestyle"
+        )
+        has_adapter = True
+    dev, dt = pipe.unet.device, pipe.unet.dtype
+
+    @torch.no_grad()
+    def unet_fn(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return (
+            pipe.unet(lat.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float().cpu()
+        )
+
+    base_fn = None
+    if has_adapter:
+
+        @torch.no_grad()
+        def base_fn(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            pipe.disable_lora()  # the base model = the same UNet with the adapter switched off
+            try:
+                return unet_fn(lat, t, emb)
+            finally:
+                pipe.enable_lora()
+    elif base_for_style:
+        state: dict[str, Any] = {}
+
+        @torch.no_grad()
+        def base_fn(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            if "unet" not in state:  # loaded on first use: style guidance is opt-in
+                state["unet"] = load_sd_pipeline(base_for_style, device=dev, dtype=dt).unet
+            u = state["unet"]
+            return u(lat.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float().cpu()
+
+    @torch.no_grad()
+    def enc(ids: torch.Tensor) -> torch.Tensor:
+        return pipe.text_encoder(ids.to(dev))[0].float().cpu()
+
+    @torch.no_grad()
+    def dec(z: torch.Tensor) -> torch.Tensor:
+        return pipe.vae.decode(z.to(dev, pipe.vae.dtype)).sample.float().cpu()
+
+    return Backend(
+        name=f"torch[{dev.type}]",
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        scaling_factor=pipe.vae.config.scaling_factor,
+        vae_scale=pipe.vae_scale_factor,
+        latent_channels=pipe.unet.config.in_channels,
+        native_size=pipe.unet.config.sample_size,
+        encode_text=enc,
+        unet=unet_fn,
+        unet_base=base_fn,
+        decode=dec,
+        manifest=manifest,
+        manifest_sha256=msha,
+    )
+
+
+def load_backend(
+    model: str,
+    runtime: str = "auto",
+    providers: list[str] | None = None,
+    adapter: str | None = None,
+    device: str | None = None,
+) -> Backend:
+    """Pick and load a backend. An export folder defaults to onnxruntime; anything else to torch."""
+    path = Path(model)
+    is_export = (path / "manifest.json").exists() or (path / "onnx").is_dir()
+    if runtime == "auto":
+        runtime = "onnxruntime" if is_export and not adapter else "torch"
+    if runtime == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()
+        if not (path / "tensorrt").is_dir():
+            raise UserError(
+                f"{model!r} has no tensorrt/ engines; export with --format tensorrt, or use "
+                "--runtime onnxruntime --providers TensorrtExecutionProvider"
+            )
+        raise UserError(
+            "running TensorRT engines directly is not built yet; use --runtime onnxruntime, whose "
+            "TensorRT execution provider loads the same ONNX files"
+        )
+    if runtime == "onnxruntime":
+        if not is_export:
+            raise UserError(
+                f"{model!r} is not an export folder (no manifest.json); run `finestyle export` or use "
+                "--runtime torch"
+            )
+        return _ort_backend(path, providers)
+    return _torch_backend(model, adapter, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _scheduler(cfg: dict[str, Any]) -> Any:
+    import diffusers
+
+    name = cfg.get("_class_name", "DDIMScheduler")
+    cls = getattr(diffusers.schedulers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise UserError(f"unknown scheduler class {name!r} in the model's scheduler_config.json")
+    return cls.from_config(cfg)
+
+
+def _encode(backend: Backend, texts: list[str]) -> torch.Tensor:
+    tok = backend.tokenizer
+    ids = tok(
+        texts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
+    ).input_ids
+    return backend.encode_text(ids)
+
+
+def generate(backend: Backend, req: GenerationRequest) -> list[Any]:
+    """Generate `num_images` PIL images for one prompt, following the guidance formula above."""
+    from PIL import Image
+
+    if req.style_guidance > 0 and backend.unet_base is None:
+        raise UserError(
+            "style guidance needs the base UNet: export with --with-base-unet, or use the torch "
+            "runtime with --adapter"
+        )
+    size = backend.native_size * backend.vae_scale
+    w, h = req.width or size, req.height or size
+    n = req.num_images
+    # 1. text embeddings: [neg]*n + [prompt]*n
+    cond = _encode(backend, [req.prompt])
+    uncond = _encode(backend, [req.negative_prompt])
+    do_cfg = req.guidance > 1.0
+    # 2. initial latents from a CPU generator: the same seed gives the same latents on every backend
+    g = torch.Generator().manual_seed(req.seed)
+    latents = torch.randn(
+        (n, backend.latent_channels, h // backend.vae_scale, w // backend.vae_scale), generator=g
+    )
+    sched = _scheduler(backend.scheduler_config)
+    sched.set_timesteps(req.steps)
+    latents = latents * sched.init_noise_sigma
+    emb = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]) if do_cfg else cond.expand(n, -1, -1)
+    # 3. denoising loop
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+        eps = backend.unet(inp, t, emb)
+        if do_cfg:
+            e_neg, e_pos = eps.chunk(2)
+            guided = e_neg + req.guidance * (e_pos - e_neg)
+        else:
+            e_pos = guided = eps
+        if req.style_guidance > 0:
+            e_base = backend.unet_base(inp.chunk(2)[1] if do_cfg else inp, t, cond.expand(n, -1, -1))
+            guided = guided + req.style_guidance * (e_pos - e_base)
+        latents = sched.step(guided, t, latents).prev_sample
+    # 4. decode
+    img = backend.decode(latents / backend.scaling_factor)
+    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def provenance(req: GenerationRequest, backend: Backend) -> dict[str, str]:
+    """PNG text chunks: what made this image (the responsible-use minimum)."""
+    return {
+        "Software": f"FineStyle {__version__}",
+        "finestyle:generated": "true",
+        "finestyle:prompt": req.prompt,
+        "finestyle:negative_prompt": req.negative_prompt,
+        "finestyle:seed": str(req.seed),
+        "finestyle:steps": str(req.steps),
+        "finestyle:guidance": str(req.guidance),
+        "finestyle:style_guidance": str(req.style_guidance),
+        "finestyle:runtime": backend.name,
+        "finestyle:manifest_sha256": backend.manifest_sha256 or "none",
+        "finestyle:base_model": str(backend.manifest.get("base_model", "")),
+    }
+
+
+def save_png(image: Any, path: Path, meta: dict[str, str]) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_itxt(k, v)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def negative_with_exclusions(negative: str, exclude: list[str]) -> str:
+    parts = [p for p in [negative.strip(), *[e.strip() for e in exclude]] if p]
+    return ", ".join(parts)
+
+
+def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
+    """`finestyle generate`: load, generate, write PNGs with provenance."""
+    t0 = time.perf_counter()
+    backend = load_backend(cfg.model, cfg.runtime, cfg.providers, cfg.adapter)
+    req = GenerationRequest(
+        prompt=cfg.prompt,
+        negative_prompt=negative_with_exclusions(cfg.negative_prompt, cfg.exclude_concepts),
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        style_guidance=cfg.style_guidance,
+        width=cfg.width,
+        height=cfg.height,
+        seed=cfg.seed,
+        num_images=cfg.num_images,
+    )
+    images = generate(backend, req)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k, im in enumerate(images):
+        p = out if len(images) == 1 else out.with_name(f"{out.stem}-{k + 1}{out.suffix or '.png'}")
+        meta = provenance(req, backend)
+        meta["finestyle:index"] = str(k)
+        save_png(im, p, meta)
+        files.append(str(p))
+    return {"files": files, "runtime": backend.name, "seconds": time.perf_counter() - t0}
+
+
+def export_concepts(export_dir: str | Path) -> dict[str, Any]:
+    """The style and concept words the export's adapter learned (from its manifest)."""
+    from .export import verify_export
+
+    m = verify_export(export_dir, deep=False)
+    return {"style": m.get("style"), "concepts": m.get("concepts", [])}

@@ -1,0 +1,1 @@
+"""Prefect layer: tasks wrap one library call each, flows compose them. Nothing else lives here."""

@@ -1,0 +1,95 @@
+"""The whole DAG as one Prefect flow: prepare_dataset -> train_adapter -> export_model (-> one image).
+
+Each stage's result is keyed by content (input hashes, upstream fingerprints, configuration), so a
+second run of the same configuration reuses all three stages, a changed training option re-runs
+train and export but not prepare, and `force` re-runs a stage on purpose. A run killed during
+training resumes from its newest checkpoint: the training folder is named by its content key, so a
+checkpoint is only ever resumed by the same configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from finestyle.config import PipelineConfig, from_dict, to_dict
+from finestyle.runtime import run_generate
+from finestyle.training import train_cache_key
+from flows.common import markdown
+from flows.export import export_model
+from flows.prepare import prepare_dataset
+from flows.train import train_adapter
+
+
+def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Fill stage paths from `workdir` and chain the stages (dataset -> train, train -> export)."""
+    from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
+
+    wd = Path(cfg.workdir)
+    if cfg.prepare.out == PrepareConfig().out:
+        cfg.prepare.out = str(wd / "dataset")
+    cfg.train.dataset = cfg.prepare.out
+    if cfg.train.base == TrainConfig().base and cfg.prepare.base:
+        cfg.train.base = cfg.prepare.base
+    cfg.export.base = cfg.train.base
+    if cfg.export.out == ExportConfig().out:
+        cfg.export.out = str(wd / "export")
+    return cfg
+
+
+@task
+def generate_image(export_dir: str, prompt: str, out: str) -> dict[str, Any]:
+    from finestyle.config import GenerateConfig
+
+    return run_generate(GenerateConfig(model=export_dir, prompt=prompt, out=out, steps=20))
+
+
+@flow(name="finestyle-pipeline", log_prints=True)
+def finestyle_pipeline(
+    config: dict[str, Any] | None = None, force: list[str] | None = None
+) -> dict[str, Any]:
+    """prepare -> train -> export as subflows. Returns the export path and a summary of every stage."""
+    force = list(force or [])
+    cfg = resolve_paths(from_dict(PipelineConfig, config or {}))
+    # 1. prepare
+    cfg.prepare.force = cfg.prepare.force or "prepare" in force
+    ds = prepare_dataset(config=to_dict(cfg.prepare))
+    # 2. train: the folder is named by the run's content key (dataset fingerprint + options)
+    cfg.train.force = cfg.train.force or "train" in force
+    if cfg.train.out == "runs/train":
+        cfg.train.out = str(Path(cfg.workdir) / "train" / train_cache_key(cfg.train)[:12])
+    cfg.train.resume = True  # continue a killed run of this same configuration, if any
+    tr = train_adapter(config=to_dict(cfg.train))
+    # 3. export
+    cfg.export.adapter = tr["adapter"]
+    cfg.export.force = cfg.export.force or "export" in force
+    ex = export_model(config=to_dict(cfg.export))
+    # 4. one image from the export
+    image = None
+    if cfg.generate_prompt:
+        image = generate_image(ex["out"], cfg.generate_prompt, str(Path(cfg.workdir) / "generated.png"))[
+            "files"
+        ][0]
+    stages = {
+        "prepare": "reused" if ds["reused"] else "built",
+        "train": "reused" if tr.get("reused") else "trained",
+        "export": "reused" if ex.get("reused") else "built",
+    }
+    summary = {
+        "stages": ", ".join(f"{k} {v}" for k, v in stages.items()),
+        "dataset preview": f"{ds['out']}/preview.png",
+        "training samples": tr["samples_dir"],
+        "loss curve": f"{tr['out']}/loss.png",
+        "export": ex["out"],
+        "manifest": f"{ex['out']}/manifest.json",
+    }
+    if image:
+        summary["generated image"] = image
+    markdown(
+        "pipeline-summary",
+        "# FineStyle pipeline\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in summary.items()),
+        "FineStyle pipeline run",
+    )
+    return {"export": ex["out"], "stages": stages, "summary": summary}

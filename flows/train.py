@@ -1,0 +1,53 @@
+"""`train_adapter` flow: one task wraps the library's train function and returns the adapter path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from finestyle.config import TrainConfig, from_dict, to_dict
+from finestyle.training import run_train
+from flows.common import RETRY, markdown, table
+
+
+@task(**RETRY)
+def train_task(config: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse an identical finished run; resume from a checkpoint after a crash)."""
+    return run_train(from_dict(TrainConfig, config))
+
+
+@task
+def publish_train_artifacts(result: dict[str, Any]) -> None:
+    rep = json.loads((Path(result["out"]) / "report.json").read_text())
+    losses = rep.get("losses", [])
+    every = max(1, len(losses) // 20)
+    table(
+        "train-loss",
+        [{"step": i + 1, "loss": round(v, 5)} for i, v in enumerate(losses) if i % every == 0],
+        "Training loss",
+    )
+    samples = sorted(str(p) for p in Path(result["samples_dir"]).glob("*.png"))
+    markdown(
+        "train-summary",
+        (
+            f"# train: {'reused' if result.get('reused') else 'trained'} `{result['adapter']}`\n\n"
+            f"- steps: {rep['steps']} at {rep['steps_per_s']:.2f} steps/s on {rep['device']} ({rep['autocast']})\n"
+            f"- trainable parameters: {rep['trainable_params']:,} ({100 * rep['trainable_share']:.3f}% of the UNet)\n"
+            f"- final loss: {rep['final_loss']:.4f}; peak memory {rep['peak_memory_gib']:.2f} GiB\n"
+            f"- loss curve: `{result['out']}/loss.png`; report: `{result['out']}/report.json`\n"
+            + "".join(f"- sample: `{s}`\n" for s in samples)
+        ),
+        "FineStyle training summary",
+    )
+
+
+@flow(name="train_adapter", log_prints=True)
+def train_adapter(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stage 2 as a flow; returns the adapter path and a small summary."""
+    cfg = from_dict(TrainConfig, config or {})
+    result = train_task(to_dict(cfg))
+    publish_train_artifacts(result)
+    return result
