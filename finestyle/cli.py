@@ -347,15 +347,33 @@ def serve(
     export_dir: Path = typer.Argument(..., help="Export folder."),
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless you mean it)."),
     port: int = typer.Option(8000, help="Port."),
+    runtime: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
+    queue_size: int = typer.Option(32, help="Requests waiting at most (503 beyond)."),
+    max_batch: int = typer.Option(8, help="Most images per batched denoising loop."),
+    max_wait_ms: float = typer.Option(15.0, help="How long the batcher waits for same-shape requests."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching."),
+    max_steps: int = typer.Option(50, help="Most denoising steps accepted."),
+    max_size: int = typer.Option(1024, help="Largest width/height accepted."),
+    max_images: int = typer.Option(4, help="Most images per request."),
+    timeout_s: float = typer.Option(120.0, help="Per-request timeout in seconds."),
 ) -> None:
     """Serve an export over HTTP: POST /v1/generate, /healthz, /readyz, /v1/model, /metrics."""
-    try:
-        from .server import run_server
-    except ImportError:
-        from .errors import NotBuiltYet
+    from .server import run_server
 
-        raise NotBuiltYet("`serve` is not built yet (issue: inference server)") from None
-    run_server(str(export_dir), host=host, port=port)
+    run_server(
+        str(export_dir),
+        host=host,
+        port=port,
+        runtime=runtime,
+        queue_size=queue_size,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        batching=batching,
+        max_steps=max_steps,
+        max_size=max_size,
+        max_images=max_images,
+        timeout_s=timeout_s,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

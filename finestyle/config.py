@@ -427,6 +427,68 @@ class GenerateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The HTTP inference server: limits, queue and dynamic batching."""
+
+    export: str = "exports/model"
+    """Export folder to serve (verified by its manifest at start-up)."""
+    host: str = "127.0.0.1"
+    """Bind address; 127.0.0.1 unless you put it behind a gateway on purpose."""
+    port: int = 8000
+    """Port."""
+    runtime: str = "onnxruntime"
+    """onnxruntime | torch."""
+    providers: list[str] | None = None
+    """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
+    max_prompt_tokens: int = 77
+    """Longest prompt/negative prompt accepted, in tokenizer tokens (incl. start/end)."""
+    min_steps: int = 1
+    """Fewest denoising steps accepted."""
+    max_steps: int = 50
+    """Most denoising steps accepted."""
+    max_size: int = 1024
+    """Largest width/height accepted (multiples of 8)."""
+    max_images: int = 4
+    """Most images per request."""
+    max_body_bytes: int = 16_384
+    """Largest request body accepted (413 beyond)."""
+    queue_size: int = 32
+    """Requests waiting at most; beyond, 503 with Retry-After."""
+    max_batch: int = 8
+    """Most images in one batched denoising loop."""
+    max_wait_ms: float = 15.0
+    """How long the batcher waits for more same-shape requests."""
+    batching: bool = True
+    """Dynamic batching on/off (off: one request per loop)."""
+    timeout_s: float = 120.0
+    """Per-request timeout (504 beyond)."""
+    drain_s: float = 30.0
+    """On shutdown, how long requests in flight may finish."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.runtime in ("onnxruntime", "torch"),
+            "serve.runtime",
+            self.runtime,
+            "use onnxruntime or torch",
+        )
+        _check(1 <= self.port <= 65535, "serve.port", self.port, "must be 1..65535")
+        _check(
+            1 <= self.min_steps <= self.max_steps,
+            "serve.min_steps/max_steps",
+            (self.min_steps, self.max_steps),
+            "need 1 <= min_steps <= max_steps",
+        )
+        _check(
+            self.max_size >= 8 and self.max_size % 8 == 0, "serve.max_size", self.max_size, "multiple of 8"
+        )
+        for name in ("max_images", "max_body_bytes", "queue_size", "max_batch", "max_prompt_tokens"):
+            _check(getattr(self, name) >= 1, f"serve.{name}", getattr(self, name), "must be >= 1")
+        _check(self.max_wait_ms >= 0, "serve.max_wait_ms", self.max_wait_ms, "must be >= 0")
+        _check(self.timeout_s > 0, "serve.timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
 class PipelineConfig:
     """The whole DAG: prepare -> train -> export (-> one generated image)."""
 

@@ -264,48 +264,73 @@ def _encode(backend: Backend, texts: list[str]) -> torch.Tensor:
     return backend.encode_text(ids)
 
 
+def shape_key(req: GenerationRequest) -> tuple[Any, ...]:
+    """Requests with the same key can share one batched denoising loop."""
+    return (req.steps, req.guidance, req.style_guidance, req.width, req.height)
+
+
 def generate(backend: Backend, req: GenerationRequest) -> list[Any]:
     """Generate `num_images` PIL images for one prompt, following the guidance formula above."""
+    return generate_batch(backend, [req])[0]
+
+
+def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list[Any]]:
+    """One denoising loop for several requests that share `shape_key` (dynamic batching).
+
+    Each request keeps its own prompt, negative prompt and seed: its initial latents come from its
+    own generator, so batching does not change which image a seed gives.
+    """
     from PIL import Image
 
-    if req.style_guidance > 0 and backend.unet_base is None:
+    r0 = reqs[0]
+    if any(shape_key(r) != shape_key(r0) for r in reqs):
+        raise ValueError("generate_batch: requests differ in steps/guidance/size")
+    if r0.style_guidance > 0 and backend.unet_base is None:
         raise UserError(
             "style guidance needs the base UNet: export with --with-base-unet, or use the torch "
             "runtime with --adapter"
         )
     size = backend.native_size * backend.vae_scale
-    w, h = req.width or size, req.height or size
-    n = req.num_images
-    # 1. text embeddings: [neg]*n + [prompt]*n
-    cond = _encode(backend, [req.prompt])
-    uncond = _encode(backend, [req.negative_prompt])
-    do_cfg = req.guidance > 1.0
-    # 2. initial latents from a CPU generator: the same seed gives the same latents on every backend
-    g = torch.Generator().manual_seed(req.seed)
-    latents = torch.randn(
-        (n, backend.latent_channels, h // backend.vae_scale, w // backend.vae_scale), generator=g
+    w, h = r0.width or size, r0.height or size
+    counts = [r.num_images for r in reqs]
+    # 1. text embeddings, one row per image: uncond rows then cond rows
+    cond_u = _encode(backend, [r.prompt for r in reqs])
+    neg_u = _encode(backend, [r.negative_prompt for r in reqs])
+    rep = torch.tensor(counts)
+    cond = cond_u.repeat_interleave(rep, dim=0)
+    neg = neg_u.repeat_interleave(rep, dim=0)
+    do_cfg = r0.guidance > 1.0
+    # 2. initial latents, per request from a CPU generator: same seed, same latents, any backend
+    shape = (backend.latent_channels, h // backend.vae_scale, w // backend.vae_scale)
+    latents = torch.cat(
+        [torch.randn((r.num_images, *shape), generator=torch.Generator().manual_seed(r.seed)) for r in reqs]
     )
     sched = _scheduler(backend.scheduler_config)
-    sched.set_timesteps(req.steps)
+    sched.set_timesteps(r0.steps)
     latents = latents * sched.init_noise_sigma
-    emb = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)]) if do_cfg else cond.expand(n, -1, -1)
+    emb = torch.cat([neg, cond]) if do_cfg else cond
     # 3. denoising loop
     for t in sched.timesteps:
         inp = sched.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
         eps = backend.unet(inp, t, emb)
         if do_cfg:
             e_neg, e_pos = eps.chunk(2)
-            guided = e_neg + req.guidance * (e_pos - e_neg)
+            guided = e_neg + r0.guidance * (e_pos - e_neg)
         else:
             e_pos = guided = eps
-        if req.style_guidance > 0:
-            e_base = backend.unet_base(inp.chunk(2)[1] if do_cfg else inp, t, cond.expand(n, -1, -1))
-            guided = guided + req.style_guidance * (e_pos - e_base)
+        if r0.style_guidance > 0:
+            e_base = backend.unet_base(inp.chunk(2)[1] if do_cfg else inp, t, cond)
+            guided = guided + r0.style_guidance * (e_pos - e_base)
         latents = sched.step(guided, t, latents).prev_sample
     # 4. decode
     img = backend.decode(latents / backend.scaling_factor)
     arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
+    images = [Image.fromarray(a) for a in arr]
+    out, k = [], 0
+    for n in counts:
+        out.append(images[k : k + n])
+        k += n
+    return out
 
 
 def provenance(req: GenerationRequest, backend: Backend) -> dict[str, str]:

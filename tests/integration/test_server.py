@@ -1,0 +1,143 @@
+"""The HTTP server: a real uvicorn on 127.0.0.1 and a real HTTP client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from finestyle.config import ExportConfig, ServeConfig
+from finestyle.export import run_export
+from finestyle.server import create_app
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("srv") / "e"
+    run_export(
+        ExportConfig(base="builtin:tiny-sd", adapter=None, out=str(out), device="cpu"), log=lambda m: None
+    )
+    return out
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig) -> None:
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        t_end = time.time() + 60
+        while time.time() < t_end:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def test_good_request_bad_requests_and_metrics(export_dir):
+    with Server(
+        ServeConfig(export=str(export_dir), max_steps=10, max_size=128, max_images=2, max_body_bytes=2000)
+    ) as s:
+        r = httpx.post(
+            s.url + "/v1/generate", json={"prompt": "a red boat", "steps": 2, "seed": 3}, timeout=60
+        )
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        import io
+
+        im = Image.open(io.BytesIO(r.content))
+        assert im.size == (64, 64) and im.text["finestyle:prompt"] == "a red boat"
+        r = httpx.post(
+            s.url + "/v1/generate",
+            json={"prompt": "x", "steps": 2, "num_images": 2, "response_format": "json"},
+            timeout=60,
+        )
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+        bad = [
+            ({"prompt": ""}, "prompt"),
+            ({"prompt": "x", "steps": 0}, "steps"),
+            ({"prompt": "x", "steps": 11}, "steps"),
+            ({"prompt": "x", "width": 60}, "multiple of 8"),
+            ({"prompt": "x", "height": 256}, "height"),
+            ({"prompt": "x", "num_images": 3}, "num_images"),
+            ({"prompt": "x", "colour": "red"}, "colour"),
+            ({"prompt": "x", "guidance": -1}, "guidance"),
+            ({"prompt": "word " * 40}, "tokens"),
+            ({"prompt": "x", "style_guidance": 1.0}, "with-base-unet"),
+        ]
+        for body, word in bad:
+            r = httpx.post(s.url + "/v1/generate", json=body, timeout=30)
+            assert 400 <= r.status_code < 500, (body, r.status_code)
+            assert word in r.text, (body, r.text)
+        r = httpx.post(
+            s.url + "/v1/generate",
+            content=b'{"prompt": "' + b"a" * 3000 + b'"}',
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 413
+        assert httpx.get(s.url + "/healthz").json() == {"status": "ok"}
+        info = httpx.get(s.url + "/v1/model").json()
+        assert info["base_model"] == "builtin:tiny-sd" and len(info["manifest_sha256"]) == 64
+        m = httpx.get(s.url + "/metrics").text
+        assert 'finestyle_requests_total{status="200"} 2' in m
+        assert 'finestyle_requests_total{status="422"}' in m and "finestyle_queue_depth 0" in m
+        assert "finestyle_images_total 3" in m
+
+
+def test_dynamic_batching_groups_concurrent_requests(export_dir):
+    with Server(ServeConfig(export=str(export_dir), max_batch=8, max_wait_ms=200)) as s:
+        with ThreadPoolExecutor(6) as ex:
+            rs = list(
+                ex.map(
+                    lambda i: httpx.post(
+                        s.url + "/v1/generate", json={"prompt": f"p{i}", "steps": 2, "seed": i}, timeout=60
+                    ),
+                    range(6),
+                )
+            )
+        assert all(r.status_code == 200 for r in rs)
+        m = httpx.get(s.url + "/metrics").text
+        sizes = [
+            int(line.split('size="')[1].split('"')[0])
+            for line in m.splitlines()
+            if line.startswith("finestyle_batch_size_total{")
+        ]
+        assert max(sizes) > 1, m
+
+
+def test_flood_beyond_queue_gets_503_and_server_stays_up(export_dir):
+    with Server(ServeConfig(export=str(export_dir), queue_size=2, max_batch=1, batching=False)) as s:
+
+        def call(i):
+            return httpx.post(s.url + "/v1/generate", json={"prompt": f"p{i}", "steps": 6}, timeout=120)
+
+        with ThreadPoolExecutor(16) as ex:
+            rs = list(ex.map(call, range(16)))
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
+        assert all(r.headers.get("retry-after") for r in rs if r.status_code == 503)
+        assert httpx.get(s.url + "/healthz").status_code == 200
+        m = httpx.get(s.url + "/metrics").text
+        assert f'finestyle_requests_total{{status="503"}} {codes.count(503)}' in m
