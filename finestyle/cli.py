@@ -487,6 +487,87 @@ def bench_caption(
         json_out.write_text(json.dumps(r, indent=2))
 
 
+@bench_app.command("train")
+@command
+def bench_train_cmd(
+    base: str = typer.Option("builtin:sd15-random", help="Model to train."),
+    resolution: int = typer.Option(256, help="Training resolution."),
+    steps: int = typer.Option(3, help="Measured steps per variant (after warm-up)."),
+    warmup: int = typer.Option(1, help="Warm-up steps per variant."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Trainer steps/s + peak RSS vs a baseline that re-encodes VAE latents and text every step."""
+    from .bench import bench_train
+
+    r = bench_train(base, resolution, steps, warmup)
+    for name, v in r["results"].items():
+        typer.echo(
+            f"{name:12s} {v['steps_per_s']:.3f} steps/s  {v['seconds_per_step']:.2f} s/step  "
+            f"peak RSS {v['peak_rss_gib']:.2f} GiB  ratio {v['ratio_vs_baseline']:.2f}x"
+        )
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
+@bench_app.command("export")
+@command
+def bench_export_cmd(
+    model: list[str] = typer.Option(["builtin:tiny-sd", "builtin:sd15-random"], help="Models (repeatable)."),
+    latent: int = typer.Option(32, help="Latent side (32 = 256 px)."),
+    batch: int = typer.Option(2, help="UNet batch (2 = one image with guidance)."),
+    iters: int = typer.Option(3, help="Timed iterations per variant."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """One UNet step: PyTorch eager vs onnxruntime (the export), with the fp32 peak share and bf16."""
+    from .bench import bench_unet_step
+
+    allr = []
+    for m in model:
+        r = bench_unet_step(m, latent, batch, iters)
+        allr.append(r)
+        typer.echo(
+            f"{m}: {r['gflop_per_step']:.1f} GFLOP/step | torch fp32 {r['torch_fp32_s'] * 1e3:.1f} ms | "
+            f"ORT fp32 {r['ort_fp32_s'] * 1e3:.1f} ms ({r['ort_vs_torch']:.2f}x) | "
+            f"torch bf16 autocast {r['torch_bf16_autocast_s'] * 1e3:.1f} ms ({r['bf16_vs_torch_fp32']:.2f}x) | "
+            f"torch bf16 weights {r['torch_bf16_weights_s'] * 1e3:.1f} ms ({r['bf16_weights_vs_torch_fp32']:.2f}x, "
+            f"rel diff {r['bf16_weights_rel_diff']:.1e}) | "
+            f"ORT at {r['ort_gflops']:.0f} GFLOP/s = {100 * r['ort_share_of_fp32_peak']:.0f}% of the "
+            f"{r['matmul_fp32_gflops']:.0f} GFLOP/s fp32 matmul peak"
+        )
+    if json_out:
+        json_out.write_text(json.dumps(allr, indent=2))
+
+
+@bench_app.command("serve")
+@command
+def bench_serve_cmd(
+    export_dir: Optional[str] = typer.Option(
+        None, "--export", help="Export to serve [a fresh builtin export]."
+    ),
+    requests: int = typer.Option(24, help="Requests per concurrency level (bounded)."),
+    steps: int = typer.Option(4, help="Denoising steps per request."),
+    time_limit: float = typer.Option(60.0, help="Seconds per level at most."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
+    from .bench import bench_serve
+
+    r = bench_serve(export_dir, requests_per_level=requests, steps=steps, time_limit=time_limit)
+    typer.echo("batching  conc  ok/req   errors  p50 s   p95 s   p99 s   img/s")
+    for mode, rows in r["levels"].items():
+        for x in rows:
+            typer.echo(
+                f"{mode:8s}  {x['concurrency']:4d}  {x['ok']:3d}/{x['requests']:<3d}  {x['errors']:6d}  "
+                f"{x['p50_s']:.3f}  {x['p95_s']:.3f}  {x['p99_s']:.3f}  {x['img_per_s']:.2f}"
+            )
+    typer.echo(
+        f"batching throughput ratio at the highest concurrency: {r['batching_ratio_at_max_concurrency']:.2f}x"
+    )
+    typer.echo(f"overload (queue 4, 24 concurrent): {r['overload']}")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

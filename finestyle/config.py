@@ -249,6 +249,8 @@ class TrainConfig:
     """Denoising steps for samples."""
     sample_resolution: int | None = None
     """Sample image size; default: the model's native size."""
+    samples: bool = True
+    """Write sample grids at all (off for benchmarks)."""
     device: str = "auto"
     """cuda | mps | cpu | auto."""
     force: bool = False
@@ -503,7 +505,12 @@ class PipelineConfig:
     generate_prompt: str | None = None
     """If set, generate one image from the export at the end."""
     task_runner: str = "default"
-    """Prefect task runner for mapped prepare work: default | dask."""
+    """Prefect task runner for mapped prepare work: default (threads) | dask."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.task_runner in ("default", "dask"), "task_runner", self.task_runner, "use default or dask"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,12 +94,12 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def clean_stale_temps(parent: str | os.PathLike, name: str) -> int:
-    """Remove leftovers (`.NAME.tmp-*`, `.NAME.old-*`) of a killed run. Returns how many."""
+    """Remove leftovers (`.NAME.tmp-*`, `.old-*`, `.work-*`) of a killed run. Returns how many."""
     parent = Path(parent)
     n = 0
     if parent.is_dir():
         for p in parent.glob(f".{name}.*"):
-            if ".tmp-" in p.name or ".old-" in p.name:
+            if ".tmp-" in p.name or ".old-" in p.name or ".work-" in p.name:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 n += 1
     return n

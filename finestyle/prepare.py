@@ -7,7 +7,9 @@ extract+caption per chunk, publish), and `run_prepare` composes them for the CLI
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -221,11 +223,12 @@ def extract_rows(
     return rows, summaries, problems
 
 
-def run_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
-    """Run the whole prepare stage. Returns a small summary (paths and counts)."""
-    t0 = time.perf_counter()
+def plan_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
+    """1. Discover inputs and compute the content key; say whether an identical dataset exists.
+
+    Returns {"candidates", "skipped", "cache_key", "reuse"} (reuse: the old summary, or None).
+    """
     out = Path(cfg.out)
-    # 1. discover inputs and compute the content key
     candidates, skipped = discover(cfg.images)
     for s in skipped:
         log(f"skipped {s.path}: {s.reason}")
@@ -236,7 +239,10 @@ def run_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
             if skipped
             else f"no candidate images in {', '.join(cfg.images)}"
         )
+    if cfg.method == "boxes":
+        load_boxes_file(cfg.boxes)  # fail early, before any work, on a bad boxes file
     key = cache_key(cfg, candidates)
+    reuse = None
     if not cfg.force and (out / "report.json").exists():
         try:
             old = read_json(out / "report.json")
@@ -244,57 +250,153 @@ def run_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
             old = {}
         if old.get("cache_key") == key:
             log(f"prepare: reusing {out} (same inputs and configuration; --force to rebuild)")
-            return {
+            c = old["counts"]
+            reuse = {
                 "out": str(out),
                 "reused": True,
-                "rows": old["counts"]["rows"],
+                "rows": c["rows"],
                 "cache_key": key,
-                "images_used": old["counts"]["images_used"],
-                "skipped": old["counts"]["skipped"],
+                "images_used": c["images_used"],
+                "skipped": c["skipped"],
             }
-    boxes = load_boxes_file(cfg.boxes) if cfg.method == "boxes" else None
-    # 2. decode safely
-    t_ingest = time.perf_counter()
-    images, rejected = load_all(candidates, cfg.max_pixels, cfg.min_image_side, cfg.animated, log=log)
-    skipped += rejected
-    if not images:
-        first = rejected[0] if rejected else None
+    return {
+        "candidates": [str(c) for c in candidates],
+        "skipped": [s.as_dict() for s in skipped],
+        "cache_key": key,
+        "reuse": reuse,
+    }
+
+
+def scratch_dir(cfg: PrepareConfig, key: str) -> Path:
+    """Where chunk results wait for publishing: a hidden sibling of `out`, named by the content key."""
+    out = Path(cfg.out).absolute()
+    return out.parent / f".{out.name}.work-{key[:16]}"
+
+
+_MODEL_LOCK = threading.Lock()
+
+
+def process_chunk(
+    paths: list[str], cfg: PrepareConfig, scratch: str | Path, chunk_id: int, log=_log
+) -> dict[str, Any]:
+    """2-3. Decode a chunk of images, extract concepts and captions, write crops to `scratch`.
+
+    Returns a small JSON-able manifest (rows file, per-image summaries, rejections, timings): this
+    is the unit a Prefect task maps over, on threads or on a Dask cluster.
+    """
+    t0 = time.perf_counter()
+    folder = Path(scratch) / f"chunk-{chunk_id:05d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    images, rejected = load_all(
+        [Path(p) for p in paths], cfg.max_pixels, cfg.min_image_side, cfg.animated, log=log
+    )
+    t1 = time.perf_counter()
+    rows, summaries, problems = [], [], []
+    if images:
+        boxes = load_boxes_file(cfg.boxes) if cfg.method == "boxes" else None
+        # Models are shared per process; attention capture swaps UNet processors, so one chunk at a time.
+        with _MODEL_LOCK:
+            rows, summaries, problems = extract_rows(images, cfg, root=_common_root(cfg.images), boxes=boxes)
+    with open(folder / "rows.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            name = f"{i:05d}.png"
+            r["image"].save(folder / name)
+            f.write(json.dumps({**{k: v for k, v in r.items() if k != "image"}, "file": name}) + "\n")
+    return {
+        "chunk": chunk_id,
+        "rows_file": str(folder / "rows.jsonl"),
+        "summaries": summaries,
+        "rejected": [x.as_dict() for x in rejected + problems],
+        "images": len(images),
+        "timings": {"ingest_s": t1 - t0, "extract_caption_s": time.perf_counter() - t1},
+    }
+
+
+def publish_prepared(
+    cfg: PrepareConfig,
+    plan: dict[str, Any],
+    manifests: list[dict[str, Any]],
+    log=_log,
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """4. Merge chunk results (in input order, dropping cross-chunk duplicates) and publish atomically."""
+    from PIL import Image
+
+    t_pub = time.perf_counter()
+    out = Path(cfg.out)
+    rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    skipped = [Rejected(**s) for s in plan["skipped"]]
+    seen: dict[str, str] = {}
+    timings = {"ingest_s": 0.0, "extract_caption_s": 0.0}
+    for m in sorted(manifests, key=lambda m: m["chunk"]):
+        skipped += [Rejected(**r) for r in m["rejected"]]
+        for k in timings:
+            timings[k] += m["timings"][k]
+        dup = set()
+        for s in m["summaries"]:
+            if s["sha256"] in seen:
+                skipped.append(
+                    Rejected(
+                        s["source"],
+                        f"duplicate of {seen[s['sha256']]} (same pixels); used once",
+                        "DuplicateImage",
+                    )
+                )
+                dup.add(s["sha256"])
+            else:
+                seen[s["sha256"]] = s["source"]
+                summaries.append(s)
+        folder = Path(m["rows_file"]).parent
+        for line in Path(m["rows_file"]).read_text().splitlines():
+            r = json.loads(line)
+            if r["source_sha256"] in dup:
+                continue
+            with Image.open(folder / r.pop("file")) as im:
+                r["image"] = im.convert("RGB")
+            rows.append(r)
+    n_images = len(summaries)
+    if not n_images:
+        first = skipped[0] if skipped else None
         raise UserError(
-            f"none of the {len(candidates)} input image(s) was usable"
+            f"none of the {len(plan['candidates'])} input image(s) was usable"
             + (f"; e.g. {first.path}: {first.reason}" if first else "")
         )
-    t_extract = time.perf_counter()
-    root = _common_root(cfg.images)
-    # 3. concepts + captions
-    rows, summaries, problems = extract_rows(images, cfg, root=root, boxes=boxes)
-    skipped += problems
-    t_publish = time.perf_counter()
-    report = _report(
-        cfg,
-        key,
-        candidates,
-        images,
-        rows,
-        summaries,
-        skipped,
-        {"ingest_s": t_extract - t_ingest, "extract_caption_s": t_publish - t_extract},
-    )
-    # 4. publish atomically
+    report = _report(cfg, plan["cache_key"], plan["candidates"], n_images, rows, summaries, skipped, timings)
     clean_stale_temps(out.parent, out.name)
     with staging_dir(out) as tmp:
         write_dataset(tmp, rows, report)
-        report["timings"]["publish_s"] = time.perf_counter() - t_publish
-        report["timings"]["total_s"] = time.perf_counter() - t0
+        report["timings"]["publish_s"] = time.perf_counter() - t_pub
+        report["timings"]["total_s"] = time.perf_counter() - (t0 or t_pub)
         write_json(tmp / "report.json", report)
-    log(f"prepare: {len(rows)} rows from {len(images)} image(s) -> {out} ({len(skipped)} skipped)")
+    shutil.rmtree(scratch_dir(cfg, plan["cache_key"]), ignore_errors=True)
+    log(f"prepare: {len(rows)} rows from {n_images} image(s) -> {out} ({len(skipped)} skipped)")
     return {
         "out": str(out),
         "reused": False,
         "rows": len(rows),
-        "images_used": len(images),
+        "images_used": n_images,
         "skipped": len(skipped),
-        "cache_key": key,
+        "cache_key": plan["cache_key"],
     }
+
+
+def run_prepare(cfg: PrepareConfig, log=_log, chunk_size: int = 0) -> dict[str, Any]:
+    """Run the whole prepare stage in this process. Returns a small summary (paths and counts)."""
+    t0 = time.perf_counter()
+    plan = plan_prepare(cfg, log)
+    if plan["reuse"]:
+        return plan["reuse"]
+    scratch = scratch_dir(cfg, plan["cache_key"])
+    cands = plan["candidates"]
+    size = chunk_size or len(cands)
+    manifests = [
+        process_chunk(cands[i : i + size], cfg, scratch, k, log)
+        for k, i in enumerate(range(0, len(cands), size))
+    ]
+    return publish_prepared(cfg, plan, manifests, log, t0)
 
 
 def _common_root(inputs: list[str]) -> str:
@@ -305,8 +407,8 @@ def _common_root(inputs: list[str]) -> str:
 def _report(
     cfg: PrepareConfig,
     key: str,
-    candidates: list[Path],
-    images: list[LoadedImage],
+    candidates: list[str],
+    n_images: int,
     rows: list[dict[str, Any]],
     summaries: list[dict[str, Any]],
     skipped: list[Rejected],
@@ -325,7 +427,7 @@ def _report(
         "config": to_dict(cfg),
         "counts": {
             "candidates": len(candidates),
-            "images_used": len(images),
+            "images_used": n_images,
             "rows": len(rows),
             "rows_per_method": per_method,
             "skipped": len(skipped),

@@ -19,7 +19,7 @@ from finestyle.runtime import run_generate
 from finestyle.training import train_cache_key
 from flows.common import markdown
 from flows.export import export_model
-from flows.prepare import prepare_dataset
+from flows.prepare import prepare_dataset, task_runner_for
 from flows.train import train_adapter
 
 
@@ -55,7 +55,8 @@ def finestyle_pipeline(
     cfg = resolve_paths(from_dict(PipelineConfig, config or {}))
     # 1. prepare
     cfg.prepare.force = cfg.prepare.force or "prepare" in force
-    ds = prepare_dataset(config=to_dict(cfg.prepare))
+    runner = prepare_dataset.with_options(task_runner=task_runner_for(cfg.task_runner))
+    ds = runner(config=to_dict(cfg.prepare))
     # 2. train: the folder is named by the run's content key (dataset fingerprint + options)
     cfg.train.force = cfg.train.force or "train" in force
     if cfg.train.out == "runs/train":

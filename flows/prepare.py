@@ -1,4 +1,8 @@
-"""`prepare_dataset` flow: reference images -> concept crop/caption dataset."""
+"""`prepare_dataset` flow: reference images -> concept crop/caption dataset.
+
+Tasks wrap the library's stage functions: plan (discover + content key), process_chunk (ingest,
+extract concepts, caption; mapped over chunks of images, on threads or on a Dask cluster), publish.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,33 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 
 from finestyle.config import PrepareConfig, from_dict, to_dict
-from finestyle.images import discover
-from finestyle.prepare import run_prepare, summary_table
+from finestyle.prepare import plan_prepare, process_chunk, publish_prepared, scratch_dir, summary_table
 from flows.common import RETRY, markdown, table
 
 
 @task(**RETRY)
-def discover_inputs(images: list[str]) -> dict[str, Any]:
-    """List candidate images and skipped entries (paths only)."""
-    cands, skipped = discover(images)
-    return {"candidates": [str(c) for c in cands], "skipped": [s.as_dict() for s in skipped]}
+def plan_task(config: dict[str, Any]) -> dict[str, Any]:
+    """Discover candidate images, compute the content key, check for an identical dataset."""
+    return plan_prepare(from_dict(PrepareConfig, config))
 
 
 @task(**RETRY)
-def build_dataset(config: dict[str, Any]) -> dict[str, Any]:
-    """Ingest, extract concepts, caption and publish (content-keyed: reuses an identical dataset)."""
-    return run_prepare(from_dict(PrepareConfig, config))
+def process_chunk_task(
+    paths: list[str], config: dict[str, Any], scratch: str, chunk_id: int
+) -> dict[str, Any]:
+    """Ingest + concepts + captions for one chunk; returns a small manifest (crops go to `scratch`)."""
+    return process_chunk(paths, from_dict(PrepareConfig, config), scratch, chunk_id)
+
+
+@task(**RETRY)
+def publish_task(
+    config: dict[str, Any], plan: dict[str, Any], manifests: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Merge the chunks and publish the dataset atomically."""
+    return publish_prepared(from_dict(PrepareConfig, config), plan, manifests)
 
 
 @task
@@ -47,11 +59,53 @@ def publish_prepare_artifacts(result: dict[str, Any]) -> None:
 
 
 @flow(name="prepare_dataset", log_prints=True)
-def prepare_dataset(config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Stage 1 as a flow. `config` is a PrepareConfig as a dict (validated here)."""
+def prepare_dataset(config: dict[str, Any] | None = None, chunk_size: int = 8) -> dict[str, Any]:
+    """Stage 1 as a flow. `config` is a PrepareConfig as a dict (validated here).
+
+    The chunks run on the flow's task runner: threads by default, a Dask cluster with
+    `prepare_dataset.with_options(task_runner=DaskTaskRunner(...))` (see `task_runner_for`).
+    """
     cfg = from_dict(PrepareConfig, config or {})
-    found = discover_inputs(cfg.images)
-    print(f"prepare: {len(found['candidates'])} candidate image(s), {len(found['skipped'])} skipped entries")
-    result = build_dataset(to_dict(cfg))
+    plan = plan_task(to_dict(cfg))
+    print(f"prepare: {len(plan['candidates'])} candidate image(s), {len(plan['skipped'])} skipped entries")
+    if plan["reuse"]:
+        result = plan["reuse"]
+    else:
+        cands = plan["candidates"]
+        chunks = [cands[i : i + chunk_size] for i in range(0, len(cands), chunk_size)]
+        futures = process_chunk_task.map(
+            chunks,
+            unmapped(to_dict(cfg)),
+            unmapped(str(scratch_dir(cfg, plan["cache_key"]))),
+            list(range(len(chunks))),
+        )
+        result = publish_task(to_dict(cfg), plan, [f.result() for f in futures])
     publish_prepare_artifacts(result)
     return result
+
+
+def task_runner_for(name: str, workers: int = 2) -> Any:
+    """The task runner named in the pipeline config: `default` (threads) or `dask` (local cluster,
+    or the scheduler at $FINESTYLE_DASK_ADDRESS)."""
+    import os
+
+    if name == "default":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner()
+    if name == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            from finestyle.errors import UserError
+
+            raise UserError("task_runner: dask needs prefect-dask: pip install 'finestyle[dask]'") from exc
+        addr = os.environ.get("FINESTYLE_DASK_ADDRESS")
+        if addr:
+            return DaskTaskRunner(address=addr)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
+        )
+    from finestyle.errors import UserError
+
+    raise UserError(f"task_runner: unknown value {name!r}; use default or dask")

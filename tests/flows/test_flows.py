@@ -44,21 +44,27 @@ def refs(tmp_path):
 def test_task_fn_wraps_the_library(refs, tmp_path):
     from prefect.logging import disable_run_logger
 
-    from flows.prepare import build_dataset, discover_inputs
+    from flows.prepare import plan_task, process_chunk_task, publish_task
 
+    cfg = {
+        "images": [str(refs)],
+        "style": "ink",
+        "out": str(tmp_path / "ds"),
+        "concepts": "none",
+        "resolution": 64,
+    }
     with disable_run_logger():
-        found = discover_inputs.fn([str(refs)])
-        assert len(found["candidates"]) == 2
-        r = build_dataset.fn(
-            {
-                "images": [str(refs)],
-                "style": "ink",
-                "out": str(tmp_path / "ds"),
-                "concepts": "none",
-                "resolution": 64,
-            }
-        )
+        plan = plan_task.fn(cfg)
+        assert len(plan["candidates"]) == 2 and plan["reuse"] is None
+        m = [
+            process_chunk_task.fn([p], cfg, str(tmp_path / "scratch"), i)
+            for i, p in enumerate(plan["candidates"])
+        ]
+        assert all(x["images"] == 1 for x in m)
+        r = publish_task.fn(cfg, plan, m)
     assert r["rows"] == 2 and (tmp_path / "ds" / "report.json").exists()
+    with disable_run_logger():
+        assert plan_task.fn(cfg)["reuse"]["reused"] is True
 
 
 def test_pipeline_runs_reuses_and_invalidates(refs, tmp_path):
@@ -100,3 +106,128 @@ def test_bad_input_fails_without_retry(tmp_path):
                 "concepts": "none",
             }
         )
+
+
+def test_killed_pipeline_resumes_training_and_redoes_nothing_finished(refs, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from flows.pipeline import finestyle_pipeline
+
+    cfg = _pipeline_config(tmp_path, refs, steps=6)
+    code = f"""
+import os, signal
+import finestyle.training as T
+real = T.save_checkpoint
+def die(root, step, *a, **k):
+    p = real(root, step, *a, **k)
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return p
+T.save_checkpoint = die
+from flows.pipeline import finestyle_pipeline
+finestyle_pipeline(config={cfg!r})
+"""
+    import signal
+
+    env = os.environ.copy()
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "killed.log"
+    # Own session: the killed run's temporary Prefect server (a child process) is cleaned up with it.
+    with open(log, "w") as f:
+        p = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = p.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert rc == -9, log.read_text()[-2000:]
+    assert not (tmp_path / "wd" / "export").exists()
+    again = finestyle_pipeline(config=cfg)
+    assert again["stages"] == {"prepare": "reused", "train": "trained", "export": "built"}
+    train_dirs = list((tmp_path / "wd" / "train").iterdir())
+    assert len(train_dirs) == 1
+    rep = json.loads((train_dirs[0] / "report.json").read_text())
+    assert rep["steps"] == 6 and rep["steps_this_run"] == 2  # resumed at step 4
+
+
+def test_deployments_register_validate_and_schedule():
+    import importlib
+
+    import yaml
+    from prefect import Flow
+    from prefect.client.orchestration import get_client
+
+    from finestyle.config import PipelineConfig, from_dict
+    from flows.deployments import WATCH_CRON, build_deployments
+    from tests.conftest import REPO
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = {d["name"] for d in spec["deployments"]}
+    assert {"finestyle-pipeline", "finestyle-pipeline-gpu", "prepare-watched"} <= names
+    for d in spec["deployments"]:
+        path, fn = d["entrypoint"].split(":")
+        fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), fn)
+        assert isinstance(fl, Flow), d["entrypoint"]
+        params = fl.validate_parameters(d.get("parameters", {}))
+        if "config" in params:
+            from_dict(PipelineConfig, params["config"])  # our own validation, too
+        if d["name"] == "prepare-watched":
+            assert d["schedules"][0]["cron"] == WATCH_CRON
+        if d["name"] == "finestyle-pipeline-gpu":
+            assert d["work_pool"]["name"] == "gpu"
+    for dep in build_deployments():
+        dep.apply()
+    with get_client(sync_client=True) as client:
+        watched = client.read_deployment_by_name("prepare_watched/prepare-watched")
+        assert watched.entrypoint.endswith("flows/watch.py:prepare_watched")
+        assert watched.schedules and watched.schedules[0].schedule.cron == WATCH_CRON
+        pipe = client.read_deployment_by_name("finestyle-pipeline/finestyle-pipeline")
+        assert pipe.parameters["config"]["workdir"] == "runs/pipeline"
+
+
+def test_watched_flow_skips_unchanged_folders(tmp_path):
+    from flows.watch import prepare_watched
+
+    watch = tmp_path / "incoming"
+    for name, seed in (("a", 1), ("b", 2)):
+        (watch / name).mkdir(parents=True)
+        make_scene((128, 96), seed=seed).save(watch / name / "x.png")
+    kw = dict(watch_dir=str(watch), datasets_dir=str(tmp_path / "ds"), concepts="none", resolution=64)
+    first = prepare_watched(**kw)
+    assert {v["status"] for v in first.values()} == {"prepared"}
+    make_scene((128, 96), seed=9).save(watch / "b" / "y.png")
+    second = prepare_watched(**kw)
+    assert second["a"]["status"] == "skipped (unchanged)" and second["b"]["status"] == "prepared"
+    assert second["b"]["rows"] == 2
+
+
+def test_dask_runner_builds_the_same_dataset(refs, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from datasets import load_from_disk
+
+    from flows.prepare import prepare_dataset, task_runner_for
+
+    base = {
+        "images": [str(refs)],
+        "style": "ink",
+        "concepts": "grid",
+        "grid_scales": [2],
+        "max_concepts": 2,
+        "resolution": 64,
+        "num_beams": 1,
+    }
+    prepare_dataset(config={**base, "out": str(tmp_path / "threads")}, chunk_size=1)
+    dask_flow = prepare_dataset.with_options(task_runner=task_runner_for("dask", workers=2))
+    dask_flow(config={**base, "out": str(tmp_path / "dask")}, chunk_size=1)
+    a, b = load_from_disk(str(tmp_path / "threads")), load_from_disk(str(tmp_path / "dask"))
+    assert len(a) == len(b) > 2
+    for col in ("text", "concept", "bbox", "source", "method"):
+        assert a[col] == b[col], col
+    assert [r["image"].tobytes() for r in a] == [r["image"].tobytes() for r in b]

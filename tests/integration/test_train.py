@@ -132,14 +132,8 @@ def test_only_targeted_modules_change(dataset, tmp_path, targets, pattern):
         assert not any("attn1" in m or "to_q" in m or "to_out" in m for m in modules)
 
 
-def test_kill_and_resume_is_bit_exact(dataset, tmp_path):
-    from safetensors.torch import load_file
-
-    full = tmp_path / "full"
-    run_train(
-        tcfg(dataset, full, steps=6, checkpoint_every=2, caption_dropout=0.3, dropout=0.1, flip=True), **QUIET
-    )
-    killed = tmp_path / "killed"
+def _train_in_subprocess(dataset, out, kill_at: int | None = None, resume: bool = False) -> int:
+    """Each run in a fresh process, so that all three start from identical process state."""
     code = f"""
 import os, signal
 import finestyle.training as T
@@ -147,30 +141,30 @@ from finestyle.config import TrainConfig
 real = T.save_checkpoint
 def save_then_die(root, step, *a, **k):
     p = real(root, step, *a, **k)
-    if step == 4:
+    if step == {kill_at!r}:
         os.kill(os.getpid(), signal.SIGKILL)
     return p
 T.save_checkpoint = save_then_die
-T.run_train(TrainConfig(dataset={str(dataset)!r}, base="builtin:tiny-sd", out={str(killed)!r}, steps=6,
+T.run_train(TrainConfig(dataset={str(dataset)!r}, base="builtin:tiny-sd", out={str(out)!r}, steps=6,
             resolution=64, sample_steps=2, lr=1e-3, rank=4, seed=3, checkpoint_every=2, caption_dropout=0.3,
-            dropout=0.1, flip=True))
+            dropout=0.1, flip=True, resume={resume!r}), log=lambda m: None)
 """
-    r = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True)
-    assert r.returncode == -9, r.stderr[-2000:]
-    assert not (killed / "adapter").exists()
-    run_train(
-        tcfg(
-            dataset,
-            killed,
-            steps=6,
-            checkpoint_every=2,
-            caption_dropout=0.3,
-            dropout=0.1,
-            flip=True,
-            resume=True,
-        ),
-        **QUIET,
+    return subprocess.run(
+        [sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True
+    ).returncode
+
+
+def test_kill_and_resume_is_bit_exact(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _train_in_subprocess(dataset, full) == 0
+    assert _train_in_subprocess(dataset, killed, kill_at=4) == -9
+    assert (
+        not (killed / "adapter").exists()
+        and (killed / "checkpoints" / "step-0000004" / "state.json").exists()
     )
+    assert _train_in_subprocess(dataset, killed, resume=True) == 0
     a = load_file(str(full / "adapter" / ADAPTER_WEIGHTS))
     b = load_file(str(killed / "adapter" / ADAPTER_WEIGHTS))
     assert a.keys() == b.keys()
