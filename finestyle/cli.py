@@ -223,6 +223,8 @@ def train(
     from .training import run_train
 
     r = run_train(cfg)
+    if r.get("rank", 0) != 0:  # data-parallel worker: rank 0 reports
+        return
     _print_summary(
         "train: done" + (" (reused)" if r.get("reused") else ""),
         {
@@ -304,6 +306,9 @@ def generate(
         None, help='Reference concepts to keep out, "trees, sun".'
     ),
     adapter: Optional[str] = typer.Option(None, help="torch runtime: adapter folder on top of MODEL."),
+    dtype: Optional[str] = typer.Option(
+        None, help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."
+    ),
     steps: Optional[int] = typer.Option(None, help="Denoising steps [20]."),
     guidance: Optional[float] = typer.Option(None, help="Prompt guidance λ2 [7.5]."),
     style_guidance: Optional[float] = typer.Option(None, help="Style guidance λ1 [0 = off]."),
@@ -323,6 +328,7 @@ def generate(
         negative_prompt=negative_prompt,
         exclude_concepts=exclude_concepts,
         adapter=adapter,
+        dtype=dtype,
         steps=steps,
         guidance=guidance,
         style_guidance=style_guidance,
@@ -348,6 +354,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless you mean it)."),
     port: int = typer.Option(8000, help="Port."),
     runtime: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
+    dtype: str = typer.Option("auto", help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."),
     queue_size: int = typer.Option(32, help="Requests waiting at most (503 beyond)."),
     max_batch: int = typer.Option(8, help="Most images per batched denoising loop."),
     max_wait_ms: float = typer.Option(15.0, help="How long the batcher waits for same-shape requests."),
@@ -365,6 +372,7 @@ def serve(
         host=host,
         port=port,
         runtime=runtime,
+        dtype=dtype,
         queue_size=queue_size,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,

@@ -198,7 +198,8 @@ class TrainConfig:
     dropout: float = 0.0
     """LoRA dropout."""
     init: str = "gaussian"
-    """LoRA init: gaussian | default (kaiming A, zero B) | pissa."""
+    """LoRA init: gaussian | default (kaiming A, zero B). (PiSSA-style inits rewrite the base
+    weights, which would break merge/export against the base model, so they are not offered.)"""
     steps: int = 500
     """Optimizer steps."""
     lr: float = 1e-4
@@ -262,12 +263,7 @@ class TrainConfig:
         _check(self.rank >= 1, "train.rank", self.rank, "must be >= 1")
         _check(self.alpha is None or self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
         _check(0 <= self.dropout < 1, "train.dropout", self.dropout, "must be in [0, 1)")
-        _check(
-            self.init in ("gaussian", "default", "pissa"),
-            "train.init",
-            self.init,
-            "use gaussian, default or pissa",
-        )
+        _check(self.init in ("gaussian", "default"), "train.init", self.init, "use gaussian or default")
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
         _check(0 < self.lr < 1, "train.lr", self.lr, "must be in (0, 1)")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
@@ -353,6 +349,8 @@ class ExportConfig:
     """Merged vs adapter UNet: max abs difference allowed (fp32)."""
     parity_steps: int = 4
     """Denoising steps of the whole-image parity check."""
+    check_bf16: bool = True
+    """Also measure the CPU bf16 torch path (merged/ in bf16 + channels_last) against fp32."""
     device: str = "auto"
     """Device for merge and the PyTorch side of parity."""
     trt_static: bool = True
@@ -395,6 +393,8 @@ class GenerateConfig:
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     adapter: str | None = None
     """torch runtime: an adapter folder to load on top of `model`."""
+    dtype: str = "auto"
+    """torch runtime weights: auto (fp32 on CPU) | fp32 | bf16 (fast CPU path) | fp16 (GPU)."""
     steps: int = 20
     """Denoising steps."""
     guidance: float = 7.5
@@ -420,6 +420,12 @@ class GenerateConfig:
             "use auto, onnxruntime, tensorrt or torch",
         )
         _check(1 <= self.steps <= 1000, "generate.steps", self.steps, "must be 1..1000")
+        _check(
+            self.dtype in ("auto", "fp32", "bf16", "fp16"),
+            "generate.dtype",
+            self.dtype,
+            "use auto, fp32, bf16 or fp16",
+        )
         _check(self.guidance >= 0, "generate.guidance", self.guidance, "must be >= 0")
         _check(self.style_guidance >= 0, "generate.style_guidance", self.style_guidance, "must be >= 0")
         for name in ("width", "height"):
@@ -442,6 +448,8 @@ class ServeConfig:
     """onnxruntime | torch."""
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
+    dtype: str = "auto"
+    """torch runtime weights: auto | fp32 | bf16 (fast CPU path) | fp16."""
     max_prompt_tokens: int = 77
     """Longest prompt/negative prompt accepted, in tokenizer tokens (incl. start/end)."""
     min_steps: int = 1

@@ -130,7 +130,7 @@ def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
     )
 
 
-def _torch_backend(model: str, adapter: str | None, device: str | None) -> Backend:
+def _torch_backend(model: str, adapter: str | None, device: str | None, dtype: str | None = None) -> Backend:
     from .models import load_sd_pipeline
 
     path = Path(model)
@@ -141,10 +141,10 @@ def _torch_backend(model: str, adapter: str | None, device: str | None) -> Backe
 
         manifest = verify_export(path)
         msha = sha256_file(path / "manifest.json")
-        pipe = load_sd_pipeline(str(path / "merged"), device=device)
+        pipe = load_sd_pipeline(str(path / "merged"), device=device, dtype=dtype)
         base_for_style = manifest.get("base_model")
     else:
-        pipe = load_sd_pipeline(model, device=device)
+        pipe = load_sd_pipeline(model, device=device, dtype=dtype)
     has_adapter = False
     if adapter:
         from .training import ADAPTER_WEIGHTS, adapter_info
@@ -155,11 +155,23 @@ def _torch_backend(model: str, adapter: str | None, device: str | None) -> Backe
         )
         has_adapter = True
     dev, dt = pipe.unet.device, pipe.unet.dtype
+    fmt = torch.contiguous_format
+    if dev.type == "cpu" and dt == torch.bfloat16:
+        # The CPU reduced-precision path: bf16 weights in channels_last let oneDNN use AMX/AVX512-BF16
+        # convolutions; measured 3.4x an fp32 eager UNet step on SD 1.5 (README, bench export).
+        fmt = torch.channels_last
+        pipe.unet.to(memory_format=fmt)
 
     @torch.no_grad()
     def unet_fn(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return (
-            pipe.unet(lat.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float().cpu()
+            pipe.unet(
+                lat.to(dev, dt).contiguous(memory_format=fmt),
+                t.to(dev),
+                encoder_hidden_states=emb.to(dev, dt),
+            )
+            .sample.float()
+            .cpu()
         )
 
     base_fn = None
@@ -213,12 +225,16 @@ def load_backend(
     providers: list[str] | None = None,
     adapter: str | None = None,
     device: str | None = None,
+    dtype: str | None = None,
 ) -> Backend:
-    """Pick and load a backend. An export folder defaults to onnxruntime; anything else to torch."""
+    """Pick and load a backend. An export folder defaults to onnxruntime; anything else to torch.
+
+    `dtype` (torch only): fp32 | bf16 | fp16 | auto; bf16 on CPU is the fast reduced-precision path.
+    """
     path = Path(model)
     is_export = (path / "manifest.json").exists() or (path / "onnx").is_dir()
     if runtime == "auto":
-        runtime = "onnxruntime" if is_export and not adapter else "torch"
+        runtime = "onnxruntime" if is_export and not adapter and dtype in (None, "auto", "fp32") else "torch"
     if runtime == "tensorrt":
         from .tensorrt import require_tensorrt
 
@@ -239,7 +255,11 @@ def load_backend(
                 "--runtime torch"
             )
         return _ort_backend(path, providers)
-    return _torch_backend(model, adapter, device)
+    if dtype not in (None, "auto", "fp32") and runtime != "torch":
+        raise UserError(
+            f"--dtype {dtype} applies to the torch runtime; the ONNX export is fp32 (or --fp16 at export)"
+        )
+    return _torch_backend(model, adapter, device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +389,7 @@ def negative_with_exclusions(negative: str, exclude: list[str]) -> str:
 def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
     """`finestyle generate`: load, generate, write PNGs with provenance."""
     t0 = time.perf_counter()
-    backend = load_backend(cfg.model, cfg.runtime, cfg.providers, cfg.adapter)
+    backend = load_backend(cfg.model, cfg.runtime, cfg.providers, cfg.adapter, dtype=cfg.dtype)
     req = GenerationRequest(
         prompt=cfg.prompt,
         negative_prompt=negative_with_exclusions(cfg.negative_prompt, cfg.exclude_concepts),

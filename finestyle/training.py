@@ -153,7 +153,7 @@ def add_lora(unet: Any, cfg: TrainConfig) -> Any:
             f"train.targets: {cfg.targets!r} matches no Linear module of this UNet "
             "(e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k)"
         )
-    init = {"gaussian": "gaussian", "default": True, "pissa": "pissa"}[cfg.init]
+    init = {"gaussian": "gaussian", "default": True}[cfg.init]
     lcfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.lora_alpha,
@@ -467,7 +467,8 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
             }
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
-    device = pick_device(cfg.device)
+    world, rank, device = _distributed(cfg)
+    main_proc = rank == 0
     amp = _precision(cfg, device)
     if amp is not None and device.type == "cpu" and amp == torch.float16:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
@@ -538,7 +539,14 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
     )
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
+    model = unet
+    if world > 1:
+        # Data parallel (launched by `accelerate launch` / torchrun): DDP averages the LoRA gradients,
+        # each rank takes its own batch of every global step.
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     step, epoch, pos, losses = 0, 0, 0, []
     if cfg.resume:
         ck = latest_checkpoint(ckpt_root)
@@ -548,13 +556,22 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
             state = load_checkpoint(ck, unet, optimizer, lr_sched, scaler, gen)
             step, losses = state["step"], state["losses"]
             epoch, pos = state["position"]["epoch"], state["position"]["pos"]
+            if world > 1:  # checkpoints hold rank 0's RNG; give the other ranks their own stream
+                gen.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)
             log(f"train: resumed from {ck.name} (step {step})")
     style = _dataset_style(cfg.dataset) or "the reference"
     prompts = cfg.sample_prompts or default_sample_prompts(rows, style)
 
     # 5. Training loop
     batches = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None, file=sys.stderr)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=None if main_proc else True,
+        file=sys.stderr,
+    )
     t_loop = time.perf_counter()
     steps_this_run = 0
     step_times: list[float] = []
@@ -563,11 +580,13 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            if pos >= len(batches):
-                epoch, pos = epoch + 1, 0
-                batches = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)
-            batch = [examples[i] for i in batches[pos]]
-            pos += 1
+            for r in range(world):  # every rank walks the same order and keeps its own slot
+                if pos >= len(batches):
+                    epoch, pos = epoch + 1, 0
+                    batches = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)
+                if r == rank:
+                    batch = [examples[i] for i in batches[pos]]
+                pos += 1
             # 5a. inputs from the caches: sample the posterior, pick flip, drop captions
             lat = []
             for ex in batch:
@@ -587,7 +606,7 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
             target = diffusion_target(noise_sched, latents, noise, t)
             # 5b. forward / backward
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                pred = unet(noisy.to(frozen_dtype), t, encoder_hidden_states=cond.to(frozen_dtype)).sample
+                pred = model(noisy.to(frozen_dtype), t, encoder_hidden_states=cond.to(frozen_dtype)).sample
             loss = diffusion_loss(pred, target, t, noise_sched, cfg.snr_gamma) / cfg.grad_accum
             if not torch.isfinite(loss):
                 last = latest_checkpoint(ckpt_root)
@@ -614,7 +633,7 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
         # 5d. checkpoints and samples
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and main_proc:
             save_checkpoint(
                 ckpt_root,
                 step,
@@ -628,7 +647,13 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
                 cfg.keep_checkpoints,
             )
         step_times.append(time.perf_counter() - t_step)
-        if cfg.samples and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+        if (
+            main_proc
+            and cfg.samples
+            and cfg.sample_every
+            and step % cfg.sample_every == 0
+            and step < cfg.steps
+        ):
             _write_samples(pipe, prompts, cfg, out, step, device)
         if stop_after is not None and steps_this_run >= stop_after:
             bar.close()
@@ -636,7 +661,10 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
     bar.close()
     loop_s = time.perf_counter() - t_loop
 
-    # 6. Final checkpoint, adapter, samples, loss curve, report
+    # 6. Final checkpoint, adapter, samples, loss curve, report (rank 0 writes; the others are done)
+    if not main_proc:
+        _barrier(world)
+        return {"adapter": str(out / "adapter"), "out": str(out), "steps": step, "rank": rank}
     save_checkpoint(
         ckpt_root,
         step,
@@ -700,6 +728,7 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         "unique_texts": int(text_emb.shape[0]) - 1,
         "buckets": sorted({f"{e.size[0]}x{e.size[1]}" for e in examples}),
         "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "world_size": world,
         "losses": losses,
         "step_seconds": step_times,
         "sample_prompts": prompts,
@@ -709,7 +738,7 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         f"train: {step} steps, {report['steps_per_s']:.2f} steps/s, {n_train:,} trainable params "
         f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}"
     )
-    return {
+    result = {
         "adapter": str(adapter_dir),
         "out": str(out),
         "steps": step,
@@ -718,7 +747,29 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         "trainable_params": n_train,
         "samples_dir": str(out / "samples"),
         "cache_key": meta["cache_key"],
+        "reused": False,
     }
+    _barrier(world)
+    return result
+
+
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(world size, rank, device). Multi-process when launched by `accelerate launch`/torchrun."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cfg.device == "cpu")  # initialises the process group (nccl / gloo)
+        return state.num_processes, state.process_index, state.device
+    return 1, 0, pick_device(cfg.device)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _write_samples(

@@ -1,4 +1,8 @@
-"""`export_model` flow: merge -> export -> validate -> (optimize) -> (TensorRT) -> publish."""
+"""`export_model` flow: merge -> export -> validate -> optimize (optional) -> TensorRT (optional) -> publish.
+
+Each step is a task wrapping one library function; they pass the path of the temporary folder the
+export is built in. Any failure removes that folder: nothing that looks complete is left.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,77 @@ from typing import Any
 from prefect import flow, task
 
 from finestyle.config import ExportConfig, from_dict, to_dict
-from finestyle.export import run_export
+from finestyle.export import (
+    abort_export,
+    begin_export,
+    check_reuse,
+    publish_export,
+    step_bf16,
+    step_merge,
+    step_onnx,
+    step_optimize,
+    step_tensorrt,
+    step_validate,
+)
 from flows.common import RETRY, markdown, table
 
 
+def _cfg(config: dict[str, Any]) -> ExportConfig:
+    return from_dict(ExportConfig, config)
+
+
+@task
+def reuse_task(config: dict[str, Any]) -> dict[str, Any] | None:
+    return check_reuse(_cfg(config))
+
+
 @task(**RETRY)
-def export_task(config: dict[str, Any]) -> dict[str, Any]:
-    """Merge, export, prove parity, publish with a manifest (content-keyed reuse)."""
-    return run_export(from_dict(ExportConfig, config))
+def begin_task(config: dict[str, Any]) -> str:
+    return begin_export(_cfg(config))
+
+
+@task
+def merge_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
+    return step_merge(_cfg(config), tmp)
+
+
+@task
+def onnx_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
+    return step_onnx(_cfg(config), tmp)
+
+
+@task
+def validate_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
+    return step_validate(_cfg(config), tmp)
+
+
+@task
+def bf16_task(config: dict[str, Any], tmp: str) -> dict[str, Any] | None:
+    return step_bf16(_cfg(config), tmp)
+
+
+@task
+def optimize_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
+    return step_optimize(_cfg(config), tmp)
+
+
+@task
+def tensorrt_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
+    return step_tensorrt(_cfg(config), tmp)
+
+
+@task(**RETRY)
+def publish_task(
+    config: dict[str, Any],
+    tmp: str,
+    merge: dict[str, Any],
+    onnx: dict[str, Any],
+    parity: dict[str, Any],
+    opt: dict[str, Any] | None,
+    trt: dict[str, Any] | None,
+    reduced: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return publish_export(_cfg(config), tmp, merge, onnx, parity, opt, trt, reduced=reduced)
 
 
 @task
@@ -52,7 +119,20 @@ def publish_export_artifacts(result: dict[str, Any]) -> None:
 @flow(name="export_model", log_prints=True)
 def export_model(config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stage 3 as a flow; returns the export path and parity summary."""
-    cfg = from_dict(ExportConfig, config or {})
-    result = export_task(to_dict(cfg))
+    cfg = to_dict(_cfg(config or {}))
+    result = reuse_task(cfg)
+    if result is None:
+        tmp = begin_task(cfg)
+        try:
+            merge = merge_task(cfg, tmp)
+            onnx = onnx_task(cfg, tmp)
+            parity = validate_task(cfg, tmp)
+            reduced = bf16_task(cfg, tmp)
+            opt = optimize_task(cfg, tmp) if cfg["optimize"] else None
+            trt = tensorrt_task(cfg, tmp) if cfg["format"] == "tensorrt" else None
+            result = publish_task(cfg, tmp, merge, onnx, parity, opt, trt, reduced)
+        except BaseException:
+            abort_export(tmp)
+            raise
     publish_export_artifacts(result)
     return result

@@ -238,3 +238,29 @@ def test_tensorrt_engines_build(adapter, tmp_path):
         **Q,
     )
     assert (tmp_path / "t" / "tensorrt" / "unet.plan").exists()
+
+
+def test_cpu_bf16_path_is_stated_and_within_threshold(export_dir):
+    from finestyle.export import BF16_IMAGE_MEAN_ATOL
+    from finestyle.runtime import GenerationRequest, generate, load_backend
+
+    m = verify_export(export_dir)
+    assert m["cpu_bf16"]["mean_atol"] == BF16_IMAGE_MEAN_ATOL
+    assert 0 < m["cpu_bf16"]["mean_abs_diff"] <= BF16_IMAGE_MEAN_ATOL  # bf16 really ran (differs a little)
+    req = GenerationRequest("a red boat", steps=4, seed=2)
+    fp = np.asarray(generate(load_backend(str(export_dir), "torch", dtype="fp32"), req)[0], np.float32) / 255
+    be = load_backend(str(export_dir), "torch", dtype="bf16")
+    assert be.name == "torch[cpu]"
+    bf = np.asarray(generate(be, req)[0], np.float32) / 255
+    assert 0 < np.abs(fp - bf).mean() <= BF16_IMAGE_MEAN_ATOL
+
+
+def test_merge_changes_only_targeted_weights(adapter):
+    import re
+
+    from finestyle.models import build_builtin_pipeline
+
+    merged, _ = merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
+    base = build_builtin_pipeline("builtin:tiny-sd").unet.state_dict()
+    changed = [k for k, v in merged.unet.state_dict().items() if not torch.equal(v, base[k])]
+    assert changed and all(re.search(r"attn2\.to_[kv]\.weight$", k) for k in changed), changed

@@ -239,3 +239,56 @@ def test_cli_train_20_steps(dataset, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "steps/s" in r.stdout and (tmp_path / "run" / "adapter" / ADAPTER_WEIGHTS).exists()
+
+
+@pytest.mark.slow
+def test_data_parallel_with_accelerate_launch_on_cpu(dataset, tmp_path):
+    """Two processes (gloo on CPU) through `accelerate launch`: DDP keeps the ranks in step."""
+    import shutil
+
+    acc = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert acc, "accelerate's launcher is installed with the package"
+    out = tmp_path / "ddp"
+    # --multi_gpu is accelerate's data-parallel launcher (torchrun); with --device cpu the ranks use gloo.
+    r = subprocess.run(
+        [
+            acc,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "finestyle.cli",
+            "train",
+            str(dataset),
+            "--base",
+            "builtin:tiny-sd",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--resolution",
+            "64",
+            "--sample-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--checkpoint-every",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["world_size"] == 2 and rep["steps"] == 4
+    assert (out / "adapter" / ADAPTER_WEIGHTS).exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
