@@ -28,14 +28,14 @@ def require_tensorrt() -> Any:
 
 
 def _profiles(
-    component: str, cfg: Any
+    component: str, cfg: Any, hidden: int = 768
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shapes per input. Static by default (min = opt = max), which runs faster."""
     b = cfg.trt_batch
     lat = cfg.trt_size // 8
     shapes = {
         "text_encoder": {"input_ids": (b * 2, 77)},
-        "unet": {"sample": (2 * b, 4, lat, lat), "encoder_hidden_states": (2 * b, 77, 768)},
+        "unet": {"sample": (2 * b, 4, lat, lat), "encoder_hidden_states": (2 * b, 77, hidden)},
         "vae_decoder": {"latent_sample": (b, 4, lat, lat)},
         "vae_encoder": {"sample": (b, 3, cfg.trt_size, cfg.trt_size)},
     }[component]
@@ -60,6 +60,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = out_dir / "timing.cache"
     report: dict[str, Any] = {"engines": {}, "static": cfg.trt_static, "refit": cfg.trt_refit}
+    hidden = int(json.loads((onnx_dir / "unet" / "config.json").read_text()).get("cross_attention_dim", 768))
     for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         onnx_path = onnx_dir / comp / "model.onnx"
         builder = trt.Builder(logger)
@@ -77,7 +78,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
         config.set_timing_cache(cache, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-        for name, (lo, opt, hi) in _profiles(comp, cfg).items():
+        for name, (lo, opt, hi) in _profiles(comp, cfg, hidden).items():
             if name in inputs:
                 profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
@@ -87,15 +88,15 @@ def build_engines(onnx_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
         (out_dir / f"{comp}.plan").write_bytes(bytes(engine))
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
         report["engines"][comp] = f"{comp}.plan"
-    write_json(out_dir / "ort_tensorrt_provider.json", ort_trt_provider_options(out_dir, cfg))
+    write_json(out_dir / "ort_tensorrt_provider.json", ort_trt_provider_options(out_dir, cfg, hidden))
     return report
 
 
-def ort_trt_provider_options(cache_dir: Path, cfg: Any) -> dict[str, Any]:
+def ort_trt_provider_options(cache_dir: Path, cfg: Any, hidden: int = 768) -> dict[str, Any]:
     """onnxruntime TensorRT execution-provider settings that load the same ONNX files."""
     lat = cfg.trt_size // 8
     b = 2 * cfg.trt_batch
-    shape = f"sample:{b}x4x{lat}x{lat},encoder_hidden_states:{b}x77x768"
+    shape = f"sample:{b}x4x{lat}x{lat},encoder_hidden_states:{b}x77x{hidden}"
     return {
         "trt_fp16_enable": bool(cfg.fp16),
         "trt_engine_cache_enable": True,
@@ -106,3 +107,49 @@ def ort_trt_provider_options(cache_dir: Path, cfg: Any) -> dict[str, Any]:
         "trt_profile_max_shapes": shape,
         "note": json.dumps({"unet_only_shapes": True}),
     }
+
+
+class TrtEngine:
+    """One deserialized engine with an execution context; tensors in and out are torch CUDA tensors.
+
+    NOT RUN IN THIS WORKPLACE (no TensorRT, no GPU): follows TensorRT 10's documented name-based I/O
+    (`set_input_shape`, `set_tensor_address`, `execute_async_v3`).
+    """
+
+    def __init__(self, plan: Path) -> None:
+        trt = require_tensorrt()
+        import torch
+
+        self.torch = torch
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise UserError(f"TensorRT could not load {plan}; rebuild it on this GPU/TensorRT version")
+        self.context = self.engine.create_execution_context()
+        self.trt = trt
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def __call__(self, **feeds: Any) -> list[Any]:
+        torch, trt = self.torch, self.trt
+        stream = torch.cuda.current_stream()
+        keep = []
+        for name in self.inputs:
+            x = feeds[name].contiguous().cuda()
+            want = torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else x.dtype
+            x = x.to(want)
+            keep.append(x)
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+        outs = []
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dt = torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
+            y = torch.empty(shape, dtype=dt, device="cuda")
+            self.context.set_tensor_address(name, y.data_ptr())
+            outs.append(y)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return [o.float() for o in outs]
