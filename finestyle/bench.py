@@ -402,7 +402,9 @@ class _ServerProcess:
             self.proc.kill()
 
 
-def _load_level(url: str, concurrency: int, n_requests: int, steps: int, time_limit: float) -> dict[str, Any]:
+def _load_level(
+    url: str, concurrency: int, n_requests: int, steps: int, time_limit: float, size: int | None = None
+) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -417,11 +419,10 @@ def _load_level(url: str, concurrency: int, n_requests: int, steps: int, time_li
             return
         t = time.perf_counter()
         try:
-            r = httpx.post(
-                url + "/v1/generate",
-                json={"prompt": f"a red boat {i}", "steps": steps, "seed": i},
-                timeout=120,
-            )
+            body = {"prompt": f"a red boat {i}", "steps": steps, "seed": i}
+            if size:
+                body.update(width=size, height=size)
+            r = httpx.post(url + "/v1/generate", json=body, timeout=120)
             code = r.status_code
         except httpx.HTTPError:
             code = -1
@@ -455,6 +456,7 @@ def bench_serve(
     steps: int = 4,
     time_limit: float = 60.0,
     queue_size: int = 64,
+    size: int | None = None,
 ) -> dict[str, Any]:
     """Throughput and latency with dynamic batching on and off, then an overload check."""
     import tempfile
@@ -471,22 +473,23 @@ def bench_serve(
                 ExportConfig(base="builtin:tiny-sd", adapter=None, out=export, device="cpu"),
                 log=lambda m: None,
             )
-        out: dict[str, Any] = {"export": export, "steps": steps, "levels": {}}
+        out: dict[str, Any] = {"export": export, "steps": steps, "size": size, "levels": {}}
         for batching in (True, False):
             flag = "--batching" if batching else "--no-batching"
             with _ServerProcess(
                 export, [flag, "--queue-size", str(queue_size), "--max-batch", "8", "--max-wait-ms", "20"]
             ) as s:
-                _load_level(s.url, 1, 2, steps, time_limit)  # warm-up
+                _load_level(s.url, 1, 2, steps, time_limit, size)  # warm-up
                 out["levels"]["on" if batching else "off"] = [
-                    _load_level(s.url, c, max(requests_per_level, 2 * c), steps, time_limit) for c in levels
+                    _load_level(s.url, c, max(requests_per_level, 2 * c), steps, time_limit, size)
+                    for c in levels
                 ]
         on8 = out["levels"]["on"][-1]["img_per_s"]
         off8 = out["levels"]["off"][-1]["img_per_s"]
         out["batching_ratio_at_max_concurrency"] = on8 / off8 if off8 else float("nan")
         # overload: a small queue and a flood; only 503s beyond it, and the server stays up
         with _ServerProcess(export, ["--queue-size", "4", "--max-batch", "2"]) as s:
-            flood = _load_level(s.url, 24, 48, steps, time_limit)
+            flood = _load_level(s.url, 24, 48, steps, time_limit, size)
             alive = httpx.get(s.url + "/healthz", timeout=5).status_code == 200
         out["overload"] = {
             "queue_size": 4,

@@ -555,12 +555,13 @@ def bench_serve_cmd(
     requests: int = typer.Option(24, help="Requests per concurrency level (bounded)."),
     steps: int = typer.Option(4, help="Denoising steps per request."),
     time_limit: float = typer.Option(60.0, help="Seconds per level at most."),
+    size: Optional[int] = typer.Option(None, help="Image side in pixels [the model's native size]."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
     from .bench import bench_serve
 
-    r = bench_serve(export_dir, requests_per_level=requests, steps=steps, time_limit=time_limit)
+    r = bench_serve(export_dir, requests_per_level=requests, steps=steps, time_limit=time_limit, size=size)
     typer.echo("batching  conc  ok/req   errors  p50 s   p95 s   p99 s   img/s")
     for mode, rows in r["levels"].items():
         for x in rows:

@@ -84,6 +84,9 @@ def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
     provs = ort_providers(providers)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # No busy-waiting between runs: a server's event loop, HTTP and PNG work share these cores
+    # with inference (onnxruntime's default spins its pool threads after every run).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def sess(comp: str) -> Any:
         return ort.InferenceSession(str(onnx_dir / comp / "model.onnx"), sess_options=so, providers=provs)
