@@ -249,7 +249,9 @@ def export(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (RUN/adapter)."),
     out: Path = typer.Option(..., "--out", help="Export folder."),
     format: Optional[str] = typer.Option(None, "--format", help="onnx | tensorrt [onnx]."),
-    fp16: Optional[bool] = typer.Option(None, "--fp16/--fp32", help="Half-precision ONNX (GPU)."),
+    fp16: Optional[bool] = typer.Option(
+        None, "--fp16/--fp32", help="Half-precision ONNX (fp32 I/O; VAE fp16 only if proven NaN-free)."
+    ),
     optimize: Optional[bool] = typer.Option(
         None, "--optimize/--no-optimize", help="onnxruntime diffusion graph optimizer."
     ),

@@ -334,7 +334,8 @@ class ExportConfig:
     lora_scale: float = 1.0
     """Scale at which the adapter is fused."""
     fp16: bool = False
-    """Half-precision ONNX (GPU); inputs/outputs stay fp32."""
+    """Half-precision ONNX weights/compute, inputs/outputs kept fp32; the VAE stays fp32 unless a
+    probe proves its fp16 graph NaN-free and close. Meant for GPUs (CPU kernels are fp32)."""
     optimize: bool = False
     """Run onnxruntime's diffusion graph optimizer (CPU-safe fusions on CPU)."""
     with_base_unet: bool = False

@@ -136,17 +136,17 @@ def merge_adapter(
 
 def onnx_export(
     merged_dir: Path, onnx_dir: Path, fp16: bool, opset: int | None, device: torch.device
-) -> None:
-    """optimum's exporter on the merged diffusers folder -> text_encoder/ unet/ vae_*/ model.onnx."""
+) -> dict[str, Any] | None:
+    """optimum's exporter on the merged diffusers folder -> text_encoder/ unet/ vae_*/ model.onnx.
+
+    The export itself is always fp32 (on any device). With `fp16`, the graphs are then converted to
+    half precision with fp32 inputs and outputs (`to_fp16`); returns that conversion's report.
+    """
     from optimum.exporters.onnx import main_export
 
     kw: dict[str, Any] = {}
     if opset:
         kw["opset"] = opset
-    if fp16:
-        if device.type != "cuda":
-            raise UserError("export.fp16 needs a CUDA GPU to export and validate; drop --fp16 on the CPU")
-        kw.update(dtype="fp16", device="cuda")
     ctx = _quiet_export_warnings()
     try:
         main_export(
@@ -159,6 +159,92 @@ def onnx_export(
         )
     finally:
         ctx.__exit__(None, None, None)
+    return to_fp16(onnx_dir) if fp16 else None
+
+
+def _save_onnx(model: Any, path: Path) -> None:
+    import onnx
+
+    big = model.ByteSize() > 1_900_000_000
+    for f in path.parent.glob("model.onnx*"):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=big, location="model.onnx_data" if big else None)
+
+
+def to_fp16(
+    onnx_dir: Path, components: tuple[str, ...] = ("text_encoder", "unet", "unet_base")
+) -> dict[str, Any]:
+    """Convert graphs to fp16 keeping fp32 inputs/outputs; the VAE only if it is proven NaN-free.
+
+    SD's VAE decoder is known to overflow in fp16 at real resolutions. The fp16 decoder is kept only
+    if, on probe latents (a VAE-encoded probe image and scaled noise), it returns finite values within
+    FP16_IMAGE_ATOL of the fp32 decoder; otherwise both VAE graphs stay fp32 (recorded).
+    """
+    import onnx
+
+    rep: dict[str, Any] = {"converted": [], "keep_io_types": True}
+    for comp in components:
+        path = onnx_dir / comp / "model.onnx"
+        if path.exists():
+            m = _half(onnx.load(str(path)))
+            _save_onnx(m, path)
+            rep["converted"].append(comp)
+    # VAE: convert candidates, probe, keep or drop
+    dec32 = onnx_dir / "vae_decoder" / "model.onnx"
+    enc32 = onnx_dir / "vae_encoder" / "model.onnx"
+    cand = onnx_dir / "vae_decoder" / "model.fp16-candidate.onnx"
+    onnx.save(_half(onnx.load(str(dec32))), str(cand))
+    probe = _vae_probe(enc32, dec32, cand)
+    rep["vae_probe"] = probe
+    if probe["ok"]:
+        m = onnx.load(str(cand))
+        cand.unlink()
+        _save_onnx(m, dec32)
+        _save_onnx(_half(onnx.load(str(enc32))), enc32)
+        rep["converted"] += ["vae_decoder", "vae_encoder"]
+        rep["vae"] = "fp16"
+    else:
+        cand.unlink()
+        rep["vae"] = "fp32"
+    return rep
+
+
+def _half(model: Any) -> Any:
+    """fp16 weights and compute, fp32 inputs/outputs; re-sorted so onnx.checker accepts the graph
+    (the converter appends its input casts at the end of the node list)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    om = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+    om.topological_sort()
+    return om.model
+
+
+def _vae_probe(enc32: Path, dec32: Path, dec16: Path) -> dict[str, Any]:
+    cfg = json.loads((dec32.parent / "config.json").read_text())
+    sf = float(cfg.get("scaling_factor", 0.18215))
+    up = 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    size = 64 * up // 2 if up > 2 else 64
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.stack([np.sin(6 * xx), np.cos(5 * yy), xx * yy * 2 - 1])[None].astype(np.float32)
+    params = ort_session(enc32).run(None, {"sample": img})[0]  # latent_parameters: mean ++ logvar
+    lat = params[:, : params.shape[1] // 2]  # the posterior mean: what the decoder takes (unscaled)
+    probes = [lat, (g.standard_normal(lat.shape) / sf).astype(np.float32)]
+    d32, d16 = ort_session(dec32), ort_session(dec16)
+    worst, finite = 0.0, True
+    for z in probes:
+        a = d32.run(None, {"latent_sample": z})[0]
+        b = d16.run(None, {"latent_sample": z})[0]
+        finite &= bool(np.isfinite(b).all())
+        if finite:
+            worst = max(worst, float(np.abs(a - b).max()) / 2)  # decoder range [-1, 1] -> image [0, 1]
+    return {
+        "finite": finite,
+        "max_abs_diff": worst,
+        "atol": FP16_IMAGE_ATOL,
+        "ok": finite and worst <= FP16_IMAGE_ATOL,
+    }
 
 
 def check_onnx_files(onnx_dir: Path) -> dict[str, str]:
@@ -473,17 +559,21 @@ def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
 def step_onnx(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """2. optimum ONNX export of the merged pipeline (+ the base UNet when asked), checker-verified."""
     t = time.perf_counter()
-    onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", cfg.fp16, cfg.opset, pick_device(cfg.device))
+    onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", False, cfg.opset, pick_device(cfg.device))
     if cfg.with_base_unet:
         base = load_sd_pipeline(cfg.base, device="cpu", dtype=torch.float32)
         scratch = Path(tmp) / ".base"
         base.save_pretrained(scratch / "pipe", safe_serialization=True)
-        onnx_export(scratch / "pipe", scratch / "onnx", cfg.fp16, cfg.opset, pick_device(cfg.device))
+        onnx_export(scratch / "pipe", scratch / "onnx", False, cfg.opset, pick_device(cfg.device))
         shutil.move(str(scratch / "onnx" / "unet"), str(Path(tmp) / "onnx" / "unet_base"))
         shutil.rmtree(scratch)
+    fp16 = to_fp16(Path(tmp) / "onnx") if cfg.fp16 else None
     checker = check_onnx_files(Path(tmp) / "onnx")
-    log(f"export: ONNX written and checked ({', '.join(checker)})")
-    return {"checker": checker, "seconds": time.perf_counter() - t}
+    log(
+        f"export: ONNX written and checked ({', '.join(checker)})"
+        + (f"; fp16: {', '.join(fp16['converted'])}, VAE kept in {fp16['vae']}" if fp16 else "")
+    )
+    return {"checker": checker, "fp16": fp16, "seconds": time.perf_counter() - t}
 
 
 def step_validate(cfg: ExportConfig, tmp: str, suffix: str = "", log=_log) -> dict[str, Any]:
@@ -593,6 +683,7 @@ def publish_export(
         "style": info.get("style"),
         "concepts": info.get("concepts", []),
         "precision": "fp16" if cfg.fp16 else "fp32",
+        "fp16": onnx_rep.get("fp16"),
         "versions": _versions(),
         "files": hash_tree(tmp, exclude=("manifest.json",)),
     }

@@ -432,6 +432,11 @@ def _explain_load_failure(name: str, exc: BaseException) -> ModelLoadError:
             f"cannot load model {name!r}: the local folder {why}; pass a diffusers/transformers "
             "folder saved with save_pretrained (safetensors), or a builtin (`finestyle models`)"
         )
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        return ModelLoadError(
+            f"cannot load model {name!r}: no such local folder; pass an existing diffusers/transformers "
+            "folder, a hub id (org/name) or a builtin (`finestyle models`)"
+        )
     if "/" in name or "offline" in text.lower() or "connect" in text.lower():
         return ModelLoadError(
             f"cannot load model {name!r}: the Hugging Face hub is unreachable (or offline mode is on) "

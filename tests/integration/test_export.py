@@ -264,3 +264,44 @@ def test_merge_changes_only_targeted_weights(adapter):
     base = build_builtin_pipeline("builtin:tiny-sd").unet.state_dict()
     changed = [k for k, v in merged.unet.state_dict().items() if not torch.equal(v, base[k])]
     assert changed and all(re.search(r"attn2\.to_[kv]\.weight$", k) for k in changed), changed
+
+
+def _float_types(path) -> tuple[set[int], set[int]]:
+    import onnx
+
+    m = onnx.load(str(path))
+    inits = {t.data_type for t in m.graph.initializer if t.data_type in (1, 10)}
+    io = {v.type.tensor_type.elem_type for v in list(m.graph.input) + list(m.graph.output)}
+    return inits, io
+
+
+def test_fp16_export_keeps_fp32_io_and_probes_the_vae(adapter, tmp_path, monkeypatch):
+    import finestyle.export as E
+
+    out = tmp_path / "e16"
+    run_export(
+        ExportConfig(base="builtin:tiny-sd", adapter=str(adapter), out=str(out), device="cpu", fp16=True), **Q
+    )
+    m = verify_export(out)
+    assert m["precision"] == "fp16" and m["thresholds"]["unet_atol"] == E.FP16_UNET_ATOL
+    assert m["parity"]["unet"]["max_abs_diff"] <= E.FP16_UNET_ATOL
+    inits, io = _float_types(out / "onnx" / "unet" / "model.onnx")
+    assert inits == {10} and 10 not in io  # fp16 weights, fp32 inputs/outputs
+    assert m["fp16"]["vae_probe"]["finite"] and m["fp16"]["vae"] == "fp16"
+    # a VAE that fails the probe stays fp32
+    monkeypatch.setattr(E, "_vae_probe", lambda *a: {"finite": False, "max_abs_diff": None, "ok": False})
+    out2 = tmp_path / "e16b"
+    run_export(
+        ExportConfig(
+            base="builtin:tiny-sd",
+            adapter=str(adapter),
+            out=str(out2),
+            device="cpu",
+            fp16=True,
+            check_bf16=False,
+        ),
+        **Q,
+    )
+    assert verify_export(out2)["fp16"]["vae"] == "fp32"
+    assert _float_types(out2 / "onnx" / "vae_decoder" / "model.onnx")[0] == {1}
+    assert _float_types(out2 / "onnx" / "unet" / "model.onnx")[0] == {10}
