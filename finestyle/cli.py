@@ -351,6 +351,17 @@ def generate(
 
 @app.command()
 @command
+def concepts(export_dir: Path = typer.Argument(..., help="Export folder.")) -> None:
+    """List the style and the concept words the export's adapter learned (add or drop them in prompts)."""
+    from .runtime import export_concepts
+
+    c = export_concepts(export_dir)
+    typer.echo(f"style: {c['style'] or '-'}")
+    typer.echo("concepts: " + (", ".join(c["concepts"]) or "-"))
+
+
+@app.command()
+@command
 def serve(
     export_dir: Path = typer.Argument(..., help="Export folder."),
     host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless you mean it)."),

@@ -172,6 +172,7 @@ def load_training_rows(folder: str | Path) -> list[dict[str, Any]]:
                     "text": r["text"],
                     "bucket": tuple(r["bucket"]) if r.get("bucket") else None,
                     "concept": r.get("concept", ""),
+                    "method": r.get("method", ""),
                 }
             )
         return rows
@@ -201,6 +202,7 @@ def load_training_rows(folder: str | Path) -> list[dict[str, Any]]:
                 "text": m.get("text", ""),
                 "bucket": tuple(m["bucket"]) if m.get("bucket") else None,
                 "concept": m.get("concept", ""),
+                "method": m.get("method", ""),
             }
         )
     if not rows:

@@ -335,7 +335,11 @@ def load_checkpoint(
 
 def default_sample_prompts(rows: list[dict[str, Any]], style: str) -> list[str]:
     """Concept swaps: objects absent from the references, in the style, plus one kept concept."""
-    concepts = [r.get("concept", "") for r in rows if r.get("concept") and r.get("concept") != "background"]
+    concepts = [
+        r["concept"]
+        for r in rows
+        if r.get("concept") and r.get("concept") != "background" and r.get("method") != "full"
+    ]
     prompts = [f"{o}, in {style} style" for o in SWAP_OBJECTS[:3]]
     if concepts:
         prompts.append(f"{min(concepts, key=len)}, in {style} style")
@@ -688,7 +692,8 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         "weight_name": ADAPTER_WEIGHTS,
         "kohya_weight_name": KOHYA_WEIGHTS,
         "style": style,
-        "concepts": sorted({r.get("concept", "") for r in rows if r.get("concept")}),
+        # concept words the crops taught (whole-image rows carry a caption, not one concept)
+        "concepts": sorted({r["concept"] for r in rows if r.get("concept") and r.get("method") != "full"}),
         "train_config": to_dict(cfg),
         "cache_key": train_cache_key(cfg),
         "finestyle": __version__,

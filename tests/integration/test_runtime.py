@@ -119,3 +119,10 @@ def test_cli_generate_both_runtimes_with_provenance(export_with_base, tmp_path):
 def test_concepts_are_readable_from_the_export(export_with_base):
     c = export_concepts(export_with_base)
     assert c["style"] == "ink" and isinstance(c["concepts"], list) and c["concepts"]
+    r = subprocess.run(
+        [sys.executable, "-m", "finestyle.cli", "concepts", str(export_with_base)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert r.returncode == 0 and "style: ink" in r.stdout and c["concepts"][0] in r.stdout
