@@ -405,6 +405,7 @@ class _ServerProcess:
 def _load_level(
     url: str, concurrency: int, n_requests: int, steps: int, time_limit: float, size: int | None = None
 ) -> dict[str, Any]:
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -413,6 +414,7 @@ def _load_level(
     lat: list[float] = []
     codes: dict[int, int] = {}
     deadline = time.time() + time_limit
+    local = threading.local()  # one keep-alive connection per client thread, as a real load generator
 
     def one(i: int) -> None:
         if time.time() > deadline:
@@ -422,7 +424,9 @@ def _load_level(
             body = {"prompt": f"a red boat {i}", "steps": steps, "seed": i}
             if size:
                 body.update(width=size, height=size)
-            r = httpx.post(url + "/v1/generate", json=body, timeout=120)
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(timeout=120)
+            r = local.client.post(url + "/v1/generate", json=body)
             code = r.status_code
         except httpx.HTTPError:
             code = -1
@@ -457,6 +461,7 @@ def bench_serve(
     time_limit: float = 60.0,
     queue_size: int = 64,
     size: int | None = None,
+    max_wait_ms: float = 60.0,
 ) -> dict[str, Any]:
     """Throughput and latency with dynamic batching on and off, then an overload check."""
     import tempfile
@@ -473,11 +478,26 @@ def bench_serve(
                 ExportConfig(base="builtin:tiny-sd", adapter=None, out=export, device="cpu"),
                 log=lambda m: None,
             )
-        out: dict[str, Any] = {"export": export, "steps": steps, "size": size, "levels": {}}
+        out: dict[str, Any] = {
+            "export": export,
+            "steps": steps,
+            "size": size,
+            "max_wait_ms": max_wait_ms,
+            "levels": {},
+        }
         for batching in (True, False):
             flag = "--batching" if batching else "--no-batching"
             with _ServerProcess(
-                export, [flag, "--queue-size", str(queue_size), "--max-batch", "8", "--max-wait-ms", "20"]
+                export,
+                [
+                    flag,
+                    "--queue-size",
+                    str(queue_size),
+                    "--max-batch",
+                    "8",
+                    "--max-wait-ms",
+                    str(max_wait_ms),
+                ],
             ) as s:
                 _load_level(s.url, 1, 2, steps, time_limit, size)  # warm-up
                 out["levels"]["on" if batching else "off"] = [

@@ -370,7 +370,7 @@ def serve(
     dtype: str = typer.Option("auto", help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."),
     queue_size: int = typer.Option(32, help="Requests waiting at most (503 beyond)."),
     max_batch: int = typer.Option(8, help="Most images per batched denoising loop."),
-    max_wait_ms: float = typer.Option(15.0, help="How long the batcher waits for same-shape requests."),
+    max_wait_ms: float = typer.Option(60.0, help="How long the batcher waits for same-shape requests."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching."),
     max_steps: int = typer.Option(50, help="Most denoising steps accepted."),
     max_size: int = typer.Option(1024, help="Largest width/height accepted."),
@@ -569,12 +569,20 @@ def bench_serve_cmd(
     steps: int = typer.Option(4, help="Denoising steps per request."),
     time_limit: float = typer.Option(60.0, help="Seconds per level at most."),
     size: Optional[int] = typer.Option(None, help="Image side in pixels [the model's native size]."),
+    max_wait_ms: float = typer.Option(60.0, help="Server's batching wait (--max-wait-ms)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
     from .bench import bench_serve
 
-    r = bench_serve(export_dir, requests_per_level=requests, steps=steps, time_limit=time_limit, size=size)
+    r = bench_serve(
+        export_dir,
+        requests_per_level=requests,
+        steps=steps,
+        time_limit=time_limit,
+        size=size,
+        max_wait_ms=max_wait_ms,
+    )
     typer.echo("batching  conc  ok/req   errors  p50 s   p95 s   p99 s   img/s")
     for mode, rows in r["levels"].items():
         for x in rows:

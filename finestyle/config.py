@@ -467,8 +467,9 @@ class ServeConfig:
     """Requests waiting at most; beyond, 503 with Retry-After."""
     max_batch: int = 8
     """Most images in one batched denoising loop."""
-    max_wait_ms: float = 15.0
-    """How long the batcher waits for more same-shape requests."""
+    max_wait_ms: float = 60.0
+    """How long the batcher waits for more same-shape requests (only while there is concurrency:
+    a lone client is served at once)."""
     batching: bool = True
     """Dynamic batching on/off (off: one request per loop)."""
     timeout_s: float = 120.0

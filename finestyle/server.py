@@ -108,10 +108,19 @@ class Batcher:
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=cfg.queue_size)
         self.pending: list[Job] = []  # taken from the queue but not matching the current batch
         self.busy = False
+        self.last_batch = 1
         self.task: asyncio.Task | None = None
 
     def depth(self) -> int:
         return self.queue.qsize() + len(self.pending)
+
+    def _take_nowait(self) -> Job | None:
+        if self.pending:
+            return self.pending.pop(0)
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
     async def _next(self, timeout: float | None) -> Job | None:
         if self.pending:
@@ -133,19 +142,27 @@ class Batcher:
             n = first.req.num_images
             key = shape_key(first.req)
             if self.cfg.batching:
-                deadline = loop.time() + self.cfg.max_wait_ms / 1000
+                # Wait for company only when there is concurrency (the last loop was a batch, or
+                # requests are queued): a lone client then pays no batching latency.
+                wait_s = self.cfg.max_wait_ms / 1000 if (self.last_batch > 1 or self.depth() > 0) else 0.0
+                deadline = loop.time() + wait_s
                 held: list[Job] = []
                 while n < self.cfg.max_batch:
-                    left = deadline - loop.time()
-                    nxt = await self._next(max(left, 0)) if left > 0 or not self.queue.empty() else None
+                    nxt = self._take_nowait()
                     if nxt is None:
-                        break
+                        left = deadline - loop.time()
+                        if left <= 0:
+                            break
+                        nxt = await self._next(left)
+                        if nxt is None:
+                            break
                     if shape_key(nxt.req) == key and n + nxt.req.num_images <= self.cfg.max_batch:
                         batch.append(nxt)
                         n += nxt.req.num_images
                     else:
                         held.append(nxt)
                 self.pending = held + self.pending
+            self.last_batch = len(batch)
             batch = [j for j in batch if not j.future.done()]  # timed-out clients
             if not batch:
                 continue
