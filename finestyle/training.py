@@ -480,9 +480,8 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
     # 1. Load the dataset and the base model
     rows = load_training_rows(cfg.dataset)
     fingerprint = dataset_fingerprint(cfg.dataset)
-    pipe = load_sd_pipeline(
-        cfg.base, device=device, dtype=torch.float32 if device.type == "cpu" else torch.float16
-    )
+    # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
+    pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
     unet, scheduler = pipe.unet, pipe.scheduler
     from diffusers import DDPMScheduler
 
@@ -511,11 +510,12 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         torch.cuda.empty_cache()
     scaling = pipe.vae.config.scaling_factor
 
-    # 2b. bf16 autocast: hold the frozen UNet weights in bf16 once, rather than letting autocast
-    #     re-cast 860M fp32 weights on every forward (measured: most of the bf16 gain on CPU).
-    if amp == torch.bfloat16 and unet.dtype != torch.bfloat16:
-        unet.to(torch.bfloat16)
-        frozen_dtype = torch.bfloat16
+    # 2b. Mixed precision: hold the frozen UNet weights in the autocast dtype once, rather than letting
+    #     autocast re-cast 860M fp32 weights on every forward (measured: most of the bf16 gain on CPU).
+    #     The LoRA weights added below stay fp32.
+    if amp is not None and unet.dtype != amp:
+        unet.to(amp)
+        frozen_dtype = amp
     # 3. Adapter: only the LoRA parameters train, kept in fp32. Seed first: the LoRA init draws
     #    from the global RNG, and the seed must make the whole run reproducible.
     torch.manual_seed(cfg.seed)
@@ -791,7 +791,9 @@ def _write_samples(
     pipe.vae.to(device)
     pipe.text_encoder.to(device)
     try:
-        grid = sample_grid(pipe, prompts, cfg.sample_steps, cfg.sample_resolution, seed=cfg.seed)
+        low = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
+        with torch.autocast(device.type, dtype=low, enabled=low is not None):  # bf16/fp16 UNet, fp32 VAE/text
+            grid = sample_grid(pipe, prompts, cfg.sample_steps, cfg.sample_resolution, seed=cfg.seed)
     finally:
         pipe.vae.to("cpu")
         pipe.text_encoder.to("cpu")

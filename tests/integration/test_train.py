@@ -292,3 +292,14 @@ def test_data_parallel_with_accelerate_launch_on_cpu(dataset, tmp_path):
     assert rep["world_size"] == 2 and rep["steps"] == 4
     assert (out / "adapter" / ADAPTER_WEIGHTS).exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+def test_bf16_autocast_on_cpu_trains_with_fp32_lora_and_samples(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    r = run_train(tcfg(dataset, tmp_path / "bf", mixed_precision="bf16", sample_every=2, steps=4), **QUIET)
+    rep = json.loads((tmp_path / "bf" / "report.json").read_text())
+    assert rep["autocast"] == "torch.bfloat16" and r["final_loss"] == r["final_loss"]
+    assert len(list((tmp_path / "bf" / "samples").glob("*.png"))) >= 2
+    sd = load_file(str(tmp_path / "bf" / "adapter" / ADAPTER_WEIGHTS))
+    assert all(v.dtype == torch.float32 for v in sd.values())  # trainable weights kept in fp32
