@@ -68,6 +68,22 @@ class Backend:
 # backends
 
 
+def _export_layout(onnx_dir: Path) -> dict[str, Any]:
+    """What the loop needs from an export's onnx/ folder besides the graphs (tokenizer, scheduler, sizes)."""
+    from transformers import CLIPTokenizer
+
+    unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer"),
+        "scheduler_config": json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
+        "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
+        "vae_scale": 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        "latent_channels": int(unet_cfg.get("in_channels", 4)),
+        "native_size": int(unet_cfg.get("sample_size", 64)),
+    }
+
+
 def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
     try:
         import onnxruntime as ort
@@ -75,7 +91,6 @@ def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
         raise UserError(
             "the onnxruntime runtime needs onnxruntime: pip install 'finestyle[cpu]' (or [gpu])"
         ) from exc
-    from transformers import CLIPTokenizer
 
     from .export import ort_providers, verify_export
 
@@ -93,8 +108,6 @@ def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
 
     te, un, vd = sess("text_encoder"), sess("unet"), sess("vae_decoder")
     ub = sess("unet_base") if (onnx_dir / "unet_base" / "model.onnx").exists() else None
-    unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
     half = any(i.type == "tensor(float16)" for i in un.get_inputs())
     fdt = np.float16 if half else np.float32
 
@@ -128,12 +141,7 @@ def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
 
     return Backend(
         name=f"onnxruntime[{provs[0]}]",
-        tokenizer=CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer"),
-        scheduler_config=json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
-        scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-        vae_scale=2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
-        latent_channels=int(unet_cfg.get("in_channels", 4)),
-        native_size=int(unet_cfg.get("sample_size", 64)),
+        **_export_layout(onnx_dir),
         encode_text=lambda ids: torch.from_numpy(
             te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
         ),
@@ -150,7 +158,6 @@ def _ort_backend(export_dir: Path, providers: list[str] | None) -> Backend:
 def _trt_backend(export_dir: Path) -> Backend:
     """TensorRT engines from `tensorrt/` (NOT RUN HERE: TensorRT is not installable in this workplace)."""
     import torch
-    from transformers import CLIPTokenizer
 
     from .export import verify_export
     from .tensorrt import TrtEngine
@@ -158,20 +165,13 @@ def _trt_backend(export_dir: Path) -> Backend:
     manifest = verify_export(export_dir)
     trt_dir, onnx_dir = export_dir / "tensorrt", export_dir / "onnx"
     te, un, vd = (TrtEngine(trt_dir / f"{c}.plan") for c in ("text_encoder", "unet", "vae_decoder"))
-    unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
 
     def unet_fn(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return un(sample=lat, timestep=torch.tensor(float(t)), encoder_hidden_states=emb)[0].cpu()
 
     return Backend(
         name="tensorrt",
-        tokenizer=CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer"),
-        scheduler_config=json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
-        scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-        vae_scale=2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
-        latent_channels=int(unet_cfg.get("in_channels", 4)),
-        native_size=int(unet_cfg.get("sample_size", 64)),
+        **_export_layout(onnx_dir),
         encode_text=lambda ids: te(input_ids=ids.to(torch.int64))[0].cpu(),
         unet=unet_fn,
         decode=lambda z: vd(latent_sample=z)[0].cpu(),
