@@ -636,8 +636,10 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         losses.append(step_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-        # 5d. checkpoints and samples
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and main_proc:
+        step_times.append(time.perf_counter() - t_step)  # compute only: checkpoint I/O not counted
+        # 5d. checkpoints (every N steps and at the end) and samples
+        at_end = step == cfg.steps
+        if main_proc and (at_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             save_checkpoint(
                 ckpt_root,
                 step,
@@ -650,7 +652,6 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
                 losses,
                 cfg.keep_checkpoints,
             )
-        step_times.append(time.perf_counter() - t_step)
         if (
             main_proc
             and cfg.samples
@@ -665,22 +666,10 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
     bar.close()
     loop_s = time.perf_counter() - t_loop
 
-    # 6. Final checkpoint, adapter, samples, loss curve, report (rank 0 writes; the others are done)
+    # 6. Adapter, samples, loss curve, report (rank 0 writes; the others are done)
     if not main_proc:
         _barrier(world)
         return {"adapter": str(out / "adapter"), "out": str(out), "steps": step, "rank": rank}
-    save_checkpoint(
-        ckpt_root,
-        step,
-        unet,
-        optimizer,
-        lr_sched,
-        scaler,
-        gen,
-        {"epoch": epoch, "pos": pos},
-        losses,
-        cfg.keep_checkpoints,
-    )
     meta = {
         "base_model": cfg.base,
         "dataset": str(cfg.dataset),
