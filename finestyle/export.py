@@ -162,10 +162,17 @@ def onnx_export(
     return to_fp16(onnx_dir) if fp16 else None
 
 
+# protobuf cannot serialise a message over 2 GB: bigger models keep their weights in model.onnx_data
+EXTERNAL_DATA_BYTES = 1_900_000_000
+
+
 def _save_onnx(model: Any, path: Path) -> None:
     import onnx
 
-    big = model.ByteSize() > 1_900_000_000
+    try:
+        big = model.ByteSize() > EXTERNAL_DATA_BYTES
+    except Exception:  # protobuf refuses to even size a message over 2 GB
+        big = True
     for f in path.parent.glob("model.onnx*"):
         f.unlink()
     onnx.save(model, str(path), save_as_external_data=big, location="model.onnx_data" if big else None)
@@ -395,9 +402,15 @@ def optimize_unet(onnx_dir: Path, target: str) -> dict[str, Any]:
     model = optimize_model(
         str(path), model_type="unet", opt_level=0, optimization_options=opts, use_gpu=target != "cpu"
     )
-    tmp = path.with_name("model.optimized.onnx")
-    model.save_model_to_file(str(tmp), use_external_data_format=path.stat().st_size > 1_900_000_000)
-    os.replace(tmp, path)
+    # The SD1.5 UNet (3.4 GB fp32) lives in external data: `path` itself is only the graph, so the
+    # size that decides external data is the loaded model's. _save_onnx keeps optimum's
+    # `model.onnx_data` name and removes the old data file.
+    model.topological_sort()
+    if any(n.domain == "com.microsoft" for n in model.model.graph.node) and not any(
+        o.domain == "com.microsoft" for o in model.model.opset_import
+    ):
+        model.model.opset_import.add(domain="com.microsoft", version=1)
+    _save_onnx(model.model, path)
     return {
         "target": target,
         "fused_ops": {k: v for k, v in model.get_fused_operator_statistics().items() if v},

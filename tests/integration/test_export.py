@@ -307,3 +307,30 @@ def test_fp16_export_keeps_fp32_io_and_probes_the_vae(adapter, tmp_path, monkeyp
     assert verify_export(out2)["fp16"]["vae"] == "fp32"
     assert _float_types(out2 / "onnx" / "vae_decoder" / "model.onnx")[0] == {1}
     assert _float_types(out2 / "onnx" / "unet" / "model.onnx")[0] == {10}
+
+
+def test_optimize_keeps_external_data_layout_and_parity(export_dir, tmp_path, monkeypatch):
+    """--optimize on a UNet stored as graph + model.onnx_data (how SD1.5's 3.4 GB UNet is exported):
+    the optimized graph keeps that layout, leaves no stale data file, fuses attention and keeps parity.
+    (It used to decide external data from the graph file's size alone and failed on SD1.5.)"""
+    import shutil
+
+    import onnx
+
+    import finestyle.export as ex
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(export_dir / "onnx", onnx_dir)
+    unet = onnx_dir / "unet" / "model.onnx"
+    m = onnx.load(str(unet))
+    onnx.save(m, str(unet), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_BYTES", 0)  # treat the tiny UNet as if it were over 2 GB
+    rep = ex.optimize_unet(onnx_dir, "cpu")
+    assert sum(rep["fused_ops"].values()) > 0, rep
+    assert sorted(p.name for p in unet.parent.iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]
+    assert ex.external_data_paths(unet) == ["model.onnx_data"] * len(ex.external_data_paths(unet))
+    assert ex.external_data_paths(unet)
+    ex.check_onnx_files(onnx_dir)
+    merged = ex._load_merged(str(export_dir))
+    par = unet_parity(merged.unet, unet, 1e-4, ["CPUExecutionProvider"])
+    assert par["max_abs_diff"] <= 1e-4
