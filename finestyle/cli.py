@@ -318,6 +318,9 @@ def generate(
     height: Optional[int] = typer.Option(None, help="Height (multiple of 8)."),
     seed: Optional[int] = typer.Option(None, help="Seed [0]."),
     num_images: Optional[int] = typer.Option(None, help="Images [1]."),
+    scheduler: Optional[str] = typer.Option(
+        None, help="ddim | pndm | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | unipc | ddpm [the model's]."
+    ),
 ) -> None:
     """Generate images from an export (onnxruntime/TensorRT) or a torch model."""
     from .config import GenerateConfig, stage_from_sources
@@ -338,6 +341,7 @@ def generate(
         height=height,
         seed=seed,
         num_images=num_images,
+        scheduler=scheduler,
     )
     cfg = stage_from_sources(GenerateConfig, "generate", None, values)
     from .runtime import run_generate

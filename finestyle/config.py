@@ -38,6 +38,20 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
         raise UserError(f"{name}: invalid value {value!r}; {allowed}")
 
 
+# Sampler names accepted by `generate --scheduler` and the server (diffusers classes, configured from
+# the model's scheduler_config.json so the noise schedule stays the model's).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD1.5 ships it
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
 @dataclass
 class PrepareConfig:
     """Stage 1: reference images -> concept crops -> captions -> dataset."""
@@ -410,8 +424,16 @@ class GenerateConfig:
     """Seed; the same seed gives the same image on the same backend."""
     num_images: int = 1
     """Images per prompt."""
+    scheduler: str | None = None
+    """Sampler: ddim | pndm | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | unipc | ddpm (None: the model's)."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.scheduler is None or self.scheduler in SCHEDULERS,
+            "generate.scheduler",
+            self.scheduler,
+            "use one of " + ", ".join(SCHEDULERS),
+        )
         if isinstance(self.exclude_concepts, str):
             self.exclude_concepts = [w.strip() for w in self.exclude_concepts.split(",") if w.strip()]
         _check(

@@ -11,7 +11,6 @@ of every file, parity figures and thresholds, versions) is written last.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time

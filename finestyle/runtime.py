@@ -12,6 +12,7 @@ Neutral settings (λ1 = 0) skip the extra pass and give exactly the plain CFG im
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import GenerateConfig
+from .config import SCHEDULERS, GenerateConfig
 from .errors import UserError
 from .fsutil import sha256_file
 
@@ -43,6 +44,7 @@ class GenerationRequest:
     height: int | None = None
     seed: int = 0
     num_images: int = 1
+    scheduler: str | None = None  # a SCHEDULERS name; None: the model's own scheduler
 
 
 @dataclass
@@ -313,13 +315,19 @@ def load_backend(
 # the loop
 
 
-def _scheduler(cfg: dict[str, Any]) -> Any:
+def _scheduler(cfg: dict[str, Any], name: str | None = None) -> Any:
+    """The model's scheduler, or the named SCHEDULERS entry configured from the model's config."""
     import diffusers
 
-    name = cfg.get("_class_name", "DDIMScheduler")
-    cls = getattr(diffusers.schedulers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        raise UserError(f"unknown scheduler class {name!r} in the model's scheduler_config.json")
+    if name is not None:
+        if name not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
+        cls_name, extra = SCHEDULERS[name]
+        return getattr(diffusers.schedulers, cls_name).from_config(cfg, **extra)
+    cls_name = cfg.get("_class_name", "DDIMScheduler")
+    cls = getattr(diffusers.schedulers, cls_name, None)
+    if cls is None or not cls_name.endswith("Scheduler"):
+        raise UserError(f"unknown scheduler class {cls_name!r} in the model's scheduler_config.json")
     return cls.from_config(cfg)
 
 
@@ -333,7 +341,7 @@ def _encode(backend: Backend, texts: list[str]) -> torch.Tensor:
 
 def shape_key(req: GenerationRequest) -> tuple[Any, ...]:
     """Requests with the same key can share one batched denoising loop."""
-    return (req.steps, req.guidance, req.style_guidance, req.width, req.height)
+    return (req.steps, req.guidance, req.style_guidance, req.width, req.height, req.scheduler)
 
 
 def generate(backend: Backend, req: GenerationRequest) -> list[Any]:
@@ -369,11 +377,16 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
     do_cfg = r0.guidance > 1.0
     # 2. initial latents, per request from a CPU generator: same seed, same latents, any backend
     shape = (backend.latent_channels, h // backend.vae_scale, w // backend.vae_scale)
+    # Each request's generator then also draws its images' noise in stochastic samplers (DDPM,
+    # Euler-a): one generator per image row, so batching never changes which image a seed gives.
+    gens = [torch.Generator().manual_seed(r.seed) for r in reqs]
     latents = torch.cat(
-        [torch.randn((r.num_images, *shape), generator=torch.Generator().manual_seed(r.seed)) for r in reqs]
+        [torch.randn((r.num_images, *shape), generator=g) for r, g in zip(reqs, gens, strict=True)]
     )
-    sched = _scheduler(backend.scheduler_config)
+    row_gens = [g for r, g in zip(reqs, gens, strict=True) for _ in range(r.num_images)]
+    sched = _scheduler(backend.scheduler_config, r0.scheduler)
     sched.set_timesteps(r0.steps)
+    step_kw = {"generator": row_gens} if "generator" in inspect.signature(sched.step).parameters else {}
     latents = latents * sched.init_noise_sigma
     emb = torch.cat([neg, cond]) if do_cfg else cond
     # 3. denoising loop
@@ -388,7 +401,7 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
         if r0.style_guidance > 0:
             e_base = backend.unet_base(inp.chunk(2)[1] if do_cfg else inp, t, cond)
             guided = guided + r0.style_guidance * (e_pos - e_base)
-        latents = sched.step(guided, t, latents).prev_sample
+        latents = sched.step(guided, t, latents, **step_kw).prev_sample
     # 4. decode
     img = backend.decode(latents / backend.scaling_factor)
     arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -411,6 +424,7 @@ def provenance(req: GenerationRequest, backend: Backend) -> dict[str, str]:
         "finestyle:steps": str(req.steps),
         "finestyle:guidance": str(req.guidance),
         "finestyle:style_guidance": str(req.style_guidance),
+        "finestyle:scheduler": req.scheduler or str(backend.scheduler_config.get("_class_name", "")),
         "finestyle:runtime": backend.name,
         "finestyle:manifest_sha256": backend.manifest_sha256 or "none",
         "finestyle:base_model": str(backend.manifest.get("base_model", "")),
@@ -447,6 +461,7 @@ def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
         height=cfg.height,
         seed=cfg.seed,
         num_images=cfg.num_images,
+        scheduler=cfg.scheduler,
     )
     images = generate(backend, req)
     out = Path(cfg.out)

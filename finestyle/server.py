@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ServeConfig
-from .runtime import Backend, GenerationRequest, generate_batch, load_backend, provenance, shape_key
+from .runtime import (
+    SCHEDULERS,
+    Backend,
+    GenerationRequest,
+    generate_batch,
+    load_backend,
+    provenance,
+    shape_key,
+)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf"))
 
@@ -204,6 +212,14 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
         seed: int = Field(0, ge=0, le=2**63 - 1)
         num_images: int = Field(1, ge=1, le=cfg.max_images)
         response_format: str = Field("png", pattern="^(png|json)$")
+        scheduler: str | None = Field(None, description="one of " + ", ".join(SCHEDULERS))
+
+        @field_validator("scheduler")
+        @classmethod
+        def known_scheduler(cls, v: str | None) -> str | None:
+            if v is not None and v not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {v!r}; use one of: {', '.join(SCHEDULERS)}")
+            return v
 
         @field_validator("width", "height")
         @classmethod
@@ -327,6 +343,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
             height=body.height,
             seed=body.seed,
             num_images=body.num_images,
+            scheduler=body.scheduler,
         )
         batcher: Batcher = state["batcher"]
         fut = asyncio.get_running_loop().create_future()

@@ -70,7 +70,13 @@ def test_good_request_bad_requests_and_metrics(export_dir):
         assert im.size == (64, 64) and im.text["finestyle:prompt"] == "a red boat"
         r = httpx.post(
             s.url + "/v1/generate",
-            json={"prompt": "x", "steps": 2, "num_images": 2, "response_format": "json"},
+            json={
+                "prompt": "x",
+                "steps": 2,
+                "num_images": 2,
+                "response_format": "json",
+                "scheduler": "euler_a",
+            },
             timeout=60,
         )
         assert r.status_code == 200 and len(r.json()["images"]) == 2
@@ -85,6 +91,7 @@ def test_good_request_bad_requests_and_metrics(export_dir):
             ({"prompt": "x", "guidance": -1}, "guidance"),
             ({"prompt": "word " * 40}, "tokens"),
             ({"prompt": "x", "style_guidance": 1.0}, "with-base-unet"),
+            ({"prompt": "x", "scheduler": "plms"}, "unknown scheduler"),
         ]
         for body, word in bad:
             r = httpx.post(s.url + "/v1/generate", json=body, timeout=30)
