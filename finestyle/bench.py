@@ -456,7 +456,7 @@ def _load_level(
 def bench_serve(
     export: str | None = None,
     levels: tuple[int, ...] = (1, 2, 4, 8),
-    requests_per_level: int = 24,
+    requests_per_level: int = 64,
     steps: int = 4,
     time_limit: float = 60.0,
     queue_size: int = 64,

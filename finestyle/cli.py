@@ -375,6 +375,7 @@ def serve(
     queue_size: int = typer.Option(32, help="Requests waiting at most (503 beyond)."),
     max_batch: int = typer.Option(8, help="Most images per batched denoising loop."),
     max_wait_ms: float = typer.Option(60.0, help="How long the batcher waits for same-shape requests."),
+    max_gap_ms: float = typer.Option(10.0, help="...but no longer than this after the last arrival."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching."),
     max_steps: int = typer.Option(50, help="Most denoising steps accepted."),
     max_size: int = typer.Option(1024, help="Largest width/height accepted."),
@@ -393,6 +394,7 @@ def serve(
         queue_size=queue_size,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
+        max_gap_ms=max_gap_ms,
         batching=batching,
         max_steps=max_steps,
         max_size=max_size,
@@ -569,7 +571,7 @@ def bench_serve_cmd(
     export_dir: Optional[str] = typer.Option(
         None, "--export", help="Export to serve [a fresh builtin export]."
     ),
-    requests: int = typer.Option(24, help="Requests per concurrency level (bounded)."),
+    requests: int = typer.Option(64, help="Requests per concurrency level (bounded)."),
     steps: int = typer.Option(4, help="Denoising steps per request."),
     time_limit: float = typer.Option(60.0, help="Seconds per level at most."),
     size: Optional[int] = typer.Option(None, help="Image side in pixels [the model's native size]."),

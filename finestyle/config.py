@@ -492,6 +492,9 @@ class ServeConfig:
     max_wait_ms: float = 60.0
     """How long the batcher waits for more same-shape requests (only while there is concurrency:
     a lone client is served at once)."""
+    max_gap_ms: float = 10.0
+    """The batcher also stops waiting once no request has arrived for this long: a burst of
+    requests is over, and waiting the rest of `max_wait_ms` would only add latency."""
     batching: bool = True
     """Dynamic batching on/off (off: one request per loop)."""
     timeout_s: float = 120.0
@@ -519,6 +522,7 @@ class ServeConfig:
         for name in ("max_images", "max_body_bytes", "queue_size", "max_batch", "max_prompt_tokens"):
             _check(getattr(self, name) >= 1, f"serve.{name}", getattr(self, name), "must be >= 1")
         _check(self.max_wait_ms >= 0, "serve.max_wait_ms", self.max_wait_ms, "must be >= 0")
+        _check(self.max_gap_ms >= 0, "serve.max_gap_ms", self.max_gap_ms, "must be >= 0")
         _check(self.timeout_s > 0, "serve.timeout_s", self.timeout_s, "must be > 0")
 
 

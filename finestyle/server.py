@@ -152,13 +152,17 @@ class Batcher:
             if self.cfg.batching:
                 # Wait for company only when there is concurrency (the last loop was a batch, or
                 # requests are queued): a lone client then pays no batching latency.
+                # The wait ends at max_wait_ms, or earlier once the burst is over: no arrival for
+                # max_gap_ms (closed-loop clients re-send within a few ms of their answers, so
+                # waiting on for a batch that cannot fill only adds latency).
                 wait_s = self.cfg.max_wait_ms / 1000 if (self.last_batch > 1 or self.depth() > 0) else 0.0
                 deadline = loop.time() + wait_s
+                gap_s = self.cfg.max_gap_ms / 1000
                 held: list[Job] = []
                 while n < self.cfg.max_batch:
                     nxt = self._take_nowait()
                     if nxt is None:
-                        left = deadline - loop.time()
+                        left = min(deadline - loop.time(), gap_s)
                         if left <= 0:
                             break
                         nxt = await self._next(left)

@@ -148,3 +148,38 @@ def test_flood_beyond_queue_gets_503_and_server_stays_up(export_dir):
         assert httpx.get(s.url + "/healthz").status_code == 200
         m = httpx.get(s.url + "/metrics").text
         assert f'finestyle_requests_total{{status="503"}} {codes.count(503)}' in m
+
+
+def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
+    """Three same-shape requests arrive together: they run as one batch, and the batcher does not sit
+    out the (long) max wait for a batch that cannot fill; it stops max_gap_ms after the last arrival."""
+    import asyncio
+
+    import finestyle.server as srv
+    from finestyle.runtime import GenerationRequest
+
+    sizes: list[int] = []
+
+    def fake_generate_batch(backend, reqs):
+        sizes.append(len(reqs))
+        return [["img"] for _ in reqs]
+
+    monkeypatch.setattr(srv, "generate_batch", fake_generate_batch)
+
+    async def scenario() -> float:
+        cfg = ServeConfig(export="unused", max_batch=8, max_wait_ms=5000, max_gap_ms=20)
+        b = srv.Batcher(backend=None, cfg=cfg, metrics=srv.Metrics())
+        b.last_batch = 2  # there was concurrency: the batcher waits for company
+        loop = asyncio.get_running_loop()
+        jobs = [srv.Job(GenerationRequest(f"p{i}", steps=2), loop.create_future(), 0.0) for i in range(3)]
+        for j in jobs:
+            b.queue.put_nowait(j)
+        t = time.perf_counter()
+        b.task = asyncio.create_task(b.run())
+        await asyncio.gather(*(j.future for j in jobs))
+        b.task.cancel()
+        return time.perf_counter() - t
+
+    elapsed = asyncio.run(scenario())
+    assert sizes == [3]
+    assert elapsed < 2.5  # far below max_wait_ms=5000: the wait ended 20 ms after the last arrival
