@@ -288,8 +288,8 @@ def unet_parity(
     unet: Any, onnx_path: Path, atol: float, providers: list[str] | None = None
 ) -> dict[str, Any]:
     """ORT vs torch UNet on fixed inputs at several timesteps and batch sizes."""
+    ref = unet_outputs(unet)  # before the session exists: the two need not share memory
     sess = ort_session(onnx_path, providers)
-    ref = unet_outputs(unet)
     worst = 0.0
     per = {}
     out_dtype = np.float32
@@ -555,6 +555,20 @@ def _load_merged(tmp: str) -> Any:
     return load_sd_pipeline(str(Path(tmp) / "merged"), device="cpu", dtype=torch.float32)
 
 
+def release_memory() -> None:
+    """Free what a step dropped before the next one loads its models: collect reference cycles
+    (diffusers/peft modules hold some), then hand freed heap pages back to the OS (glibc keeps them
+    otherwise, and an SD1.5 export's steps would stack on each other's leftovers)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """1. Merge the adapter (proven equal to UNet+adapter) and save `merged/` in safetensors."""
     t = time.perf_counter()
@@ -563,6 +577,8 @@ def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     )
     merged.save_pretrained(Path(tmp) / "merged", safe_serialization=True)
     _copy_adapter_info(cfg.adapter, Path(tmp) / "merged")
+    del merged
+    release_memory()
     rep["seconds"] = time.perf_counter() - t
     log(f"export: merged (max diff {rep['max_abs_diff']:.2e} <= {cfg.merge_atol:g})")
     return rep
@@ -572,15 +588,20 @@ def step_onnx(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """2. optimum ONNX export of the merged pipeline (+ the base UNet when asked), checker-verified."""
     t = time.perf_counter()
     onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", False, cfg.opset, pick_device(cfg.device))
+    release_memory()
     if cfg.with_base_unet:
         base = load_sd_pipeline(cfg.base, device="cpu", dtype=torch.float32)
         scratch = Path(tmp) / ".base"
         base.save_pretrained(scratch / "pipe", safe_serialization=True)
+        del base
+        release_memory()
         onnx_export(scratch / "pipe", scratch / "onnx", False, cfg.opset, pick_device(cfg.device))
         shutil.move(str(scratch / "onnx" / "unet"), str(Path(tmp) / "onnx" / "unet_base"))
         shutil.rmtree(scratch)
+    release_memory()
     fp16 = to_fp16(Path(tmp) / "onnx") if cfg.fp16 else None
     checker = check_onnx_files(Path(tmp) / "onnx")
+    release_memory()
     log(
         f"export: ONNX written and checked ({', '.join(checker)})"
         + (f"; fp16: {', '.join(fp16['converted'])}, VAE kept in {fp16['vae']}" if fp16 else "")
@@ -598,11 +619,15 @@ def step_validate(cfg: ExportConfig, tmp: str, suffix: str = "", log=_log) -> di
         f"unet{suffix}": unet_parity(merged.unet, onnx_dir / "unet" / "model.onnx", unet_atol, providers),
         f"image{suffix}": image_parity(merged, onnx_dir, cfg.parity_steps, image_atol, providers),
     }
+    del merged
+    release_memory()
     if cfg.with_base_unet and (onnx_dir / "unet_base" / "model.onnx").exists() and not suffix:
         base = load_sd_pipeline(cfg.base, device="cpu", dtype=torch.float32)
         parity["unet_base"] = unet_parity(
             base.unet, onnx_dir / "unet_base" / "model.onnx", unet_atol, providers
         )
+        del base
+        release_memory()
     log(
         "export: parity "
         + ", ".join(f"{k} {v['max_abs_diff']:.2e} <= {v['atol']:g}" for k, v in parity.items())
@@ -618,6 +643,7 @@ def bf16_image_check(merged_dir: str | Path, steps: int, size: int | None = None
         "a lighthouse on a cliff at night", steps=steps, seed=1234, width=size, height=size
     )
     a = np.asarray(generate(_torch_backend(str(merged_dir), None, "cpu", "fp32"), req)[0], np.float32) / 255
+    release_memory()
     b = np.asarray(generate(_torch_backend(str(merged_dir), None, "cpu", "bf16"), req)[0], np.float32) / 255
     mean, mx = float(np.abs(a - b).mean()), float(np.abs(a - b).max())
     if not mean <= BF16_IMAGE_MEAN_ATOL:
@@ -638,13 +664,16 @@ def step_bf16(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | None:
     if not cfg.check_bf16 or cfg.fp16:
         return None
     rep = bf16_image_check(Path(tmp) / "merged", cfg.parity_steps)
+    release_memory()
     log(f"export: CPU bf16 path mean diff {rep['mean_abs_diff']:.2e} <= {rep['mean_atol']:g}")
     return rep
 
 
 def step_optimize(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """4. onnxruntime's diffusion optimizer on the UNet, then parity again."""
+    release_memory()
     rep = optimize_unet(Path(tmp) / "onnx", "cuda" if pick_device(cfg.device).type == "cuda" else "cpu")
+    release_memory()
     check_onnx_files(Path(tmp) / "onnx")
     rep["parity"] = step_validate(cfg, tmp, suffix="_optimized", log=log)
     return rep

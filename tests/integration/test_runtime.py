@@ -150,3 +150,19 @@ def test_schedulers_run_and_stochastic_ones_are_batch_invariant(export_with_base
         assert np.array_equal(_arr(batched[0]), alone_b), name
     with pytest.raises(UserError, match="unknown scheduler"):
         generate(be, GenerationRequest("x", steps=2, scheduler="nope"))
+
+
+def test_io_binding_path_gives_the_same_images(export_with_base):
+    """The IO-binding code path (on by default for CUDA/TensorRT) run on the CPU device: the same
+    images as plain session.run, with and without style guidance (the base UNet is bound too)."""
+    from pathlib import Path
+
+    from finestyle.runtime import _ort_backend
+
+    plain = _ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=False)
+    bound = _ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=True)
+    for req in (
+        GenerationRequest("a red boat", steps=3, seed=4, num_images=2),
+        GenerationRequest("a red boat", steps=3, seed=4, style_guidance=1.5),
+    ):
+        assert np.array_equal(_arr(generate(plain, req)), _arr(generate(bound, req)))
