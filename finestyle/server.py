@@ -16,6 +16,7 @@ Scaling out = more replicas behind a balancer (README).
 import asyncio
 import base64
 import io
+import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -213,7 +214,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
         style_guidance: float = Field(0.0, ge=0, le=50)
         width: int | None = Field(None, ge=8, le=cfg.max_size)
         height: int | None = Field(None, ge=8, le=cfg.max_size)
-        seed: int = Field(0, ge=0, le=2**63 - 1)
+        seed: int | None = Field(None, ge=0, le=2**63 - 1)  # omitted: a fresh random seed, echoed back
         num_images: int = Field(1, ge=1, le=cfg.max_images)
         response_format: str = Field("png", pattern="^(png|json)$")
         scheduler: str | None = Field(None, description="one of " + ", ".join(SCHEDULERS))
@@ -345,7 +346,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
             style_guidance=body.style_guidance,
             width=body.width,
             height=body.height,
-            seed=body.seed,
+            seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
             num_images=body.num_images,
             scheduler=body.scheduler,
         )

@@ -80,6 +80,14 @@ def test_good_request_bad_requests_and_metrics(export_dir):
             timeout=60,
         )
         assert r.status_code == 200 and len(r.json()["images"]) == 2
+        # no seed: a fresh random one each time, echoed so the image can be reproduced
+        body = {"prompt": "a red boat", "steps": 2}
+        r1, r2 = (httpx.post(s.url + "/v1/generate", json=body, timeout=60) for _ in range(2))
+        assert r1.headers["X-Seed"] != r2.headers["X-Seed"] and r1.content != r2.content
+        again = httpx.post(
+            s.url + "/v1/generate", json=body | {"seed": int(r1.headers["X-Seed"])}, timeout=60
+        )
+        assert Image.open(io.BytesIO(again.content)).tobytes() == Image.open(io.BytesIO(r1.content)).tobytes()
         bad = [
             ({"prompt": ""}, "prompt"),
             ({"prompt": "x", "steps": 0}, "steps"),
@@ -108,9 +116,9 @@ def test_good_request_bad_requests_and_metrics(export_dir):
         info = httpx.get(s.url + "/v1/model").json()
         assert info["base_model"] == "builtin:tiny-sd" and len(info["manifest_sha256"]) == 64
         m = httpx.get(s.url + "/metrics").text
-        assert 'finestyle_requests_total{status="200"} 2' in m
+        assert 'finestyle_requests_total{status="200"} 5' in m
         assert 'finestyle_requests_total{status="422"}' in m and "finestyle_queue_depth 0" in m
-        assert "finestyle_images_total 3" in m
+        assert "finestyle_images_total 6" in m
 
 
 def test_dynamic_batching_groups_concurrent_requests(export_dir):
