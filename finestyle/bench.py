@@ -262,6 +262,32 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, iters: int = 5) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - t) / 1e9
 
 
+def _ort_op_times(onnx_path: Any, feeds: dict[str, Any], runs: int = 2) -> dict[str, float]:
+    """Seconds per run by ONNX op type, from onnxruntime's own profiler (a separate session)."""
+    import json as _json
+
+    import onnxruntime as ort
+
+    from .export import ort_providers
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        so.profile_file_prefix = f"{d}/ort"
+        sess = ort.InferenceSession(str(onnx_path), so, providers=ort_providers(["CPUExecutionProvider"]))
+        for _ in range(runs + 1):
+            sess.run(None, feeds)
+        events = _json.loads(open(sess.end_profiling()).read())
+    per: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            per[op] = per.get(op, 0.0) + e["dur"] / 1e6
+    return {k: v / (runs + 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
 def _timeit(fn: Any, iters: int) -> float:
     fn()  # warm-up
     t = time.perf_counter()
@@ -293,6 +319,7 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             ref = unet(x, t, encoder_hidden_states=c).sample
         gflop = fc.get_total_flops() / 1e9
+        by_aten = {str(k): v / 1e9 for k, v in fc.get_flop_counts()["Global"].items()}
 
         def torch_fp32() -> None:
             with torch.no_grad():
@@ -340,7 +367,26 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
         res["bf16_weights_rel_diff"] = float(
             (torch_bf16_weights().float() - ref).abs().mean() / ref.abs().mean()
         )
+        res["ort_ops"] = _ort_op_times(Path(d) / "onnx" / "unet" / "model.onnx", feeds)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    # Where the fp32 time goes, and the best the graph could do on this CPU: convolutions and
+    # matrix products at 100% of the matmul peak, every other op as measured.
+    ops = res["ort_ops"]
+    conv_gflop = by_aten.get("aten.convolution", 0.0)
+    mm_gflop = gflop - conv_gflop
+    conv_s = ops.get("Conv", 0.0) + ops.get("FusedConv", 0.0)
+    mm_s = sum(ops.get(k, 0.0) for k in ("MatMul", "Gemm", "FusedMatMul"))
+    other_s = max(sum(ops.values()) - conv_s - mm_s, 0.0)
+    res["ort_breakdown"] = {
+        "conv_gflop": conv_gflop,
+        "conv_ms": conv_s * 1e3,
+        "conv_share_of_peak": conv_gflop / conv_s / peak32 if conv_s else float("nan"),
+        "matmul_gflop": mm_gflop,
+        "matmul_ms": mm_s * 1e3,
+        "matmul_share_of_peak": mm_gflop / mm_s / peak32 if mm_s else float("nan"),
+        "other_ops_ms": other_s * 1e3,
+        "ceiling_share_of_peak": gflop / (gflop / peak32 + other_s) / peak32,
+    }
     res.update(
         matmul_fp32_gflops=peak32,
         matmul_bf16_gflops=peak16,

@@ -561,6 +561,14 @@ def bench_export_cmd(
             f"ORT at {r['ort_gflops']:.0f} GFLOP/s = {100 * r['ort_share_of_fp32_peak']:.0f}% of the "
             f"{r['matmul_fp32_gflops']:.0f} GFLOP/s fp32 matmul peak"
         )
+        b = r["ort_breakdown"]
+        typer.echo(
+            f"  ORT fp32 by op: conv {b['conv_gflop']:.1f} GFLOP in {b['conv_ms']:.0f} ms "
+            f"({100 * b['conv_share_of_peak']:.0f}% of peak) | matmul {b['matmul_gflop']:.1f} GFLOP in "
+            f"{b['matmul_ms']:.0f} ms ({100 * b['matmul_share_of_peak']:.0f}%) | other ops "
+            f"{b['other_ops_ms']:.0f} ms | ceiling with conv+matmul at 100% of peak: "
+            f"{100 * b['ceiling_share_of_peak']:.0f}%"
+        )
     if json_out:
         json_out.write_text(json.dumps(allr, indent=2))
 
