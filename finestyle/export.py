@@ -192,21 +192,23 @@ def to_fp16(
     for comp in components:
         path = onnx_dir / comp / "model.onnx"
         if path.exists():
-            m = _half(onnx.load(str(path)))
+            m = _half(path)
             _save_onnx(m, path)
+            del m
+            release_memory()
             rep["converted"].append(comp)
     # VAE: convert candidates, probe, keep or drop
     dec32 = onnx_dir / "vae_decoder" / "model.onnx"
     enc32 = onnx_dir / "vae_encoder" / "model.onnx"
     cand = onnx_dir / "vae_decoder" / "model.fp16-candidate.onnx"
-    onnx.save(_half(onnx.load(str(dec32))), str(cand))
+    onnx.save(_half(dec32), str(cand))
     probe = _vae_probe(enc32, dec32, cand)
     rep["vae_probe"] = probe
     if probe["ok"]:
         m = onnx.load(str(cand))
         cand.unlink()
         _save_onnx(m, dec32)
-        _save_onnx(_half(onnx.load(str(enc32))), enc32)
+        _save_onnx(_half(enc32), enc32)
         rep["converted"] += ["vae_decoder", "vae_encoder"]
         rep["vae"] = "fp16"
     else:
@@ -215,13 +217,16 @@ def to_fp16(
     return rep
 
 
-def _half(model: Any) -> Any:
+def _half(path: Path) -> Any:
     """fp16 weights and compute, fp32 inputs/outputs; re-sorted so onnx.checker accepts the graph
-    (the converter appends its input casts at the end of the node list)."""
+    (the converter appends its input casts at the end of the node list).
+
+    Takes the file path: the converter then runs shape inference on the file, which works past
+    protobuf's 2 GB limit (SD1.5's fp32 UNet is 3.4 GB); on an in-memory model it fails there."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    om = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+    om = OnnxModel(convert_float_to_float16(str(path), keep_io_types=True))
     om.topological_sort()
     return om.model
 
