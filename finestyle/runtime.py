@@ -86,6 +86,47 @@ def _export_layout(onnx_dir: Path) -> dict[str, Any]:
     }
 
 
+def trt_cache_dir(export_dir: Path, manifest_sha: str) -> Path:
+    """Where onnxruntime's TensorRT EP keeps engines and timing caches for one export: outside the
+    (hashed, read-only) export folder, keyed by its manifest so a new export never reuses stale
+    engines. FINESTYLE_TRT_CACHE overrides the root (default ~/.cache/finestyle/ort-trt)."""
+    import os
+
+    root = os.environ.get("FINESTYLE_TRT_CACHE") or Path.home() / ".cache" / "finestyle" / "ort-trt"
+    return Path(root) / manifest_sha[:16]
+
+
+def provider_config(providers: list[str], comp: str, export_dir: Path, manifest: dict[str, Any]) -> list[Any]:
+    """onnxruntime providers for one component, with TensorRT EP options when it is in the list.
+
+    Without options the TensorRT EP rebuilds every engine at each start (minutes for a UNet); with
+    them engines and timing caches persist per export and component, fp16 kernels follow the
+    export's precision, and the UNet gets the shape profile `--format tensorrt` wrote (if any).
+    NOT RUN HERE (no GPU/TensorRT): option names follow onnxruntime's TensorRT EP documentation.
+    """
+    out: list[Any] = []
+    for p in providers:
+        if p != "TensorrtExecutionProvider":
+            out.append(p)
+            continue
+        cache = trt_cache_dir(export_dir, sha256_file(export_dir / "manifest.json")) / comp
+        opts: dict[str, Any] = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache),
+            "trt_fp16_enable": manifest.get("precision") == "fp16",
+        }
+        saved = export_dir / "tensorrt" / "ort_tensorrt_provider.json"
+        if comp in ("unet", "unet_base") and saved.exists():
+            prof = json.loads(saved.read_text())
+            for k in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+                if k in prof:
+                    opts[k] = prof[k]
+        out.append((p, opts))
+    return out
+
+
 def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool | None = None) -> Backend:
     """onnxruntime sessions for an export. `io_binding` (default: on for CUDA/TensorRT providers)
     binds inputs and outputs on the providers' device; the same code path runs on the CPU device
@@ -109,7 +150,11 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def sess(comp: str) -> Any:
-        return ort.InferenceSession(str(onnx_dir / comp / "model.onnx"), sess_options=so, providers=provs)
+        return ort.InferenceSession(
+            str(onnx_dir / comp / "model.onnx"),
+            sess_options=so,
+            providers=provider_config(provs, comp, export_dir, manifest),
+        )
 
     te, un, vd = sess("text_encoder"), sess("unet"), sess("vae_decoder")
     ub = sess("unet_base") if (onnx_dir / "unet_base" / "model.onnx").exists() else None

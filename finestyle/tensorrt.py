@@ -131,22 +131,33 @@ class TrtEngine:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
-    def __call__(self, **feeds: Any) -> list[Any]:
+    def _torch_dtype(self, name: str) -> Any:
         torch, trt = self.torch, self.trt
+        table = {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.INT32: torch.int32,
+            trt.DataType.BOOL: torch.bool,
+        }
+        for attr, dt in (("INT64", torch.int64), ("BF16", torch.bfloat16), ("INT8", torch.int8)):
+            if hasattr(trt.DataType, attr):
+                table[getattr(trt.DataType, attr)] = dt
+        return table[self.engine.get_tensor_dtype(name)]
+
+    def __call__(self, **feeds: Any) -> list[Any]:
+        torch = self.torch
         stream = torch.cuda.current_stream()
         keep = []
         for name in self.inputs:
-            x = feeds[name].contiguous().cuda()
-            want = torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else x.dtype
-            x = x.to(want)
+            # the engine's own dtype per tensor (e.g. int32 token ids if the parser narrowed them)
+            x = feeds[name].to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
             keep.append(x)
             self.context.set_input_shape(name, tuple(x.shape))
             self.context.set_tensor_address(name, x.data_ptr())
         outs = []
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            dt = torch.float16 if self.engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
-            y = torch.empty(shape, dtype=dt, device="cuda")
+            y = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
             self.context.set_tensor_address(name, y.data_ptr())
             outs.append(y)
         if not self.context.execute_async_v3(stream.cuda_stream):
