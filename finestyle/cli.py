@@ -604,6 +604,12 @@ def bench_serve_cmd(
                 f"{mode:8s}  {x['concurrency']:4d}  {x['ok']:3d}/{x['requests']:<3d}  {x['errors']:6d}  "
                 f"{x['p50_s']:.3f}  {x['p95_s']:.3f}  {x['p99_s']:.3f}  {x['img_per_s']:.2f}"
             )
+    ratios = [
+        f"c={on['concurrency']}: {on['img_per_s'] / off['img_per_s']:.2f}x"
+        for on, off in zip(r["levels"]["on"], r["levels"]["off"], strict=True)
+        if off["img_per_s"]
+    ]
+    typer.echo("batching on/off images/s: " + ", ".join(ratios))
     typer.echo(
         f"batching throughput ratio at the highest concurrency: {r['batching_ratio_at_max_concurrency']:.2f}x"
     )

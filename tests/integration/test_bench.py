@@ -1,0 +1,32 @@
+"""`finestyle bench serve` end to end with small numbers: a real server process under real load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_both_modes_and_survives_the_flood(tmp_path):
+    out = tmp_path / "serve.json"
+    args = [sys.executable, "-m", "finestyle.cli", "bench", "serve", "--requests", "2", "--steps", "1"]
+    args += ["--size", "32", "--time-limit", "60", "--json", str(out)]
+    env = os.environ.copy()
+    env["FINESTYLE_HOME"] = str(tmp_path / "state")
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batching on/off images/s: c=1:" in r.stdout
+    res = json.loads(out.read_text())
+    for mode in ("on", "off"):
+        rows = res["levels"][mode]
+        assert [x["concurrency"] for x in rows] == [1, 2, 4, 8]
+        assert all(x["errors"] == 0 and x["ok"] == x["requests"] > 0 for x in rows), rows
+    flood = res["overload"]
+    assert (
+        flood["server_alive"] and flood["only_503_beyond_queue"] and 503 in {int(k) for k in flood["codes"]}
+    )
+    assert res["batching_ratio_at_max_concurrency"] > 0
