@@ -309,7 +309,7 @@ def _torch_backend(model: str, adapter: str | None, device: str | None, dtype: s
         return pipe.vae.decode(z.to(dev, pipe.vae.dtype)).sample.float().cpu()
 
     return Backend(
-        name=f"torch[{dev.type}]",
+        name=f"torch[{dev.type},{str(pipe.unet.dtype).removeprefix('torch.')}]",
         tokenizer=pipe.tokenizer,
         scheduler_config=dict(pipe.scheduler.config),
         scaling_factor=pipe.vae.config.scaling_factor,

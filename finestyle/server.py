@@ -251,7 +251,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         be = backend or await asyncio.get_running_loop().run_in_executor(
-            None, lambda: load_backend(cfg.export, cfg.runtime, cfg.providers)
+            None, lambda: load_backend(cfg.export, cfg.runtime, cfg.providers, dtype=cfg.dtype)
         )
         state["backend"] = be
         state["batcher"] = Batcher(be, cfg, metrics)

@@ -252,7 +252,7 @@ def test_cpu_bf16_path_is_stated_and_within_threshold(export_dir):
     req = GenerationRequest("a red boat", steps=4, seed=2)
     fp = np.asarray(generate(load_backend(str(export_dir), "torch", dtype="fp32"), req)[0], np.float32) / 255
     be = load_backend(str(export_dir), "torch", dtype="bf16")
-    assert be.name == "torch[cpu]"
+    assert be.name == "torch[cpu,bfloat16]"
     bf = np.asarray(generate(be, req)[0], np.float32) / 255
     assert 0 < np.abs(fp - bf).mean() <= BF16_IMAGE_MEAN_ATOL
 

@@ -191,3 +191,16 @@ def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
     elapsed = asyncio.run(scenario())
     assert sizes == [3]
     assert elapsed < 2.5  # far below max_wait_ms=5000: the wait ended 20 ms after the last arrival
+
+
+def test_torch_bf16_runtime_is_served_as_configured(export_dir):
+    """`finestyle serve --runtime torch --dtype bf16` (the fast CPU path) really loads bf16 weights."""
+    import io
+
+    with Server(ServeConfig(export=str(export_dir), runtime="torch", dtype="bf16")) as s:
+        assert httpx.get(s.url + "/v1/model").json()["runtime"] == "torch[cpu,bfloat16]"
+        r = httpx.post(
+            s.url + "/v1/generate", json={"prompt": "a red boat", "steps": 2, "seed": 1}, timeout=60
+        )
+        assert r.status_code == 200
+        assert Image.open(io.BytesIO(r.content)).text["finestyle:runtime"] == "torch[cpu,bfloat16]"
