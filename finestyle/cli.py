@@ -368,39 +368,62 @@ def concepts(export_dir: Path = typer.Argument(..., help="Export folder.")) -> N
 @command
 def serve(
     export_dir: Path = typer.Argument(..., help="Export folder."),
-    host: str = typer.Option("127.0.0.1", help="Bind address (127.0.0.1 unless you mean it)."),
-    port: int = typer.Option(8000, help="Port."),
-    runtime: str = typer.Option("onnxruntime", help="onnxruntime | torch."),
-    dtype: str = typer.Option("auto", help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."),
-    queue_size: int = typer.Option(32, help="Requests waiting at most (503 beyond)."),
-    max_batch: int = typer.Option(8, help="Most images per batched denoising loop."),
-    max_wait_ms: float = typer.Option(60.0, help="How long the batcher waits for same-shape requests."),
-    max_gap_ms: float = typer.Option(10.0, help="...but no longer than this after the last arrival."),
-    batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching."),
-    max_steps: int = typer.Option(50, help="Most denoising steps accepted."),
-    max_size: int = typer.Option(1024, help="Largest width/height accepted."),
-    max_images: int = typer.Option(4, help="Most images per request."),
-    timeout_s: float = typer.Option(120.0, help="Per-request timeout in seconds."),
+    host: Optional[str] = typer.Option(
+        None, help="Bind address [127.0.0.1]; other values expose the server."
+    ),
+    port: Optional[int] = typer.Option(None, help="Port [8000]."),
+    runtime: Optional[str] = typer.Option(None, help="onnxruntime | torch [onnxruntime]."),
+    providers: Optional[str] = typer.Option(
+        None, help='onnxruntime providers in order, "CUDAExecutionProvider,CPUExecutionProvider".'
+    ),
+    dtype: Optional[str] = typer.Option(
+        None, help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."
+    ),
+    queue_size: Optional[int] = typer.Option(None, help="Requests waiting at most; 503 beyond [32]."),
+    max_batch: Optional[int] = typer.Option(None, help="Most images per batched denoising loop [8]."),
+    max_wait_ms: Optional[float] = typer.Option(None, help="Batcher's longest wait for company [60]."),
+    max_gap_ms: Optional[float] = typer.Option(
+        None, help="...and no longer than this after the last arrival [10]."
+    ),
+    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Dynamic batching [on]."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt in tokens [77]."),
+    min_steps: Optional[int] = typer.Option(None, help="Fewest denoising steps accepted [1]."),
+    max_steps: Optional[int] = typer.Option(None, help="Most denoising steps accepted [50]."),
+    max_size: Optional[int] = typer.Option(None, help="Largest width/height accepted [1024]."),
+    max_images: Optional[int] = typer.Option(None, help="Most images per request [4]."),
+    max_body_bytes: Optional[int] = typer.Option(None, help="Largest request body; 413 beyond [16384]."),
+    timeout_s: Optional[float] = typer.Option(None, help="Per-request timeout in seconds; 504 beyond [120]."),
+    drain_s: Optional[float] = typer.Option(
+        None, help="Shutdown: seconds to finish requests in flight [30]."
+    ),
+    config: Optional[Path] = typer.Option(None, help="YAML file (its `serve:` section)."),
 ) -> None:
     """Serve an export over HTTP: POST /v1/generate, /healthz, /readyz, /v1/model, /metrics."""
-    from .server import run_server
+    from .config import ServeConfig, stage_from_sources
+    from .server import run_config
 
-    run_server(
-        str(export_dir),
+    values = dict(
+        export=str(export_dir),
         host=host,
         port=port,
         runtime=runtime,
+        providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
         dtype=dtype,
         queue_size=queue_size,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         max_gap_ms=max_gap_ms,
         batching=batching,
+        max_prompt_tokens=max_prompt_tokens,
+        min_steps=min_steps,
         max_steps=max_steps,
         max_size=max_size,
         max_images=max_images,
+        max_body_bytes=max_body_bytes,
         timeout_s=timeout_s,
+        drain_s=drain_s,
     )
+    run_config(stage_from_sources(ServeConfig, "serve", str(config) if config else None, values))
 
 
 # ------------------------------------------------------------------------------------------------

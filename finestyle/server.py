@@ -402,12 +402,16 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
 
 def run_server(export_dir: str, host: str = "127.0.0.1", port: int = 8000, **overrides: Any) -> None:
     """Start uvicorn on `host:port` (127.0.0.1 by default) serving `export_dir`."""
+    run_config(ServeConfig(export=export_dir, host=host, port=port, **overrides))
+
+
+def run_config(cfg: ServeConfig) -> None:
+    """Start uvicorn for a complete ServeConfig (what `finestyle serve` builds from flags and YAML)."""
     import uvicorn
 
     from .export import verify_export
 
-    verify_export(export_dir)  # fail fast, before binding, with the manifest's message
-    cfg = ServeConfig(export=export_dir, host=host, port=port, **overrides)
+    verify_export(cfg.export)  # fail fast, before binding, with the manifest's message
     uvicorn.run(
         create_app(cfg),
         host=cfg.host,

@@ -204,3 +204,47 @@ def test_torch_bf16_runtime_is_served_as_configured(export_dir):
         )
         assert r.status_code == 200
         assert Image.open(io.BytesIO(r.content)).text["finestyle:runtime"] == "torch[cpu,bfloat16]"
+
+
+def test_cli_serve_applies_every_limit_flag(export_dir, tmp_path):
+    """`finestyle serve` flags and its YAML `serve:` section reach the running server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("serve:\n  max_body_bytes: 300\n  min_steps: 3\n")
+    args = [sys.executable, "-m", "finestyle.cli", "serve", str(export_dir), "--port", str(port)]
+    args += ["--max-prompt-tokens", "6", "--max-steps", "4", "--config", str(cfg)]
+    env = os.environ.copy()
+    env["FINESTYLE_HOME"] = str(tmp_path / "state")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t_end = time.time() + 120
+        while time.time() < t_end:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/model").json()["limits"]["max_prompt_tokens"] == 6
+        cases = [
+            ({"prompt": "one two three four five six seven"}, 422, "limit is 6"),
+            ({"prompt": "x", "steps": 2}, 422, "steps"),  # min_steps 3 from the YAML
+            ({"prompt": "x", "steps": 5}, 422, "steps"),  # --max-steps 4
+            ({"prompt": "x" * 400}, 413, "300"),  # max_body_bytes 300 from the YAML
+        ]
+        for body, code, word in cases:
+            r = httpx.post(url + "/v1/generate", json=body, timeout=30)
+            assert r.status_code == code and word in r.text, (body, r.status_code, r.text)
+        assert (
+            httpx.post(url + "/v1/generate", json={"prompt": "x", "steps": 3}, timeout=60).status_code == 200
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
