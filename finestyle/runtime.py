@@ -182,13 +182,14 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
             # identity check sound), the output is allocated on the device by onnxruntime and read
             # back once. Run here on the CPU device by the tests; on CUDA it is unmeasured (no GPU
             # was lent to the sessions that wrote it).
-            if held.get("emb") is not emb:
-                held["emb"] = emb
-                held["ov"] = ort.OrtValue.ortvalue_from_numpy(emb.numpy().astype(fdt), dev, 0)
+            pair = held.get("emb")  # (tensor, OrtValue), read once: safe if threads share the backend
+            if pair is None or pair[0] is not emb:
+                pair = (emb, ort.OrtValue.ortvalue_from_numpy(emb.numpy().astype(fdt), dev, 0))
+                held["emb"] = pair
             binding = s.io_binding()
             for name, arr in feeds.items():
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, dev, 0))
-            binding.bind_ortvalue_input("encoder_hidden_states", held["ov"])
+            binding.bind_ortvalue_input("encoder_hidden_states", pair[1])
             binding.bind_output(out_name, dev)
             s.run_with_iobinding(binding)
             return torch.from_numpy(binding.copy_outputs_to_cpu()[0].astype(np.float32))
