@@ -342,6 +342,11 @@ def load_backend(
     is_export = (path / "manifest.json").exists() or (path / "onnx").is_dir()
     if runtime == "auto":
         runtime = "onnxruntime" if is_export and not adapter and dtype in (None, "auto", "fp32") else "torch"
+    if dtype not in (None, "auto", "fp32") and runtime != "torch":
+        raise UserError(
+            f"--dtype {dtype} applies to the torch runtime (use --runtime torch); the ONNX export is "
+            "fp32 (or --fp16 at export)"
+        )
     if runtime == "tensorrt":
         from .tensorrt import require_tensorrt
 
@@ -359,10 +364,6 @@ def load_backend(
                 "--runtime torch"
             )
         return _ort_backend(path, providers)
-    if dtype not in (None, "auto", "fp32") and runtime != "torch":
-        raise UserError(
-            f"--dtype {dtype} applies to the torch runtime; the ONNX export is fp32 (or --fp16 at export)"
-        )
     return _torch_backend(model, adapter, device, dtype)
 
 

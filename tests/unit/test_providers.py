@@ -40,3 +40,16 @@ def test_tensorrt_ep_options_per_export_and_component(tmp_path, monkeypatch):
         != opts["trt_engine_cache_path"]
     )
     assert provider_config(["CPUExecutionProvider"], "unet", exp, {}) == ["CPUExecutionProvider"]
+
+
+def test_dtype_for_a_non_torch_runtime_is_refused_before_loading(tmp_path):
+    """`--runtime onnxruntime --dtype bf16` used to load fp32 ONNX silently; now one clear error."""
+    import pytest
+
+    from finestyle.errors import UserError
+    from finestyle.runtime import load_backend
+
+    (tmp_path / "manifest.json").write_text("{}")
+    for runtime in ("onnxruntime", "tensorrt"):
+        with pytest.raises(UserError, match="applies to the torch runtime"):
+            load_backend(str(tmp_path), runtime, dtype="bf16")
