@@ -25,6 +25,18 @@ def export_dir(tmp_path_factory):
     return out
 
 
+def wait_ready(url: str, seconds: float) -> None:
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {url} did not become ready in {seconds:g} s")
+
+
 class Server:
     def __init__(self, cfg: ServeConfig) -> None:
         import uvicorn
@@ -41,15 +53,8 @@ class Server:
 
     def __enter__(self) -> Server:
         self.thread.start()
-        t_end = time.time() + 60
-        while time.time() < t_end:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
+        wait_ready(self.url, 60)
+        return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -225,13 +230,7 @@ def test_cli_serve_applies_every_limit_flag(export_dir, tmp_path):
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        t_end = time.time() + 120
-        while time.time() < t_end:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(url, 120)
         assert httpx.get(url + "/v1/model").json()["limits"]["max_prompt_tokens"] == 6
         cases = [
             ({"prompt": "one two three four five six seven"}, 422, "limit is 6"),
