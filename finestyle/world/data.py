@@ -1,0 +1,56 @@
+"""Batches of world renders as arrays, cached on disk so training runs do not redraw them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .scene import BACKGROUNDS, OBJECTS, STYLES, Render, render_seed
+
+# Label vector of the judge: object presence, then background, then style.
+JUDGE_LABELS = [f"object:{o}" for o in OBJECTS] + [f"background:{b}" for b in BACKGROUNDS] + [
+    f"style:{s}" for s in STYLES
+]
+OBJECT_SLICE = slice(0, len(OBJECTS))
+BACKGROUND_SLICE = slice(len(OBJECTS), len(OBJECTS) + len(BACKGROUNDS))
+STYLE_SLICE = slice(len(OBJECTS) + len(BACKGROUNDS), len(JUDGE_LABELS))
+
+
+def label_vector(r: Render) -> np.ndarray:
+    """Multi-hot judge targets of one render."""
+    y = np.zeros(len(JUDGE_LABELS), np.float32)
+    for o in r.scene.objects:
+        y[OBJECTS.index(o.name)] = 1
+    y[BACKGROUND_SLICE.start + list(BACKGROUNDS).index(r.scene.background)] = 1
+    y[STYLE_SLICE.start + STYLES.index(r.scene.style)] = 1
+    return y
+
+
+def render_set(
+    first_seed: int, n: int, size: int = 64, styles: tuple[str, ...] = STYLES, cache: Path | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`n` renders from consecutive seeds: uint8 images (n, size, size, 3), judge labels, prompts.
+
+    Seed k draws its style as `styles[k % len(styles)]`, so every style has the same share.
+    """
+    key = f"world-{first_seed}-{n}-{size}-{'_'.join(styles)}.npz"
+    if cache is not None and (cache / key).exists():
+        z = np.load(cache / key, allow_pickle=False)
+        return z["images"], z["labels"], [str(t) for t in z["prompts"]]
+    images = np.empty((n, size, size, 3), np.uint8)
+    labels = np.empty((n, len(JUDGE_LABELS)), np.float32)
+    prompts = []
+    for i in range(n):
+        seed = first_seed + i
+        r = render_seed(seed, size, styles[seed % len(styles)])
+        images[i] = np.asarray(r.image)
+        labels[i] = label_vector(r)
+        prompts.append(r.scene.prompt())
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{key}.{os.getpid()}.npz"
+        np.savez(tmp, images=images, labels=labels, prompts=np.array(prompts))
+        os.replace(tmp, cache / key)
+    return images, labels, prompts
