@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from finestyle.errors import UserError
+from finestyle.core.errors import UserError
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 
 from finestyle.config import ExportConfig, from_dict, to_dict
-from finestyle.export import (
+from finestyle.export.steps import (
     abort_export,
     begin_export,
     check_reuse,

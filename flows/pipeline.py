@@ -15,8 +15,8 @@ from typing import Any
 from prefect import flow, task
 
 from finestyle.config import PipelineConfig, from_dict, to_dict
-from finestyle.runtime import run_generate
-from finestyle.training import train_cache_key
+from finestyle.runtime.generate import run_generate
+from finestyle.train.loop import train_cache_key
 from flows.common import markdown
 from flows.export import export_model
 from flows.prepare import prepare_dataset, task_runner_for

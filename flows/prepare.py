@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task, unmapped
 
 from finestyle.config import PrepareConfig, from_dict, to_dict
-from finestyle.prepare import plan_prepare, process_chunk, publish_prepared, scratch_dir, summary_table
+from finestyle.prepare.stage import plan_prepare, process_chunk, publish_prepared, scratch_dir, summary_table
 from flows.common import RETRY, markdown, table
 
 
@@ -97,7 +97,7 @@ def task_runner_for(name: str, workers: int = 2) -> Any:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
-            from finestyle.errors import UserError
+            from finestyle.core.errors import UserError
 
             raise UserError("task_runner: dask needs prefect-dask: pip install 'finestyle[dask]'") from exc
         addr = os.environ.get("FINESTYLE_DASK_ADDRESS")
@@ -106,6 +106,6 @@ def task_runner_for(name: str, workers: int = 2) -> Any:
         return DaskTaskRunner(
             cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
         )
-    from finestyle.errors import UserError
+    from finestyle.core.errors import UserError
 
     raise UserError(f"task_runner: unknown value {name!r}; use default or dask")

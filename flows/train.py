@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, task
 
 from finestyle.config import TrainConfig, from_dict, to_dict
-from finestyle.training import run_train
+from finestyle.train.loop import run_train
 from flows.common import RETRY, markdown, table
 
 

@@ -29,7 +29,7 @@ def prepare_watched(
     """Prepare each new or changed folder under `watch_dir`; skip unchanged ones."""
     root = Path(watch_dir)
     if not root.is_dir():
-        from finestyle.errors import UserError
+        from finestyle.core.errors import UserError
 
         raise UserError(
             f"watch_dir {watch_dir!r} does not exist; create it and put one folder of reference "

@@ -44,7 +44,7 @@ def _has_tensorrt() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    skip_trt = pytest.mark.skip(reason="needs TensorRT (not installable in this workplace)")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT (not installed)")
     cuda, trt = _has_cuda(), _has_tensorrt()
     for item in items:
         if "gpu" in item.keywords and not cuda:
@@ -56,21 +56,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """builtin:tiny-sd written as an ordinary diffusers folder."""
-    from finestyle.models import save_builtin
+    from finestyle.core.models import save_builtin
 
     return save_builtin("builtin:tiny-sd", tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finestyle.models import save_builtin
+    from finestyle.core.models import save_builtin
 
     return save_builtin("builtin:tiny-blip", tmp_path_factory.mktemp("models") / "tiny-blip")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from finestyle.models import load_sd_pipeline
+    from finestyle.core.models import load_sd_pipeline
 
     return load_sd_pipeline("builtin:tiny-sd", device="cpu")
 

@@ -1,0 +1,1 @@
+"""A procedural picture world with known truth, and the small models trained on it."""

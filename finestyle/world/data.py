@@ -10,9 +10,11 @@ import numpy as np
 from .scene import BACKGROUNDS, OBJECTS, STYLES, Render, render_seed
 
 # Label vector of the judge: object presence, then background, then style.
-JUDGE_LABELS = [f"object:{o}" for o in OBJECTS] + [f"background:{b}" for b in BACKGROUNDS] + [
-    f"style:{s}" for s in STYLES
-]
+JUDGE_LABELS = (
+    [f"object:{o}" for o in OBJECTS]
+    + [f"background:{b}" for b in BACKGROUNDS]
+    + [f"style:{s}" for s in STYLES]
+)
 OBJECT_SLICE = slice(0, len(OBJECTS))
 BACKGROUND_SLICE = slice(len(OBJECTS), len(OBJECTS) + len(BACKGROUNDS))
 STYLE_SLICE = slice(len(OBJECTS) + len(BACKGROUNDS), len(JUDGE_LABELS))

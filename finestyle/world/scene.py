@@ -174,7 +174,11 @@ def _parts(kind: str, main: tuple[int, int, int]) -> list[tuple[str, list[float]
             cx, cy = 0.5 + 0.27 * math.cos(a), 0.3 + 0.19 * math.sin(a)
             petals.append(("ellipse", [cx - 0.22, cy - 0.15, cx + 0.22, cy + 0.15], main))
         centre = COLOURS["yellow"] if main != COLOURS["yellow"] else _BROWN
-        return [("rect", [0.45, 0.45, 0.55, 1.0], _STEM), *petals, ("ellipse", [0.36, 0.2, 0.64, 0.4], centre)]
+        return [
+            ("rect", [0.45, 0.45, 0.55, 1.0], _STEM),
+            *petals,
+            ("ellipse", [0.36, 0.2, 0.64, 0.4], centre),
+        ]
     if kind == "lighthouse":
         return [("poly", [0.22, 1.0, 0.34, 0.22, 0.66, 0.22, 0.78, 1.0], main),
                 ("poly", [0.28, 0.6, 0.72, 0.6, 0.74, 0.74, 0.26, 0.74], _LIGHT if main != COLOURS["white"] else _ROOF),
@@ -192,16 +196,18 @@ def _parts(kind: str, main: tuple[int, int, int]) -> list[tuple[str, list[float]
             a = 2 * math.pi * k / 8
             c, s = math.cos(a), math.sin(a)
             tip = (0.5 + 0.5 * c, 0.5 + 0.5 * s)
-            l = (0.5 + 0.3 * c - 0.1 * s, 0.5 + 0.3 * s + 0.1 * c)
+            lft = (0.5 + 0.3 * c - 0.1 * s, 0.5 + 0.3 * s + 0.1 * c)
             r = (0.5 + 0.3 * c + 0.1 * s, 0.5 + 0.3 * s - 0.1 * c)
-            rays.append(("poly", [*l, *tip, *r], main))
+            rays.append(("poly", [*lft, *tip, *r], main))
         return [*rays, ("ellipse", [0.2, 0.2, 0.8, 0.8], main)]
     if kind == "moon":
         return [("crescent", [0.08, 0.08, 0.92, 0.92], main)]
     raise ValueError(f"unknown object {kind!r}")
 
 
-def _draw_part(draw: ImageDraw.ImageDraw, shape: str, pts: list[float], box: tuple[float, ...], fill: int) -> None:
+def _draw_part(
+    draw: ImageDraw.ImageDraw, shape: str, pts: list[float], box: tuple[float, ...], fill: int
+) -> None:
     x0, y0, x1, y1 = box
     xy = [(x0 + pts[i] * (x1 - x0), y0 + pts[i + 1] * (y1 - y0)) for i in range(0, len(pts), 2)]
     if shape == "poly":
@@ -285,7 +291,9 @@ def _style_mosaic(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
     for i in range(n):
         for j in range(n):
             cell = rgb[i * p : (i + 1) * p, j * p : (j + 1) * p]
-            colour = np.clip(cell[p // 2 : p // 2 + 1, p // 2 : p // 2 + 1].reshape(-1, 3)[0] * jitter[i, j], 0, 255)
+            colour = np.clip(
+                cell[p // 2 : p // 2 + 1, p // 2 : p // 2 + 1].reshape(-1, 3)[0] * jitter[i, j], 0, 255
+            )
             out[i * p : (i + 1) * p, j * p : (j + 1) * p] = colour
     yy, xx = np.mgrid[0:size, 0:size]
     joint = ((yy % p) < grout) | ((xx % p) < grout)
@@ -318,14 +326,21 @@ def _style_hatching(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
 def _style_watercolour(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
     size = rgb.shape[0]
     r = size / 64
-    soft = np.asarray(Image.fromarray(rgb.astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0 * r)), np.float32)
+    soft = np.asarray(
+        Image.fromarray(rgb.astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0 * r)), np.float32
+    )
     grain_rng = np.random.default_rng(11)
     low = grain_rng.uniform(0.88, 1.07, (9, 9)).astype(np.float32)
     low = np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC))
     wash = soft * 0.7 + 255 * 0.3  # pigment thinned on white paper
     wash *= low[..., None]
     rim = _dilate(_edges(regions), max(1, round(0.8 * r)))
-    rim = np.asarray(Image.fromarray(rim.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(r)), np.float32) / 255
+    rim = (
+        np.asarray(
+            Image.fromarray(rim.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(r)), np.float32
+        )
+        / 255
+    )
     return wash * (1 - 0.35 * rim[..., None])
 
 
@@ -353,7 +368,8 @@ class Render:
             "file_name": file_name,
             "caption": self.scene.caption,
             "objects": [
-                {"name": o.name, "colour": o.colour, "bbox": list(b)} for o, b in zip(self.scene.objects, self.boxes)
+                {"name": o.name, "colour": o.colour, "bbox": list(b)}
+                for o, b in zip(self.scene.objects, self.boxes, strict=False)
             ],
             "background": self.scene.background,
             "style": self.scene.style,

@@ -100,8 +100,14 @@ def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         k = torch.arange(-2, 3, dtype=x.dtype)
         w = torch.exp(-(k**2) / (2 * s * s))
         w = w / w.sum()
-        xi = F.conv2d(F.pad(x[i : i + 1], (2, 2, 0, 0), mode="replicate"), w.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
-        xi = F.conv2d(F.pad(xi, (0, 0, 2, 2), mode="replicate"), w.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+        xi = F.conv2d(
+            F.pad(x[i : i + 1], (2, 2, 0, 0), mode="replicate"),
+            w.view(1, 1, 1, 5).repeat(3, 1, 1, 1),
+            groups=3,
+        )
+        xi = F.conv2d(
+            F.pad(xi, (0, 0, 2, 2), mode="replicate"), w.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3
+        )
         out[i] = xi[0]
     noise = torch.randn(x.shape, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) * 0.12)
     gain = 1 + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.12
@@ -160,7 +166,9 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     images, labels, _ = render_set(0, cfg.n_train, 64, STYLES, cache=out.parent / "render-cache")
     g = torch.Generator().manual_seed(cfg.seed + start)
     t0, losses = time.time(), []
-    for step, idx in zip(range(start, cfg.steps), _batches(cfg.n_train, cfg.batch_size, cfg.seed, start)):
+    for step, idx in zip(
+        range(start, cfg.steps), _batches(cfg.n_train, cfg.batch_size, cfg.seed, start), strict=False
+    ):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         x = to_tensor(images[idx])
@@ -185,7 +193,11 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     if cfg.model == "vae":
         _set_vae_scaling(model, images[:512])
     model.save_pretrained(model_dir, safe_serialization=True)
-    report = {"config": asdict(cfg), "seconds_this_run": time.time() - t0, "final_loss": float(np.mean(losses[-50:] or [0]))}
+    report = {
+        "config": asdict(cfg),
+        "seconds_this_run": time.time() - t0,
+        "final_loss": float(np.mean(losses[-50:] or [0])),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return model_dir
 

@@ -16,7 +16,7 @@ def test_run_twice_reuses_every_stage(tmp_path):
     args = [
         sys.executable,
         "-m",
-        "finestyle.cli",
+        "flows.cli",
         "run",
         str(REPO / "configs" / "example.yaml"),
         "--set",

@@ -92,7 +92,7 @@ def test_pipeline_runs_reuses_and_invalidates(refs, tmp_path):
 def test_bad_input_fails_without_retry(tmp_path):
     from prefect.logging import disable_run_logger
 
-    from finestyle.errors import UserError
+    from finestyle.core.errors import UserError
     from flows.prepare import prepare_dataset
 
     (tmp_path / "bad").mkdir()
@@ -119,7 +119,7 @@ def test_killed_pipeline_resumes_training_and_redoes_nothing_finished(refs, tmp_
     cfg = _pipeline_config(tmp_path, refs, steps=6)
     code = f"""
 import os, signal
-import finestyle.training as T
+import finestyle.train.loop as T
 real = T.save_checkpoint
 def die(root, step, *a, **k):
     p = real(root, step, *a, **k)

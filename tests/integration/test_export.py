@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from finestyle.artifacts.manifest import external_data_paths, verify_export
 from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
-from finestyle.errors import UserError, VerificationError
-from finestyle.export import merge_adapter, run_export, unet_parity, verify_export
-from finestyle.prepare import run_prepare
-from finestyle.training import run_train
+from finestyle.core.errors import UserError, VerificationError
+from finestyle.export.steps import merge_adapter, run_export, unet_parity
+from finestyle.prepare.stage import run_prepare
+from finestyle.train.loop import run_train
 
 Q = {"log": lambda m: None}
 
@@ -124,7 +125,7 @@ def test_parity_fails_on_a_broken_onnx(export_dir, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from finestyle.models import load_sd_pipeline
+    from finestyle.core.models import load_sd_pipeline
 
     m = onnx.load(str(export_dir / "onnx" / "unet" / "model.onnx"))
     init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))
@@ -167,7 +168,7 @@ def test_loading_rejects_tampered_partial_and_escaping_exports(export_dir, tmp_p
     e.key, e.value = "location", "../../../../etc/passwd"
     onnx.save(m, str(p))
     man = json.loads((esc / "manifest.json").read_text())
-    from finestyle.fsutil import sha256_file
+    from finestyle.core.fs import sha256_file
 
     man["files"]["onnx/text_encoder/model.onnx"] = sha256_file(p)
     (esc / "manifest.json").write_text(json.dumps(man))
@@ -183,7 +184,7 @@ def test_reexport_is_reused_and_kill_leaves_nothing(adapter, export_dir, tmp_pat
     out = tmp_path / "killed"
     code = f"""
 import os, signal
-import finestyle.export as E
+import finestyle.export.steps as E
 from finestyle.config import ExportConfig
 real = E.onnx_export
 def die(*a, **k):
@@ -243,8 +244,8 @@ def test_tensorrt_engines_build(adapter, tmp_path):
 
 
 def test_cpu_bf16_path_is_stated_and_within_threshold(export_dir):
-    from finestyle.export import BF16_IMAGE_MEAN_ATOL
-    from finestyle.runtime import GenerationRequest, generate, load_backend
+    from finestyle.export.steps import BF16_IMAGE_MEAN_ATOL
+    from finestyle.runtime.generate import GenerationRequest, generate, load_backend
 
     m = verify_export(export_dir)
     assert m["cpu_bf16"]["mean_atol"] == BF16_IMAGE_MEAN_ATOL
@@ -260,7 +261,7 @@ def test_cpu_bf16_path_is_stated_and_within_threshold(export_dir):
 def test_merge_changes_only_targeted_weights(adapter):
     import re
 
-    from finestyle.models import build_builtin_pipeline
+    from finestyle.core.models import build_builtin_pipeline
 
     merged, _ = merge_adapter("builtin:tiny-sd", str(adapter), 1.0, torch.device("cpu"), 1e-4)
     base = build_builtin_pipeline("builtin:tiny-sd").unet.state_dict()
@@ -278,7 +279,7 @@ def _float_types(path) -> tuple[set[int], set[int]]:
 
 
 def test_fp16_export_keeps_fp32_io_and_probes_the_vae(adapter, tmp_path, monkeypatch):
-    import finestyle.export as E
+    import finestyle.export.steps as E
 
     out = tmp_path / "e16"
     run_export(
@@ -317,7 +318,7 @@ def test_optimize_and_fp16_keep_external_data_layout_and_parity(export_dir, tmp_
 
     import onnx
 
-    import finestyle.export as ex
+    import finestyle.export.steps as ex
 
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(export_dir / "onnx", onnx_dir)
@@ -328,8 +329,8 @@ def test_optimize_and_fp16_keep_external_data_layout_and_parity(export_dir, tmp_
     rep = ex.optimize_unet(onnx_dir, "cpu")
     assert sum(rep["fused_ops"].values()) > 0, rep
     assert sorted(p.name for p in unet.parent.iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]
-    assert ex.external_data_paths(unet) == ["model.onnx_data"] * len(ex.external_data_paths(unet))
-    assert ex.external_data_paths(unet)
+    assert external_data_paths(unet) == ["model.onnx_data"] * len(external_data_paths(unet))
+    assert external_data_paths(unet)
     ex.check_onnx_files(onnx_dir)
     merged = ex._load_merged(str(export_dir))
     par = unet_parity(merged.unet, unet, 1e-4, ["CPUExecutionProvider"])

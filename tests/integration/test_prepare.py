@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finestyle.concepts import (
+from finestyle.config import PrepareConfig
+from finestyle.core.errors import UserError
+from finestyle.prepare.concepts import (
     attention_heatmaps,
     background_region,
     box_from_heatmap,
@@ -19,9 +21,7 @@ from finestyle.concepts import (
     phrases_from_caption,
     token_spans,
 )
-from finestyle.config import PrepareConfig
-from finestyle.errors import UserError
-from finestyle.prepare import run_prepare
+from finestyle.prepare.stage import run_prepare
 from tests.conftest import EXAMPLES
 from tests.unit.test_images import make_messy_folder
 
@@ -143,7 +143,7 @@ def test_reuse_by_content_and_force(tmp_path, scene_dir):
 def test_killed_publish_leaves_old_dataset(tmp_path, scene_dir, monkeypatch):
     from datasets import load_from_disk
 
-    import finestyle.prepare as prep
+    import finestyle.prepare.stage as prep
 
     c = cfg(tmp_path / "ds", [scene_dir], concepts="none")
     run_prepare(c, log=lambda m: None)
@@ -167,7 +167,7 @@ def test_sigkill_during_publish_leaves_no_mix(tmp_path, scene_dir):
     """A real SIGKILL while the dataset is being written: the folder is either absent or complete."""
     code = f"""
 import os, signal
-import finestyle.prepare as prep
+import finestyle.prepare.stage as prep
 from finestyle.config import PrepareConfig
 real = prep.write_dataset
 def die(tmp, rows, report):

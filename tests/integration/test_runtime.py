@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finestyle.errors import UserError
-from finestyle.runtime import GenerationRequest, export_concepts, generate, load_backend
+from finestyle.core.errors import UserError
+from finestyle.runtime.generate import GenerationRequest, export_concepts, generate, load_backend
 from tests.integration.test_export import adapter  # noqa: F401  (module fixture reuse)
 
 
 @pytest.fixture(scope="module")
 def export_with_base(adapter, tmp_path_factory):  # noqa: F811
     from finestyle.config import ExportConfig
-    from finestyle.export import run_export
+    from finestyle.export.steps import run_export
 
     out = tmp_path_factory.mktemp("rt") / "e"
     run_export(
@@ -63,7 +63,7 @@ def test_each_knob_changes_output_and_neutral_changes_nothing(export_with_base):
 
 def test_style_guidance_needs_the_base_unet(adapter, tmp_path):  # noqa: F811
     from finestyle.config import ExportConfig
-    from finestyle.export import run_export
+    from finestyle.export.steps import run_export
 
     out = tmp_path / "e"
     run_export(
@@ -132,7 +132,7 @@ def test_schedulers_run_and_stochastic_ones_are_batch_invariant(export_with_base
     """Every named sampler runs on the ORT backend and changes the image; with a stochastic sampler
     (Euler-a, DDPM) a seed gives the same image alone or batched with other requests."""
     from finestyle.config import SCHEDULERS
-    from finestyle.runtime import generate_batch
+    from finestyle.runtime.generate import generate_batch
 
     be = load_backend(str(export_with_base), "onnxruntime")
     base = _arr(generate(be, GenerationRequest("a red boat", steps=3, seed=3)))
@@ -157,7 +157,7 @@ def test_io_binding_path_gives_the_same_images(export_with_base):
     images as plain session.run, with and without style guidance (the base UNet is bound too)."""
     from pathlib import Path
 
-    from finestyle.runtime import _ort_backend
+    from finestyle.runtime.generate import _ort_backend
 
     plain = _ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=False)
     bound = _ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=True)

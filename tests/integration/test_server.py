@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from finestyle.config import ExportConfig, ServeConfig
-from finestyle.export import run_export
-from finestyle.server import create_app
+from finestyle.export.steps import run_export
+from finestyle.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,8 @@ def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
     out the (long) max wait for a batch that cannot fill; it stops max_gap_ms after the last arrival."""
     import asyncio
 
-    import finestyle.server as srv
-    from finestyle.runtime import GenerationRequest
+    import finestyle.serve.app as srv
+    from finestyle.runtime.generate import GenerationRequest
 
     sizes: list[int] = []
 

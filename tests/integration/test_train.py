@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from finestyle.config import PrepareConfig, TrainConfig
-from finestyle.prepare import run_prepare
-from finestyle.training import ADAPTER_WEIGHTS, TrainingDiverged, run_train
+from finestyle.prepare.stage import run_prepare
+from finestyle.train.loop import ADAPTER_WEIGHTS, TrainingDiverged, run_train
 
 QUIET = {"log": lambda m: None}
 
@@ -73,8 +73,8 @@ def test_train_writes_everything_and_reloads_with_diffusers(dataset, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from finestyle.models import build_builtin_pipeline
-    from finestyle.training import add_lora, load_lora_state
+    from finestyle.core.models import build_builtin_pipeline
+    from finestyle.train.loop import add_lora, load_lora_state
 
     out = tmp_path / "run"
     r = run_train(tcfg(dataset, out, alpha=8.0), **QUIET)  # alpha != rank: a lost alpha shows
@@ -116,7 +116,7 @@ def test_train_writes_everything_and_reloads_with_diffusers(dataset, tmp_path):
 def test_only_targeted_modules_change(dataset, tmp_path, targets, pattern):
     from safetensors.torch import load_file
 
-    from finestyle.models import build_builtin_pipeline
+    from finestyle.core.models import build_builtin_pipeline
 
     run_train(tcfg(dataset, tmp_path / "r", targets=targets, steps=2), **QUIET)
     sd = load_file(str(tmp_path / "r" / "adapter" / ADAPTER_WEIGHTS))
@@ -136,16 +136,12 @@ def _train_in_subprocess(dataset, out, kill_at: int | None = None, resume: bool 
     """Each run in a fresh process, so that all three start from identical process state."""
     code = f"""
 import os, signal
-import finestyle.training as T
+import finestyle.train.loop as T
 from finestyle.config import TrainConfig
-real = T.save_checkpoint
-def save_then_die(root, step, *a, **k):
-    p = real(root, step, *a, **k)
-    if step == {kill_at!r}:
+def die_after(state, path):
+    if state.step == {kill_at!r}:
         os.kill(os.getpid(), signal.SIGKILL)
-    return p
-T.save_checkpoint = save_then_die
-T.run_train(TrainConfig(dataset={str(dataset)!r}, base="builtin:tiny-sd", out={str(out)!r}, steps=6,
+T.run_train(hooks=T.TrainHooks(on_checkpoint=die_after), cfg=TrainConfig(dataset={str(dataset)!r}, base="builtin:tiny-sd", out={str(out)!r}, steps=6,
             resolution=64, sample_steps=2, lr=1e-3, rank=4, seed=3, checkpoint_every=2, caption_dropout=0.3,
             dropout=0.1, flip=True, resume={resume!r}), log=lambda m: None)
 """
@@ -175,7 +171,7 @@ def test_kill_and_resume_is_bit_exact(dataset, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(dataset, tmp_path, monkeypatch):
-    import finestyle.training as T
+    import finestyle.train.loop as T
 
     real = T.diffusion_loss
     calls = {"n": 0}
@@ -194,7 +190,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(dataset, tmp_path, monkey
 def test_v_prediction_and_linear_projection_config_trains(dataset, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from finestyle.models import build_builtin_pipeline
+    from finestyle.core.models import build_builtin_pipeline
 
     pipe = build_builtin_pipeline("builtin:tiny-sd")
     cfg = dict(pipe.unet.config)

@@ -9,7 +9,7 @@ import pytest
 
 def run_cli(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "finestyle.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

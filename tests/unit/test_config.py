@@ -11,7 +11,7 @@ from finestyle.config import (
     load_pipeline_config,
     stage_from_sources,
 )
-from finestyle.errors import UserError
+from finestyle.core.errors import UserError
 
 
 def test_validation_names_field_and_value():

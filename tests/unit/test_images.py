@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finestyle.images import ImageRejected, discover, load_all, load_image
+from finestyle.prepare.ingest import ImageRejected, discover, load_all, load_image
 from tests.conftest import make_scene
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from finestyle.errors import ModelLoadError
-from finestyle.models import (
+from finestyle.core.errors import ModelLoadError
+from finestyle.core.models import (
     BUILTINS,
     build_builtin_captioner,
     build_builtin_pipeline,
@@ -100,8 +100,8 @@ def test_benchmark_builtins_are_registered():
 
 def test_import_sets_nothing_global():
     code = (
-        "import os; before = dict(os.environ); import finestyle, finestyle.models, finestyle.config, "
-        "finestyle.cli; assert dict(os.environ) == before, set(os.environ) ^ set(before)"
+        "import os; before = dict(os.environ); import finestyle, finestyle.core.models, finestyle.config, "
+        "finestyle.cli.app; assert dict(os.environ) == before, set(os.environ) ^ set(before)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT", "ORT_", "DO_NOT"))}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

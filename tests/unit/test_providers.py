@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from finestyle.runtime import provider_config
+from finestyle.runtime.generate import provider_config
 
 
 def test_tensorrt_ep_options_per_export_and_component(tmp_path, monkeypatch):
@@ -46,8 +46,8 @@ def test_dtype_for_a_non_torch_runtime_is_refused_before_loading(tmp_path):
     """`--runtime onnxruntime --dtype bf16` used to load fp32 ONNX silently; now one clear error."""
     import pytest
 
-    from finestyle.errors import UserError
-    from finestyle.runtime import load_backend
+    from finestyle.core.errors import UserError
+    from finestyle.runtime.generate import load_backend
 
     (tmp_path / "manifest.json").write_text("{}")
     for runtime in ("onnxruntime", "tensorrt"):

@@ -21,11 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .config import ExportConfig, to_dict
-from .errors import UserError, VerificationError
-from .fsutil import clean_stale_temps, hash_json, hash_tree, publish_dir, read_json, sha256_file, write_json
-from .models import load_sd_pipeline, pick_device
+from finestyle import __version__
+from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
+from finestyle.artifacts.manifest import verify_export
+from finestyle.config import ExportConfig, to_dict
+from finestyle.core.errors import UserError, VerificationError
+from finestyle.core.fs import (
+    clean_stale_temps,
+    hash_json,
+    hash_tree,
+    publish_dir,
+    write_json,
+)
+from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
+from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
+from finestyle.export.tensorrt import build_engines
+from finestyle.runtime.generate import GenerationRequest, generate, torch_backend
 
 ONNX_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PARITY_TIMESTEPS = (999, 500, 1)
@@ -92,7 +103,6 @@ def merge_adapter(
 
     Returns (merged pipeline in fp32, merge report). Raises VerificationError past `atol`.
     """
-    from .training import ADAPTER_WEIGHTS, adapter_info
 
     pipe = load_sd_pipeline(base, device=device, dtype=torch.float32)
     if adapter is None:
@@ -133,9 +143,7 @@ def merge_adapter(
 # 2. ONNX export and parity
 
 
-def onnx_export(
-    merged_dir: Path, onnx_dir: Path, fp16: bool, opset: int | None, device: torch.device
-) -> dict[str, Any] | None:
+def onnx_export(merged_dir: Path, onnx_dir: Path, fp16: bool, opset: int | None) -> dict[str, Any] | None:
     """optimum's exporter on the merged diffusers folder -> text_encoder/ unet/ vae_*/ model.onnx.
 
     The export itself is always fp32 (on any device). With `fp16`, the graphs are then converted to
@@ -272,23 +280,6 @@ def check_onnx_files(onnx_dir: Path) -> dict[str, str]:
     return res
 
 
-def ort_providers(prefer: list[str] | None = None) -> list[str]:
-    """Execution providers in the order TensorRT, CUDA, CPU, limited to what is installed."""
-    import onnxruntime as ort
-
-    avail = ort.get_available_providers()
-    order = prefer or ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in order if p in avail] or ["CPUExecutionProvider"]
-
-
-def ort_session(path: Path, providers: list[str] | None = None) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
-
-
 def unet_parity(
     unet: Any, onnx_path: Path, atol: float, providers: list[str] | None = None
 ) -> dict[str, Any]:
@@ -384,7 +375,7 @@ def image_parity(
 def optimize_unet(onnx_dir: Path, target: str) -> dict[str, Any]:
     """onnxruntime's diffusion graph optimizer on the UNet, with fusions that suit the target.
 
-    On CPU the GPU-only fusions (NhwcConv, GroupNorm, BiasSplitGelu, ...) are turned off (STACK.md).
+    On CPU the GPU-only fusions (NhwcConv, GroupNorm, BiasSplitGelu, ...) are turned off: they have no CPU kernels.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -425,58 +416,7 @@ def optimize_unet(onnx_dir: Path, target: str) -> dict[str, Any]:
 # 4. manifest and verification
 
 
-def external_data_paths(onnx_path: Path) -> list[str]:
-    import onnx
-
-    m = onnx.load(str(onnx_path), load_external_data=False)
-    locs = []
-    for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in init.external_data:
-                if kv.key == "location":
-                    locs.append(kv.value)
-    return locs
-
-
-def verify_export(folder: str | Path, deep: bool = True) -> dict[str, Any]:
-    """Check an export folder against its manifest: every file present with its sha256, no unlisted
-    model files, ONNX external data inside the folder. Raises UserError naming the problem."""
-    folder = Path(folder)
-    mpath = folder / "manifest.json"
-    if not mpath.exists():
-        raise UserError(
-            f"{str(folder)!r} is not a FineStyle export (no manifest.json; an interrupted export "
-            "leaves none); re-run `finestyle export`"
-        )
-    try:
-        manifest = read_json(mpath)
-    except ValueError as exc:
-        raise UserError(f"{mpath}: manifest is not valid JSON ({exc})") from exc
-    files = manifest.get("files", {})
-    for rel, digest in files.items():
-        p = folder / rel
-        if not p.is_file():
-            raise UserError(
-                f"export {str(folder)!r} is incomplete: {rel} is missing; re-run `finestyle export`"
-            )
-        if deep and sha256_file(p) != digest:
-            raise UserError(f"export {str(folder)!r} was modified: {rel} does not match its manifest sha256")
-    for p in folder.rglob("*.onnx"):
-        rel = p.relative_to(folder).as_posix()
-        if rel not in files:
-            raise UserError(f"export {str(folder)!r}: {rel} is not listed in the manifest")
-        for loc in external_data_paths(p):
-            target = (p.parent / loc).resolve()
-            if Path(loc).is_absolute() or not target.is_relative_to(folder.resolve()):
-                raise UserError(
-                    f"export {str(folder)!r}: {rel} points its external data outside the folder "
-                    f"({loc}); refusing to load it"
-                )
-    return manifest
-
-
 def export_cache_key(cfg: ExportConfig) -> str:
-    from .prepare import model_fingerprint
 
     conf = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force", "device", "adapter", "base")}
     adapter = None
@@ -514,8 +454,6 @@ def check_reuse(cfg: ExportConfig, log=_log) -> dict[str, Any] | None:
             f"adapter folder {cfg.adapter!r} does not exist; pass RUN/adapter from `finestyle train`"
         )
     if cfg.format == "tensorrt":
-        from .tensorrt import require_tensorrt
-
         require_tensorrt()
     key = export_cache_key(cfg)
     if not cfg.force and (out / "manifest.json").exists():
@@ -592,7 +530,7 @@ def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
 def step_onnx(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """2. optimum ONNX export of the merged pipeline (+ the base UNet when asked), checker-verified."""
     t = time.perf_counter()
-    onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", False, cfg.opset, pick_device(cfg.device))
+    onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", False, cfg.opset)
     release_memory()
     if cfg.with_base_unet:
         base = load_sd_pipeline(cfg.base, device="cpu", dtype=torch.float32)
@@ -600,7 +538,7 @@ def step_onnx(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
         base.save_pretrained(scratch / "pipe", safe_serialization=True)
         del base
         release_memory()
-        onnx_export(scratch / "pipe", scratch / "onnx", False, cfg.opset, pick_device(cfg.device))
+        onnx_export(scratch / "pipe", scratch / "onnx", False, cfg.opset)
         shutil.move(str(scratch / "onnx" / "unet"), str(Path(tmp) / "onnx" / "unet_base"))
         shutil.rmtree(scratch)
     release_memory()
@@ -642,14 +580,13 @@ def step_validate(cfg: ExportConfig, tmp: str, suffix: str = "", log=_log) -> di
 
 def bf16_image_check(merged_dir: str | Path, steps: int, size: int | None = None) -> dict[str, Any]:
     """Same seed, same scheduler: torch fp32 vs torch bf16 (channels_last) image. Fails past the threshold."""
-    from .runtime import GenerationRequest, _torch_backend, generate
 
     req = GenerationRequest(
         "a lighthouse on a cliff at night", steps=steps, seed=1234, width=size, height=size
     )
-    a = np.asarray(generate(_torch_backend(str(merged_dir), None, "cpu", "fp32"), req)[0], np.float32) / 255
+    a = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "fp32"), req)[0], np.float32) / 255
     release_memory()
-    b = np.asarray(generate(_torch_backend(str(merged_dir), None, "cpu", "bf16"), req)[0], np.float32) / 255
+    b = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "bf16"), req)[0], np.float32) / 255
     mean, mx = float(np.abs(a - b).mean()), float(np.abs(a - b).max())
     if not mean <= BF16_IMAGE_MEAN_ATOL:
         raise VerificationError(
@@ -686,7 +623,6 @@ def step_optimize(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
 
 def step_tensorrt(cfg: ExportConfig, tmp: str) -> dict[str, Any]:
     """5. TensorRT engines from the ONNX files (unverified here: TensorRT is not installable)."""
-    from .tensorrt import build_engines
 
     return build_engines(Path(tmp) / "onnx", Path(tmp) / "tensorrt", cfg)
 

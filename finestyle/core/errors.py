@@ -17,7 +17,3 @@ class ModelLoadError(UserError):
 
 class VerificationError(FineStyleError):
     """An equivalence check failed (merge, ONNX parity, manifest hash). Never a warning."""
-
-
-class NotBuiltYet(UserError):
-    """A command whose stage does not exist yet."""

@@ -16,23 +16,30 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .captioning import Captioner, CaptionSettings, caption_dtype
-from .concepts import (
+from finestyle import __version__
+from finestyle.artifacts.dataset import write_dataset
+from finestyle.config import PrepareConfig, to_dict
+from finestyle.core.errors import UserError
+from finestyle.core.fs import (
+    clean_stale_temps,
+    hash_json,
+    read_json,
+    sha256_file,
+    staging_dir,
+    write_json,
+)
+from finestyle.core.geometry import fit_size
+from finestyle.core.models import load_captioner, load_sd_pipeline, model_fingerprint, pick_device
+from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
+from finestyle.prepare.concepts import (
     Region,
-    _fit_size,
     attention_regions,
     grid_regions,
     load_boxes_file,
     phrases_from_caption,
     user_regions,
 )
-from .config import PrepareConfig, to_dict
-from .dataset import write_dataset
-from .errors import UserError
-from .fsutil import clean_stale_temps, hash_json, hash_tree, read_json, sha256_file, staging_dir, write_json
-from .images import LoadedImage, Rejected, discover, load_all
-from .models import is_builtin, load_captioner, load_sd_pipeline, pick_device
+from finestyle.prepare.ingest import LoadedImage, Rejected, discover, load_all
 
 # Models are loaded once per process and reused by every chunk/task (keyed by name/device/dtype).
 _MODELS: dict[tuple[str, str, str], Any] = {}
@@ -40,25 +47,6 @@ _MODELS: dict[tuple[str, str, str], Any] = {}
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def model_fingerprint(name: str | None) -> str | None:
-    """Identify a model for cache keys: builtin/hub name, or a hash of a local folder's files."""
-    if not name:
-        return None
-    p = Path(name)
-    if is_builtin(name) or not p.exists():
-        return name
-    files = (
-        hash_tree(p)
-        if sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) < 50_000_000
-        else {
-            f.relative_to(p).as_posix(): f"{f.stat().st_size}:{f.stat().st_mtime_ns}"
-            for f in p.rglob("*")
-            if f.is_file()
-        }
-    )
-    return hash_json(files)
 
 
 def cache_key(cfg: PrepareConfig, candidates: list[Path]) -> str:
@@ -130,7 +118,7 @@ def _row(li: LoadedImage, region: Region, caption: str, cfg: PrepareConfig, root
         "method": region.method,
         "width": crop.width,
         "height": crop.height,
-        "bucket": list(_fit_size(crop.size, cfg.resolution, 64)),
+        "bucket": list(fit_size(crop.size, cfg.resolution, 64)),
         "resolution": cfg.resolution,
     }
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 QUIET_DEFAULTS = {
-    # Prefect 3 tries to reach a telemetry host unless told not to (STACK.md).
+    # Prefect 3 tries to reach a telemetry host unless told not to.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     # The first temporary local API run migrates its database: allow for a slow CPU.

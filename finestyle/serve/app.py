@@ -23,8 +23,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ServeConfig
-from .runtime import (
+from finestyle.artifacts.manifest import verify_export
+from finestyle.config import ServeConfig
+from finestyle.runtime.generate import (
     SCHEDULERS,
     Backend,
     GenerationRequest,
@@ -211,14 +212,9 @@ def _encode_pngs(images: list[Any], meta: dict[str, str]) -> list[bytes]:
     return out
 
 
-def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
-    """Build the FastAPI app. `backend` may be given (tests); otherwise the export is loaded at start-up."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+def request_model(cfg: ServeConfig) -> Any:
+    """The pydantic model of POST /v1/generate, with the server's limits as field bounds."""
     from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-    state: dict[str, Any] = {"ready": False, "draining": False, "in_flight": 0}
-    metrics = Metrics()
 
     class GenerateBody(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -248,27 +244,61 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
                 raise ValueError(f"must be a multiple of 8 (got {v})")
             return v
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        be = backend or await asyncio.get_running_loop().run_in_executor(
-            None, lambda: load_backend(cfg.export, cfg.runtime, cfg.providers, dtype=cfg.dtype)
-        )
-        state["backend"] = be
-        state["batcher"] = Batcher(be, cfg, metrics)
-        state["batcher"].task = asyncio.create_task(state["batcher"].run())
-        state["ready"] = True
-        try:
-            yield
-        finally:
-            # drain: refuse new work, let accepted requests finish (bounded), then stop the worker
-            state["draining"] = True
-            state["ready"] = False
-            t_end = time.monotonic() + cfg.drain_s
-            while state["in_flight"] and time.monotonic() < t_end:
-                await asyncio.sleep(0.05)
-            state["batcher"].task.cancel()
+    return GenerateBody
 
-    app = FastAPI(title="FineStyle inference", lifespan=lifespan)
+
+def _model_info(be: Backend, cfg: ServeConfig) -> dict[str, Any]:
+    m = be.manifest
+    return {
+        "runtime": be.name,
+        "base_model": m.get("base_model"),
+        "style": m.get("style"),
+        "concepts": m.get("concepts", []),
+        "lora_scale": m.get("lora_scale"),
+        "precision": m.get("precision"),
+        "style_guidance": be.unet_base is not None,
+        "manifest_sha256": be.manifest_sha256,
+        "native_size": be.native_size * be.vae_scale,
+        "limits": {
+            "max_steps": cfg.max_steps,
+            "max_size": cfg.max_size,
+            "max_images": cfg.max_images,
+            "max_prompt_tokens": cfg.max_prompt_tokens,
+        },
+    }
+
+
+def _request_problem(body: Any, be: Backend, cfg: ServeConfig) -> str | None:
+    """What makes a schema-valid request unservable by this backend (422), or None."""
+    for name in ("prompt", "negative_prompt"):
+        n_tok = len(be.tokenizer(getattr(body, name)).input_ids)
+        if n_tok > cfg.max_prompt_tokens:
+            return f"{name} is {n_tok} tokens; the limit is {cfg.max_prompt_tokens}"
+    if body.style_guidance > 0 and be.unet_base is None:
+        return "style_guidance needs an export made with --with-base-unet"
+    return None
+
+
+def _to_request(body: Any) -> GenerationRequest:
+    """The runtime's request from a validated body; an omitted seed becomes a fresh random one."""
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        steps=body.steps,
+        guidance=body.guidance,
+        style_guidance=body.style_guidance,
+        width=body.width,
+        height=body.height,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        num_images=body.num_images,
+        scheduler=body.scheduler,
+    )
+
+
+def _add_guards(app: Any, cfg: ServeConfig) -> None:
+    """Body-size limit (413) before parsing, and one JSON shape for internal errors (500)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -290,6 +320,47 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     async def internal(request: Request, exc: Exception):
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
+
+def _lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, Any], metrics: Metrics) -> Any:
+    """Start-up (load the export, start the batcher) and shutdown (drain, then stop the worker)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        be = backend or await asyncio.get_running_loop().run_in_executor(
+            None, lambda: load_backend(cfg.export, cfg.runtime, cfg.providers, dtype=cfg.dtype)
+        )
+        state["backend"] = be
+        state["batcher"] = Batcher(be, cfg, metrics)
+        state["batcher"].task = asyncio.create_task(state["batcher"].run())
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            # drain: refuse new work, let accepted requests finish (bounded), then stop the worker
+            state["draining"] = True
+            state["ready"] = False
+            t_end = time.monotonic() + cfg.drain_s
+            while state["in_flight"] and time.monotonic() < t_end:
+                await asyncio.sleep(0.05)
+            state["batcher"].task.cancel()
+
+    return lifespan
+
+
+def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
+    """Build the FastAPI app. `backend` may be given (tests); otherwise the export is loaded at start-up."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+    state: dict[str, Any] = {"ready": False, "draining": False, "in_flight": 0}
+    metrics = Metrics()
+
+    GenerateBody = request_model(cfg)
+
+    app = FastAPI(title="FineStyle inference", lifespan=_lifespan(cfg, backend, state, metrics))
+
+    _add_guards(app, cfg)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -302,25 +373,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
-        be: Backend = state["backend"]
-        m = be.manifest
-        return {
-            "runtime": be.name,
-            "base_model": m.get("base_model"),
-            "style": m.get("style"),
-            "concepts": m.get("concepts", []),
-            "lora_scale": m.get("lora_scale"),
-            "precision": m.get("precision"),
-            "style_guidance": be.unet_base is not None,
-            "manifest_sha256": be.manifest_sha256,
-            "native_size": be.native_size * be.vae_scale,
-            "limits": {
-                "max_steps": cfg.max_steps,
-                "max_size": cfg.max_size,
-                "max_images": cfg.max_images,
-                "max_prompt_tokens": cfg.max_prompt_tokens,
-            },
-        }
+        return _model_info(state["backend"], cfg)
 
     @app.get("/metrics")
     async def prom() -> PlainTextResponse:
@@ -340,31 +393,11 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
                 headers={"Retry-After": "5"},
             )
         be: Backend = state["backend"]
-        for name in ("prompt", "negative_prompt"):
-            n_tok = len(be.tokenizer(getattr(body, name)).input_ids)
-            if n_tok > cfg.max_prompt_tokens:
-                metrics.observe(422, None)
-                return JSONResponse(
-                    {"detail": f"{name} is {n_tok} tokens; the limit is {cfg.max_prompt_tokens}"},
-                    status_code=422,
-                )
-        if body.style_guidance > 0 and be.unet_base is None:
+        problem = _request_problem(body, be, cfg)
+        if problem:
             metrics.observe(422, None)
-            return JSONResponse(
-                {"detail": "style_guidance needs an export made with --with-base-unet"}, status_code=422
-            )
-        req = GenerationRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            steps=body.steps,
-            guidance=body.guidance,
-            style_guidance=body.style_guidance,
-            width=body.width,
-            height=body.height,
-            seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
-            num_images=body.num_images,
-            scheduler=body.scheduler,
-        )
+            return JSONResponse({"detail": problem}, status_code=422)
+        req = _to_request(body)
         batcher: Batcher = state["batcher"]
         fut = asyncio.get_running_loop().create_future()
         try:
@@ -400,16 +433,9 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     return app
 
 
-def run_server(export_dir: str, host: str = "127.0.0.1", port: int = 8000, **overrides: Any) -> None:
-    """Start uvicorn on `host:port` (127.0.0.1 by default) serving `export_dir`."""
-    run_config(ServeConfig(export=export_dir, host=host, port=port, **overrides))
-
-
 def run_config(cfg: ServeConfig) -> None:
     """Start uvicorn for a complete ServeConfig (what `finestyle serve` builds from flags and YAML)."""
     import uvicorn
-
-    from .export import verify_export
 
     verify_export(cfg.export)  # fail fast, before binding, with the manifest's message
     uvicorn.run(

@@ -13,8 +13,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import UserError
-from .fsutil import hash_json, sha256_file
+from finestyle.core.errors import UserError
+from finestyle.core.fs import hash_json, sha256_file
 
 COLUMNS = (
     "image",

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from finestyle.core.models import pick_dtype
+
 # BLIP-base's well-known artefact words (it learnt them from noisy web captions).
 _ARTEFACTS = {"arafed", "araffe", "arafe", "araffed", "there is", "there are"}
 
@@ -28,7 +30,6 @@ def caption_dtype(device: torch.device, prefer: str = "auto") -> torch.dtype:
     Captioning is inference only, and bf16 captions were measured against fp32 (README), so
     unlike training the CPU default here is reduced precision where the hardware has it.
     """
-    from .models import pick_dtype
 
     if prefer != "auto":
         return pick_dtype(device, prefer)

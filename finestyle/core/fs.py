@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,15 +102,3 @@ def clean_stale_temps(parent: str | os.PathLike, name: str) -> int:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 n += 1
     return n
-
-
-class Timer:
-    """Context manager measuring wall seconds into `.seconds`."""
-
-    def __enter__(self) -> Timer:
-        self.t0 = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0

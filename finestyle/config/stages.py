@@ -13,13 +13,14 @@ CLI options override file values (`apply_overrides`).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar
 
-from .errors import UserError
+from finestyle.config.base import check as _check
+from finestyle.config.base import from_dict, load_yaml
+from finestyle.core.errors import UserError
 
 T = TypeVar("T")
 
@@ -31,11 +32,6 @@ TARGET_PRESETS = {
     # diffusers' train_text_to_image_lora.py default: self- and cross-attention.
     "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
 }
-
-
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise UserError(f"{name}: invalid value {value!r}; {allowed}")
 
 
 # Sampler names accepted by `generate --scheduler` and the server (diffusers classes, configured from
@@ -107,7 +103,7 @@ class PrepareConfig:
     template: str = "{concept}, in {style} style"
     """Training text; placeholders {concept}, {caption}, {style}."""
     attention_timestep: int = 400
-    """Noise timestep (of 1000) at which cross-attention maps are read (FINESTYLE.md: 300-500)."""
+    """Noise timestep (of 1000) at which cross-attention maps are read (DAAM-style localisation reads 300-500)."""
     threshold: float = 0.5
     """Attention threshold as a fraction of the map's max; 0 means Otsu."""
     grid_scales: list[int] = field(default_factory=lambda: [2, 3])
@@ -549,81 +545,6 @@ class PipelineConfig:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# dict / YAML / overrides
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    if value is None:
-        return None
-    origin = getattr(tp, "__origin__", None)
-    targs = getattr(tp, "__args__", ())
-    if tp in (int, float, bool, str):
-        if tp is bool and isinstance(value, str):
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"{name}: invalid value {value!r}; use true or false")
-        if tp is bool and not isinstance(value, bool):
-            raise UserError(f"{name}: invalid value {value!r}; use true or false")
-        try:
-            return tp(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{name}: invalid value {value!r}; expected {tp.__name__}") from None
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name}: invalid value {value!r}; expected a list")
-        return [_coerce(targs[0], v, name) for v in value] if targs else list(value)
-    if targs and type(None) in targs:  # Optional[X]
-        inner = [a for a in targs if a is not type(None)][0]
-        return _coerce(inner, value, name)
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any] | None, section: str = "") -> T:
-    """Build a config dataclass from a dict, rejecting unknown keys by name."""
-    data = dict(data or {})
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    prefix = f"{section}." if section else ""
-    if unknown:
-        raise UserError(f"{prefix}{sorted(unknown)[0]}: unknown option; known: {', '.join(sorted(names))}")
-    kwargs: dict[str, Any] = {}
-    for k, v in data.items():
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(v, dict):
-                raise UserError(f"{prefix}{k}: expected a mapping, got {v!r}")
-            kwargs[k] = from_dict(tp, v, f"{prefix}{k}")
-        else:
-            kwargs[k] = _coerce(tp, v, f"{prefix}{k}")
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"config file {str(p)!r} must hold a mapping at the top level")
-    return data
-
-
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline YAML and apply `section.key=value` overrides (CLI wins over the file)."""
     data = load_yaml(path)
@@ -642,35 +563,3 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
                 raise UserError(f"override {item!r}: {part} is not a section")
         cur[parts[-1]] = parsed
     return from_dict(PipelineConfig, data)
-
-
-def stage_from_sources(cls: type[T], section: str, config_file: str | None, cli_values: dict[str, Any]) -> T:
-    """Build one stage's config: file section (if any), then CLI values that were given."""
-    data: dict[str, Any] = {}
-    if config_file:
-        raw = load_yaml(config_file)
-        data = dict(raw.get(section, raw if section not in raw and _looks_flat(raw, cls) else {}))
-    for k, v in cli_values.items():
-        if v is not None:
-            data[k] = v
-    return from_dict(cls, data, section)
-
-
-def _looks_flat(raw: dict[str, Any], cls: type) -> bool:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return bool(raw) and set(raw) <= names
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (read from the source), for --help and docs."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for a, b in zip(body, body[1:], strict=False):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
-    return docs

@@ -7,6 +7,22 @@ from typing import Any
 
 import torch
 
+from finestyle.artifacts.dataset import load_training_rows
+from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
+from finestyle.core.models import load_captioner, load_sd_pipeline, pick_device, save_builtin
+from finestyle.core.onnxrt import ort_providers
+from finestyle.export.steps import onnx_export, ort_session, run_export
+from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
+from finestyle.prepare.stage import run_prepare
+from finestyle.train.loop import (
+    add_lora,
+    bucket_of,
+    diffusion_loss,
+    diffusion_target,
+    resize_to_bucket,
+    run_train,
+)
+
 
 def _images(n: int, size: int = 384) -> list[Any]:
     from PIL import Image
@@ -26,8 +42,6 @@ def bench_caption(
 ) -> dict[str, Any]:
     """Images/s of the project's captioning path (batched, bf16 where the CPU has it) against a plain
     fp32 one-at-a-time `generate` loop, on the same images, greedy, a fixed number of new tokens."""
-    from .captioning import Captioner, CaptionSettings, caption_dtype
-    from .models import load_captioner, pick_device
 
     dev = pick_device()
     imgs = _images(n_images)
@@ -91,9 +105,6 @@ def bench_caption(
 def _bench_dataset(folder: str, resolution: int) -> str:
     from pathlib import Path
 
-    from .config import PrepareConfig
-    from .prepare import run_prepare
-
     examples = Path(__file__).resolve().parent.parent / "data" / "examples"
     run_prepare(
         PrepareConfig(
@@ -120,8 +131,6 @@ def train_worker(
     """
     import resource
 
-    from .config import TrainConfig
-
     cfg = TrainConfig(
         dataset=dataset,
         base=base,
@@ -136,8 +145,6 @@ def train_worker(
     if variant.startswith("cached"):
         import json
         from pathlib import Path
-
-        from .training import run_train
 
         run_train(cfg, log=lambda m: None)
         rep = json.loads((Path(out) / "report.json").read_text())
@@ -157,10 +164,6 @@ def train_worker(
 def _baseline_loop(cfg: Any, warmup: int) -> tuple[list[float], list[float]]:
     """The uncached reference loop (diffusers examples/text_to_image/train_text_to_image_lora.py)."""
     import numpy as np
-
-    from .dataset import load_training_rows
-    from .models import load_sd_pipeline
-    from .training import add_lora, bucket_of, diffusion_loss, diffusion_target, resize_to_bucket
 
     rows = load_training_rows(cfg.dataset)
     pipe = load_sd_pipeline(cfg.base, device="cpu")
@@ -223,7 +226,7 @@ def bench_train(
         res = {}
         for v in variants:
             code = (
-                "import json,sys; from finestyle.bench import train_worker; "
+                "import json,sys; from finestyle.bench.suite import train_worker; "
                 f"print('RESULT'+json.dumps(train_worker({v!r}, {ds!r}, {base!r}, {resolution}, {steps}, {warmup}, "
                 f"{d + '/' + v!r})))"
             )
@@ -268,8 +271,6 @@ def _ort_op_times(onnx_path: Any, feeds: dict[str, Any], runs: int = 2) -> dict[
 
     import onnxruntime as ort
 
-    from .export import ort_providers
-
     so = ort.SessionOptions()
     so.enable_profiling = True
     import tempfile
@@ -304,12 +305,9 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
     import numpy as np
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .export import onnx_export, ort_session
-    from .models import load_sd_pipeline, save_builtin
-
     with tempfile.TemporaryDirectory() as d:
         src = save_builtin(model, Path(d) / "model") if model.startswith("builtin:") else Path(model)
-        onnx_export(src, Path(d) / "onnx", fp16=False, opset=None, device=torch.device("cpu"))
+        onnx_export(src, Path(d) / "onnx", fp16=False, opset=None)
         pipe = load_sd_pipeline(str(src), device="cpu")
         unet = pipe.unet.eval()
         g = torch.Generator().manual_seed(0)
@@ -419,7 +417,7 @@ class _ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "finestyle.cli", "serve", export, "--port", str(self.port), *extra],
+            [sys.executable, "-m", "finestyle.cli.app", "serve", export, "--port", str(self.port), *extra],
             env=os.environ.copy(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -516,9 +514,6 @@ def bench_serve(
 
     with tempfile.TemporaryDirectory() as d:
         if export is None:
-            from .config import ExportConfig
-            from .export import run_export
-
             export = f"{d}/export"
             run_export(
                 ExportConfig(base="builtin:tiny-sd", adapter=None, out=export, device="cpu"),

@@ -20,7 +20,8 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .concepts import _fit_size
-from .config import TrainConfig, to_dict
-from .dataset import dataset_fingerprint, load_training_rows
-from .errors import FineStyleError, UserError
-from .fsutil import hash_json, read_json, staging_dir, write_json
-from .models import load_sd_pipeline, pick_device
+from finestyle import __version__
+from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, KOHYA_WEIGHTS
+from finestyle.artifacts.dataset import dataset_fingerprint, load_training_rows
+from finestyle.config import TrainConfig, to_dict
+from finestyle.core.errors import FineStyleError, UserError
+from finestyle.core.fs import hash_json, read_json, staging_dir, write_json
+from finestyle.core.geometry import fit_size
+from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
 
-ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHTS = "finestyle_lora_kohya.safetensors"
-# Objects used for concept-swap validation prompts: none of them is in the example references, so
-# whatever of the references shows up in these samples is content leakage.
 SWAP_OBJECTS = ("a sneaker", "a teapot", "a bicycle", "an owl")
 
 
@@ -65,7 +63,7 @@ class Example:
 def bucket_of(image_size: tuple[int, int], cfg: TrainConfig) -> tuple[int, int]:
     if not cfg.buckets:
         return (cfg.resolution, cfg.resolution)
-    return _fit_size(image_size, cfg.resolution, 64)
+    return fit_size(image_size, cfg.resolution, 64)
 
 
 def resize_to_bucket(image: Any, size: tuple[int, int]) -> Any:
@@ -410,7 +408,6 @@ def _dataset_style(folder: str) -> str | None:
 
 def train_cache_key(cfg: TrainConfig) -> str:
     """Content key of a training run: dataset fingerprint + base + every option that changes weights."""
-    from .prepare import model_fingerprint
 
     conf = {
         k: v
@@ -442,300 +439,361 @@ def train_cache_key(cfg: TrainConfig) -> str:
     )
 
 
-def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict[str, Any]:
-    """Train an adapter. Returns a small summary (paths, steps, speed, loss, parameter counts).
+@dataclass
+class TrainHooks:
+    """Callbacks into the loop, for evaluation at checkpoints, progress reporting and tests.
 
-    Args:
-        stop_after: testing aid; stop (as if killed) after this many steps, checkpoints included.
+    `on_step(state)` runs after every optimizer step; `on_checkpoint(state, path)` after each saved
+    checkpoint (rank 0 only). The train package never imports their callers.
     """
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
+    on_step: Callable[[TrainState], None] | None = None
+    on_checkpoint: Callable[[TrainState, Path], None] | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything one training run holds between setup, the steps and finish."""
+
+    cfg: TrainConfig
+    out: Path
+    world: int
+    rank: int
+    device: torch.device
+    amp: torch.dtype | None
+    pipe: Any = None
+    model: Any = None
+    noise_sched: Any = None
+    frozen_dtype: torch.dtype = torch.float32
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    fingerprint: str = ""
+    examples: list[Example] = field(default_factory=list)
+    latent_cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    text_emb: torch.Tensor | None = None
+    scaling: float = 1.0
+    lcfg: Any = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    optimizer: Any = None
+    lr_sched: Any = None
+    scaler: Any = None
+    gen: torch.Generator | None = None
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    batches: list[list[int]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    steps_this_run: int = 0
+    style: str = "the reference"
+    prompts: list[str] = field(default_factory=list)
+    cache_s: float = 0.0
+    t_start: float = 0.0
+
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    @property
+    def main_proc(self) -> bool:
+        return self.rank == 0
+
+
+def run_train(cfg: TrainConfig, log=_log, hooks: TrainHooks | None = None) -> dict[str, Any]:
+    """Train an adapter. Returns a small summary (paths, steps, speed, loss, parameter counts)."""
+    reused = reused_result(cfg, log)
+    if reused is not None:
+        return reused
+    state = setup(cfg, log)
+    loop_s = fit(state, hooks or TrainHooks())
+    return finish(state, loop_s, log)
+
+
+def reused_result(cfg: TrainConfig, log=_log) -> dict[str, Any] | None:
+    """The summary of a finished run in `cfg.out` with the same content key, or None."""
+    out, key = Path(cfg.out), train_cache_key(cfg)
+    if cfg.force or not (out / "report.json").exists() or not (out / "adapter" / ADAPTER_WEIGHTS).exists():
+        return None
+    old = read_json(out / "report.json")
+    if old.get("cache_key") != key or old.get("steps") != cfg.steps:
+        return None
+    log(f"train: reusing {out} (same dataset, base and options; --force to retrain)")
+    return {
+        "adapter": str(out / "adapter"),
+        "out": str(out),
+        "steps": old["steps"],
+        "reused": True,
+        "steps_per_s": old["steps_per_s"],
+        "final_loss": old["final_loss"],
+        "trainable_params": old["trainable_params"],
+        "samples_dir": str(out / "samples"),
+        "cache_key": key,
+    }
+
+
+def setup(cfg: TrainConfig, log=_log) -> TrainState:
+    """Load, cache, add the adapter, build the optimizer and resume: a state ready for `fit`."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    key = train_cache_key(cfg)
-    if not cfg.force and (out / "report.json").exists() and (out / "adapter" / ADAPTER_WEIGHTS).exists():
-        old = read_json(out / "report.json")
-        if old.get("cache_key") == key and old.get("steps") == cfg.steps:
-            log(f"train: reusing {out} (same dataset, base and options; --force to retrain)")
-            return {
-                "adapter": str(out / "adapter"),
-                "out": str(out),
-                "steps": old["steps"],
-                "reused": True,
-                "steps_per_s": old["steps_per_s"],
-                "final_loss": old["final_loss"],
-                "trainable_params": old["trainable_params"],
-                "samples_dir": str(out / "samples"),
-                "cache_key": key,
-            }
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
     world, rank, device = _distributed(cfg)
-    main_proc = rank == 0
     amp = _precision(cfg, device)
     if amp is not None and device.type == "cpu" and amp == torch.float16:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    st = TrainState(cfg=cfg, out=out, world=world, rank=rank, device=device, amp=amp, t_start=t_start)
+    _load_and_cache(st)
+    _add_adapter_and_optimizer(st)
+    _maybe_resume(st, log)
+    st.style = _dataset_style(cfg.dataset) or "the reference"
+    st.prompts = cfg.sample_prompts or default_sample_prompts(st.rows, st.style)
+    st.batches = epoch_batches(st.examples, cfg.batch_size, cfg.seed, st.epoch)
+    return st
 
-    # 1. Load the dataset and the base model
-    rows = load_training_rows(cfg.dataset)
-    fingerprint = dataset_fingerprint(cfg.dataset)
-    # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
-    pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
-    unet, scheduler = pipe.unet, pipe.scheduler
+
+def _load_and_cache(st: TrainState) -> None:
+    """1-2. Load the dataset and base model; cache latents and text embeddings; VAE/text encoder leave."""
     from diffusers import DDPMScheduler
 
-    noise_sched = DDPMScheduler.from_config(scheduler.config)
-    frozen_dtype = pipe.unet.dtype
-
-    # 2. Cache latents (posterior mean/std) and text embeddings, then move VAE + text encoder off
+    cfg, device = st.cfg, st.device
+    st.rows = load_training_rows(cfg.dataset)
+    st.fingerprint = dataset_fingerprint(cfg.dataset)
+    # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
+    pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
+    st.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    st.frozen_dtype = pipe.unet.dtype
     t_cache = time.perf_counter()
-    examples, latent_cache, text_emb = build_caches(pipe, rows, cfg, device, frozen_dtype)
+    st.examples, st.latent_cache, st.text_emb = build_caches(pipe, st.rows, cfg, device, st.frozen_dtype)
     if cfg.cache == "disk":
-        from safetensors.torch import load_file, save_file
-
-        cache_file = out / "cache" / f"{train_cache_key(cfg)[:16]}.safetensors"
-        cache_file.parent.mkdir(exist_ok=True)
-        flat = {f"m{i}": m for i, (m, _) in enumerate(latent_cache)} | {
-            f"s{i}": s for i, (_, s) in enumerate(latent_cache)
-        }
-        save_file({**flat, "text": text_emb}, str(cache_file))
-        loaded = load_file(str(cache_file))
-        latent_cache = [(loaded[f"m{i}"], loaded[f"s{i}"]) for i in range(len(latent_cache))]
-        text_emb = loaded["text"]
-    cache_s = time.perf_counter() - t_cache
+        st.latent_cache, st.text_emb = _through_disk(st.out, cfg, st.latent_cache, st.text_emb)
+    st.cache_s = time.perf_counter() - t_cache
     pipe.vae.to("cpu")
     pipe.text_encoder.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    scaling = pipe.vae.config.scaling_factor
+    st.scaling = pipe.vae.config.scaling_factor
+    # Mixed precision: hold the frozen UNet weights in the autocast dtype once, rather than letting
+    # autocast re-cast 860M fp32 weights on every forward (measured: most of the bf16 gain on CPU).
+    # The LoRA weights added later stay fp32.
+    if st.amp is not None and pipe.unet.dtype != st.amp:
+        pipe.unet.to(st.amp)
+        st.frozen_dtype = st.amp
 
-    # 2b. Mixed precision: hold the frozen UNet weights in the autocast dtype once, rather than letting
-    #     autocast re-cast 860M fp32 weights on every forward (measured: most of the bf16 gain on CPU).
-    #     The LoRA weights added below stay fp32.
-    if amp is not None and unet.dtype != amp:
-        unet.to(amp)
-        frozen_dtype = amp
-    # 3. Adapter: only the LoRA parameters train, kept in fp32. Seed first: the LoRA init draws
-    #    from the global RNG, and the seed must make the whole run reproducible.
+
+def _through_disk(
+    out: Path, cfg: TrainConfig, latent_cache: list, text_emb: torch.Tensor
+) -> tuple[list, torch.Tensor]:
+    """Write the caches to one safetensors file and read them back (`cache=disk`)."""
+    from safetensors.torch import load_file, save_file
+
+    cache_file = out / "cache" / f"{train_cache_key(cfg)[:16]}.safetensors"
+    cache_file.parent.mkdir(exist_ok=True)
+    flat = {f"m{i}": m for i, (m, _) in enumerate(latent_cache)} | {
+        f"s{i}": s for i, (_, s) in enumerate(latent_cache)
+    }
+    save_file({**flat, "text": text_emb}, str(cache_file))
+    loaded = load_file(str(cache_file))
+    return [(loaded[f"m{i}"], loaded[f"s{i}"]) for i in range(len(latent_cache))], loaded["text"]
+
+
+def _add_adapter_and_optimizer(st: TrainState) -> None:
+    """3-4. LoRA (fp32, seeded), optimizer, LR schedule, scaler, RNG and DDP wrapping."""
+    from diffusers.optimization import get_scheduler
+
+    cfg, unet = st.cfg, st.unet
+    # Seed first: the LoRA init draws from the global RNG, and the seed must make the run reproducible.
     torch.manual_seed(cfg.seed)
     unet.requires_grad_(False)
-    lcfg = add_lora(unet, cfg)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
+    st.lcfg = add_lora(unet, cfg)
+    st.params = [p for p in unet.parameters() if p.requires_grad]
+    for p in st.params:
         p.data = p.data.float()
-    n_train = sum(p.numel() for p in params)
-    n_unet = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-
-    # 4. Optimizer, LR schedule, scaler, RNG
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise UserError("train.use_8bit_adam needs bitsandbytes (GPU); pip install bitsandbytes") from exc
-        optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
+        st.optimizer = bnb.optim.AdamW8bit(st.params, lr=cfg.lr, weight_decay=1e-2)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    lr_sched = get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
+        st.optimizer = torch.optim.AdamW(st.params, lr=cfg.lr, weight_decay=1e-2)
+    st.lr_sched = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=st.optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.steps,
     )
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
-    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
-    model = unet
-    if world > 1:
+    st.scaler = torch.amp.GradScaler("cuda") if st.amp == torch.float16 and st.device.type == "cuda" else None
+    st.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * st.rank)
+    st.model = unet
+    if st.world > 1:
         # Data parallel (launched by `accelerate launch` / torchrun): DDP averages the LoRA gradients,
         # each rank takes its own batch of every global step.
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    step, epoch, pos, losses = 0, 0, 0, []
-    if cfg.resume:
-        ck = latest_checkpoint(ckpt_root)
-        if ck is None:
-            log(f"train: --resume but no complete checkpoint in {ckpt_root}; starting from step 0")
-        else:
-            state = load_checkpoint(ck, unet, optimizer, lr_sched, scaler, gen)
-            step, losses = state["step"], state["losses"]
-            epoch, pos = state["position"]["epoch"], state["position"]["pos"]
-            if world > 1:  # checkpoints hold rank 0's RNG; give the other ranks their own stream
-                gen.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)
-            log(f"train: resumed from {ck.name} (step {step})")
-    style = _dataset_style(cfg.dataset) or "the reference"
-    prompts = cfg.sample_prompts or default_sample_prompts(rows, style)
+        dev_ids = [st.device.index] if st.device.type == "cuda" else None
+        st.model = DistributedDataParallel(unet, device_ids=dev_ids)
 
-    # 5. Training loop
-    batches = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)
+
+def _maybe_resume(st: TrainState, log=_log) -> None:
+    """With `resume`, restore the latest complete checkpoint: weights, optimizer, RNG, data position."""
+    if not st.cfg.resume:
+        return
+    ckpt_root = st.out / "checkpoints"
+    ck = latest_checkpoint(ckpt_root)
+    if ck is None:
+        log(f"train: --resume but no complete checkpoint in {ckpt_root}; starting from step 0")
+        return
+    state = load_checkpoint(ck, st.unet, st.optimizer, st.lr_sched, st.scaler, st.gen)
+    st.step, st.losses = state["step"], state["losses"]
+    st.epoch, st.pos = state["position"]["epoch"], state["position"]["pos"]
+    if st.world > 1:  # checkpoints hold rank 0's RNG; give the other ranks their own stream
+        st.gen.manual_seed(st.cfg.seed + 1_000_003 * st.rank + 7919 * st.step)
+    log(f"train: resumed from {ck.name} (step {st.step})")
+
+
+def _next_batch(st: TrainState) -> list[Example]:
+    """This rank's next batch: every rank walks the same order and keeps its own slot."""
+    batch: list[Example] = []
+    for r in range(st.world):
+        if st.pos >= len(st.batches):
+            st.epoch, st.pos = st.epoch + 1, 0
+            st.batches = epoch_batches(st.examples, st.cfg.batch_size, st.cfg.seed, st.epoch)
+        if r == st.rank:
+            batch = [st.examples[i] for i in st.batches[st.pos]]
+        st.pos += 1
+    return batch
+
+
+def _micro_step(st: TrainState, batch: list[Example]) -> float:
+    """One forward/backward on one batch from the caches; returns its (accumulation-scaled) loss."""
+    cfg, gen, device = st.cfg, st.gen, st.device
+    # inputs from the caches: sample the posterior, drop captions, draw noise and timesteps
+    lat = []
+    for ex in batch:
+        vid = ex.latent_ids[int(torch.randint(len(ex.latent_ids), (1,), generator=gen))]
+        mean, std = st.latent_cache[vid]
+        lat.append(mean + std * torch.randn(mean.shape, generator=gen))
+    latents = torch.stack(lat) * st.scaling
+    drop = torch.rand(len(batch), generator=gen) < cfg.caption_dropout
+    ids = [0 if d else ex.text_id for ex, d in zip(batch, drop.tolist(), strict=True)]
+    cond = st.text_emb[ids]
+    noise = torch.randn(latents.shape, generator=gen)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+    t = torch.randint(0, st.noise_sched.config.num_train_timesteps, (len(batch),), generator=gen)
+    latents, noise, t, cond = latents.to(device), noise.to(device), t.to(device), cond.to(device)
+    noisy = st.noise_sched.add_noise(latents, noise, t)
+    target = diffusion_target(st.noise_sched, latents, noise, t)
+    with torch.autocast(device.type, dtype=st.amp, enabled=st.amp is not None):
+        pred = st.model(noisy.to(st.frozen_dtype), t, encoder_hidden_states=cond.to(st.frozen_dtype)).sample
+    loss = diffusion_loss(pred, target, t, st.noise_sched, cfg.snr_gamma) / cfg.grad_accum
+    if not torch.isfinite(loss):
+        last = latest_checkpoint(st.out / "checkpoints")
+        raise TrainingDiverged(
+            f"loss is {loss.item()} at step {st.step + 1}; lower train.lr or use "
+            f"mixed_precision=no. Last good checkpoint: {last or 'none'}"
+        )
+    (st.scaler.scale(loss) if st.scaler else loss).backward()
+    return loss.item()
+
+
+def train_step(st: TrainState) -> float:
+    """One optimizer step (with gradient accumulation); returns the step's loss."""
+    st.optimizer.zero_grad(set_to_none=True)
+    step_loss = sum(_micro_step(st, _next_batch(st)) for _ in range(st.cfg.grad_accum))
+    if st.scaler:
+        st.scaler.unscale_(st.optimizer)
+    if st.cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(st.params, st.cfg.max_grad_norm)
+    if st.scaler:
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+    else:
+        st.optimizer.step()
+    st.lr_sched.step()
+    st.step += 1
+    st.steps_this_run += 1
+    st.losses.append(step_loss)
+    return step_loss
+
+
+def fit(st: TrainState, hooks: TrainHooks) -> float:
+    """5. The loop: steps, checkpoints (every N and at the end), samples, hooks. Returns its seconds."""
+    from tqdm.auto import tqdm
+
+    cfg = st.cfg
     bar = tqdm(
         total=cfg.steps,
-        initial=step,
+        initial=st.step,
         desc="train",
         unit="step",
-        disable=None if main_proc else True,
+        disable=None if st.main_proc else True,
         file=sys.stderr,
     )
     t_loop = time.perf_counter()
-    steps_this_run = 0
-    step_times: list[float] = []
-    while step < cfg.steps:
+    while st.step < cfg.steps:
         t_step = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            for r in range(world):  # every rank walks the same order and keeps its own slot
-                if pos >= len(batches):
-                    epoch, pos = epoch + 1, 0
-                    batches = epoch_batches(examples, cfg.batch_size, cfg.seed, epoch)
-                if r == rank:
-                    batch = [examples[i] for i in batches[pos]]
-                pos += 1
-            # 5a. inputs from the caches: sample the posterior, pick flip, drop captions
-            lat = []
-            for ex in batch:
-                vid = ex.latent_ids[int(torch.randint(len(ex.latent_ids), (1,), generator=gen))]
-                mean, std = latent_cache[vid]
-                lat.append(mean + std * torch.randn(mean.shape, generator=gen))
-            latents = torch.stack(lat) * scaling
-            drop = torch.rand(len(batch), generator=gen) < cfg.caption_dropout
-            ids = [0 if d else ex.text_id for ex, d in zip(batch, drop.tolist(), strict=True)]
-            cond = text_emb[ids]
-            noise = torch.randn(latents.shape, generator=gen)
-            if cfg.noise_offset:
-                noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(batch),), generator=gen)
-            latents, noise, t, cond = latents.to(device), noise.to(device), t.to(device), cond.to(device)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = diffusion_target(noise_sched, latents, noise, t)
-            # 5b. forward / backward
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                pred = model(noisy.to(frozen_dtype), t, encoder_hidden_states=cond.to(frozen_dtype)).sample
-            loss = diffusion_loss(pred, target, t, noise_sched, cfg.snr_gamma) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                last = latest_checkpoint(ckpt_root)
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1}; lower train.lr or use "
-                    f"mixed_precision=no. Last good checkpoint: {last or 'none'}"
-                )
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.item()
-        # 5c. optimizer step
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr_sched.step()
-        step += 1
-        steps_this_run += 1
-        losses.append(step_loss)
+        loss = train_step(st)
+        st.step_times.append(time.perf_counter() - t_step)  # compute only: checkpoint I/O not counted
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
-        step_times.append(time.perf_counter() - t_step)  # compute only: checkpoint I/O not counted
-        # 5d. checkpoints (every N steps and at the end) and samples
-        at_end = step == cfg.steps
-        if main_proc and (at_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(
-                ckpt_root,
-                step,
-                unet,
-                optimizer,
-                lr_sched,
-                scaler,
-                gen,
-                {"epoch": epoch, "pos": pos},
-                losses,
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{st.lr_sched.get_last_lr()[0]:.2e}")
+        if hooks.on_step:
+            hooks.on_step(st)
+        at_end = st.step == cfg.steps
+        if st.main_proc and (at_end or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0)):
+            path = save_checkpoint(
+                st.out / "checkpoints",
+                st.step,
+                st.unet,
+                st.optimizer,
+                st.lr_sched,
+                st.scaler,
+                st.gen,
+                {"epoch": st.epoch, "pos": st.pos},
+                st.losses,
                 cfg.keep_checkpoints,
             )
+            if hooks.on_checkpoint:
+                hooks.on_checkpoint(st, path)
         if (
-            main_proc
+            st.main_proc
             and cfg.samples
             and cfg.sample_every
-            and step % cfg.sample_every == 0
-            and step < cfg.steps
+            and st.step % cfg.sample_every == 0
+            and not at_end
         ):
-            _write_samples(pipe, prompts, cfg, out, step, device)
-        if stop_after is not None and steps_this_run >= stop_after:
-            bar.close()
-            return {"stopped_at": step}
+            _write_samples(st.pipe, st.prompts, cfg, st.out, st.step, st.device)
     bar.close()
-    loop_s = time.perf_counter() - t_loop
+    return time.perf_counter() - t_loop
 
-    # 6. Adapter, samples, loss curve, report (rank 0 writes; the others are done)
-    if not main_proc:
-        _barrier(world)
-        return {"adapter": str(out / "adapter"), "out": str(out), "steps": step, "rank": rank}
-    meta = {
-        "base_model": cfg.base,
-        "dataset": str(cfg.dataset),
-        "dataset_fingerprint": fingerprint,
-        "targets": cfg.targets,
-        "target_regex": cfg.target_regex,
-        "rank": cfg.rank,
-        "alpha": cfg.lora_alpha,
-        "weight_name": ADAPTER_WEIGHTS,
-        "kohya_weight_name": KOHYA_WEIGHTS,
-        "style": style,
-        # concept words the crops taught (whole-image rows carry a caption, not one concept)
-        "concepts": sorted({r["concept"] for r in rows if r.get("concept") and r.get("method") != "full"}),
-        "train_config": to_dict(cfg),
-        "cache_key": train_cache_key(cfg),
-        "finestyle": __version__,
-    }
+
+def finish(st: TrainState, loop_s: float, log=_log) -> dict[str, Any]:
+    """6. Adapter, final samples, loss curve and report (rank 0 writes; the other ranks are done)."""
+    cfg, out = st.cfg, st.out
+    if not st.main_proc:
+        _barrier(st.world)
+        return {"adapter": str(out / "adapter"), "out": str(out), "steps": st.step, "rank": st.rank}
+    meta = _adapter_meta(st)
     adapter_dir = out / "adapter"
     with staging_dir(adapter_dir) as tmp:
-        save_adapter(tmp, unet, lcfg, meta)
-    unet.eval()
+        save_adapter(tmp, st.unet, st.lcfg, meta)
+    st.unet.eval()
     if cfg.samples:
-        _write_samples(pipe, prompts, cfg, out, step, device, final=True)
-    plot_loss(losses, out / "loss.png")
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**30
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    )
-    report = {
-        "stage": "train",
-        "cache_key": meta["cache_key"],
-        "config": to_dict(cfg),
-        "base_model": cfg.base,
-        "dataset_fingerprint": fingerprint,
-        "device": str(device),
-        "autocast": str(amp) if amp else "fp32",
-        "steps": step,
-        "steps_this_run": steps_this_run,
-        "loop_seconds": loop_s,
-        "cache_seconds": cache_s,
-        "total_seconds": time.perf_counter() - t_start,
-        "steps_per_s": steps_this_run / loop_s if loop_s > 0 else 0.0,
-        "peak_memory_gib": peak,
-        "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
-        "trainable_params": n_train,
-        "unet_params": n_unet,
-        "trainable_share": n_train / n_unet,
-        "examples": len(examples),
-        "unique_texts": int(text_emb.shape[0]) - 1,
-        "buckets": sorted({f"{e.size[0]}x{e.size[1]}" for e in examples}),
-        "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-        "world_size": world,
-        "losses": losses,
-        "step_seconds": step_times,
-        "sample_prompts": prompts,
-    }
+        _write_samples(st.pipe, st.prompts, cfg, out, st.step, st.device, final=True)
+    plot_loss(st.losses, out / "loss.png")
+    report = _train_report(st, loop_s, meta["cache_key"])
     write_json(out / "report.json", report)
+    n_train, n_unet = report["trainable_params"], report["unet_params"]
     log(
-        f"train: {step} steps, {report['steps_per_s']:.2f} steps/s, {n_train:,} trainable params "
+        f"train: {st.step} steps, {report['steps_per_s']:.2f} steps/s, {n_train:,} trainable params "
         f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}"
     )
-    result = {
+    _barrier(st.world)
+    return {
         "adapter": str(adapter_dir),
         "out": str(out),
-        "steps": step,
+        "steps": st.step,
         "steps_per_s": report["steps_per_s"],
         "final_loss": report["final_loss"],
         "trainable_params": n_train,
@@ -743,8 +801,66 @@ def run_train(cfg: TrainConfig, log=_log, stop_after: int | None = None) -> dict
         "cache_key": meta["cache_key"],
         "reused": False,
     }
-    _barrier(world)
-    return result
+
+
+def _adapter_meta(st: TrainState) -> dict[str, Any]:
+    cfg = st.cfg
+    return {
+        "base_model": cfg.base,
+        "dataset": str(cfg.dataset),
+        "dataset_fingerprint": st.fingerprint,
+        "targets": cfg.targets,
+        "target_regex": cfg.target_regex,
+        "rank": cfg.rank,
+        "alpha": cfg.lora_alpha,
+        "weight_name": ADAPTER_WEIGHTS,
+        "kohya_weight_name": KOHYA_WEIGHTS,
+        "style": st.style,
+        # concept words the crops taught (whole-image rows carry a caption, not one concept)
+        "concepts": sorted({r["concept"] for r in st.rows if r.get("concept") and r.get("method") != "full"}),
+        "train_config": to_dict(cfg),
+        "cache_key": train_cache_key(cfg),
+        "finestyle": __version__,
+    }
+
+
+def _train_report(st: TrainState, loop_s: float, key: str) -> dict[str, Any]:
+    cfg, device = st.cfg, st.device
+    n_train = sum(p.numel() for p in st.params)
+    n_unet = sum(p.numel() for n, p in st.unet.named_parameters() if "lora_" not in n)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        "stage": "train",
+        "cache_key": key,
+        "config": to_dict(cfg),
+        "base_model": cfg.base,
+        "dataset_fingerprint": st.fingerprint,
+        "device": str(device),
+        "autocast": str(st.amp) if st.amp else "fp32",
+        "steps": st.step,
+        "steps_this_run": st.steps_this_run,
+        "loop_seconds": loop_s,
+        "cache_seconds": st.cache_s,
+        "total_seconds": time.perf_counter() - st.t_start,
+        "steps_per_s": st.steps_this_run / loop_s if loop_s > 0 else 0.0,
+        "peak_memory_gib": peak,
+        "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+        "trainable_params": n_train,
+        "unet_params": n_unet,
+        "trainable_share": n_train / n_unet,
+        "examples": len(st.examples),
+        "unique_texts": int(st.text_emb.shape[0]) - 1,
+        "buckets": sorted({f"{e.size[0]}x{e.size[1]}" for e in st.examples}),
+        "final_loss": float(np.mean(st.losses[-10:])) if st.losses else float("nan"),
+        "world_size": st.world,
+        "losses": st.losses,
+        "step_seconds": st.step_times,
+        "sample_prompts": st.prompts,
+    }
 
 
 def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -790,14 +906,3 @@ def _write_samples(
             pipe.unet.train()
     (out / "samples").mkdir(exist_ok=True)
     grid.save(out / "samples" / (f"final-step-{step:07d}.png" if final else f"step-{step:07d}.png"))
-
-
-def adapter_info(adapter_dir: str | Path) -> dict[str, Any]:
-    """The finestyle_adapter.json of an adapter folder (base model, rank, alpha, concepts...)."""
-    p = Path(adapter_dir) / "finestyle_adapter.json"
-    if not p.exists():
-        raise UserError(
-            f"adapter {str(adapter_dir)!r} has no finestyle_adapter.json; pass the adapter/ "
-            "folder written by `finestyle train`"
-        )
-    return read_json(p)

@@ -23,10 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .config import SCHEDULERS, GenerateConfig
-from .errors import UserError
-from .fsutil import sha256_file
+from finestyle import __version__
+from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
+from finestyle.artifacts.manifest import export_layout, verify_export
+from finestyle.config import SCHEDULERS, GenerateConfig
+from finestyle.core.errors import UserError
+from finestyle.core.fs import sha256_file
+from finestyle.core.models import load_sd_pipeline
+from finestyle.core.onnxrt import ort_providers, require_tensorrt
+from finestyle.runtime.tensorrt import TrtEngine
 
 
 def _log(msg: str) -> None:
@@ -68,22 +73,6 @@ class Backend:
 
 # ------------------------------------------------------------------------------------------------
 # backends
-
-
-def _export_layout(onnx_dir: Path) -> dict[str, Any]:
-    """What the loop needs from an export's onnx/ folder besides the graphs (tokenizer, scheduler, sizes)."""
-    from transformers import CLIPTokenizer
-
-    unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
-    return {
-        "tokenizer": CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer"),
-        "scheduler_config": json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
-        "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
-        "vae_scale": 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
-        "latent_channels": int(unet_cfg.get("in_channels", 4)),
-        "native_size": int(unet_cfg.get("sample_size", 64)),
-    }
 
 
 def trt_cache_dir(export_dir: Path, manifest_sha: str) -> Path:
@@ -138,8 +127,6 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
             "the onnxruntime runtime needs onnxruntime: pip install 'finestyle[cpu]' (or [gpu])"
         ) from exc
 
-    from .export import ort_providers, verify_export
-
     manifest = verify_export(export_dir)
     onnx_dir = export_dir / "onnx"
     provs = ort_providers(providers)
@@ -180,8 +167,7 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
             # IO binding: the latents and timestep go to the device once per call, the embedding
             # once per denoising loop (the same tensor object every step; holding it keeps the
             # identity check sound), the output is allocated on the device by onnxruntime and read
-            # back once. Run here on the CPU device by the tests; on CUDA it is unmeasured (no GPU
-            # was lent to the sessions that wrote it).
+            # back once. The tests run it on the CPU device; on CUDA it is not yet run on a GPU.
             pair = held.get("emb")  # (tensor, OrtValue), read once: safe if threads share the backend
             if pair is None or pair[0] is not emb:
                 pair = (emb, ort.OrtValue.ortvalue_from_numpy(emb.numpy().astype(fdt), dev, 0))
@@ -198,7 +184,7 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
 
     return Backend(
         name=f"onnxruntime[{provs[0]}]",
-        **_export_layout(onnx_dir),
+        **export_layout(onnx_dir),
         encode_text=lambda ids: torch.from_numpy(
             te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
         ),
@@ -213,11 +199,8 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
 
 
 def _trt_backend(export_dir: Path) -> Backend:
-    """TensorRT engines from `tensorrt/` (NOT RUN HERE: TensorRT is not installable in this workplace)."""
+    """TensorRT engines from `tensorrt/` (not yet run on a GPU)."""
     import torch
-
-    from .export import verify_export
-    from .tensorrt import TrtEngine
 
     manifest = verify_export(export_dir)
     trt_dir, onnx_dir = export_dir / "tensorrt", export_dir / "onnx"
@@ -228,7 +211,7 @@ def _trt_backend(export_dir: Path) -> Backend:
 
     return Backend(
         name="tensorrt",
-        **_export_layout(onnx_dir),
+        **export_layout(onnx_dir),
         encode_text=lambda ids: te(input_ids=ids.to(torch.int64))[0].cpu(),
         unet=unet_fn,
         decode=lambda z: vd(latent_sample=z)[0].cpu(),
@@ -237,15 +220,12 @@ def _trt_backend(export_dir: Path) -> Backend:
     )
 
 
-def _torch_backend(model: str, adapter: str | None, device: str | None, dtype: str | None = None) -> Backend:
-    from .models import load_sd_pipeline
+def torch_backend(model: str, adapter: str | None, device: str | None, dtype: str | None = None) -> Backend:
 
     path = Path(model)
     manifest, msha = {}, None
     base_for_style: str | None = None
     if (path / "manifest.json").exists():
-        from .export import verify_export
-
         manifest = verify_export(path)
         msha = sha256_file(path / "manifest.json")
         pipe = load_sd_pipeline(str(path / "merged"), device=device, dtype=dtype)
@@ -254,8 +234,6 @@ def _torch_backend(model: str, adapter: str | None, device: str | None, dtype: s
         pipe = load_sd_pipeline(model, device=device, dtype=dtype)
     has_adapter = False
     if adapter:
-        from .training import ADAPTER_WEIGHTS, adapter_info
-
         info = adapter_info(adapter)
         pipe.load_lora_weights(
             adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="finestyle"
@@ -348,8 +326,6 @@ def load_backend(
             "fp32 (or --fp16 at export)"
         )
     if runtime == "tensorrt":
-        from .tensorrt import require_tensorrt
-
         require_tensorrt()
         if not (path / "tensorrt").is_dir():
             raise UserError(
@@ -364,7 +340,7 @@ def load_backend(
                 "--runtime torch"
             )
         return _ort_backend(path, providers)
-    return _torch_backend(model, adapter, device, dtype)
+    return torch_backend(model, adapter, device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,7 +510,6 @@ def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
 
 def export_concepts(export_dir: str | Path) -> dict[str, Any]:
     """The style and concept words the export's adapter learned (from its manifest)."""
-    from .export import verify_export
 
     m = verify_export(export_dir, deep=False)
     return {"style": m.get("style"), "concepts": m.get("concepts", [])}

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import UserError, VerificationError
+from finestyle.core.errors import UserError, VerificationError
 
 app = typer.Typer(
     name="finestyle",
@@ -45,7 +45,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .env import configure_environment
+        from finestyle.core.env import configure_environment
 
         configure_environment()
         try:
@@ -54,17 +54,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
         except VerificationError as exc:
             _fail(f"verification failed: {exc}", 1)
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").startswith("finestyle."):
-                _fail(f"`{fn.__name__}` is not built yet in this version ({exc.name} is missing)", 2)
-            raise
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
     return wrapper
 
 
-def _print_summary(title: str, lines: dict[str, Any]) -> None:
+def print_summary(title: str, lines: dict[str, Any]) -> None:
     typer.echo(f"\n{title}")
     width = max((len(k) for k in lines), default=0)
     for k, v in lines.items():
@@ -112,7 +108,7 @@ def prepare(
     force: bool = typer.Option(False, "--force", help="Rebuild even if an identical dataset exists."),
 ) -> None:
     """Turn reference images into concept crop-caption pairs: a Hugging Face dataset."""
-    from .config import PrepareConfig, stage_from_sources
+    from finestyle.config import PrepareConfig, stage_from_sources
 
     values = dict(
         images=images,
@@ -138,10 +134,10 @@ def prepare(
         force=force or None,
     )
     cfg = stage_from_sources(PrepareConfig, "prepare", str(config) if config else None, values)
-    from .prepare import run_prepare
+    from finestyle.prepare.stage import run_prepare
 
     result = run_prepare(cfg)
-    _print_summary(
+    print_summary(
         "prepare: done" + (" (reused)" if result["reused"] else ""),
         {
             "dataset": result["out"],
@@ -190,7 +186,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="Retrain even if an identical finished run exists."),
 ) -> None:
     """Fine-tune LoRA adapters on the UNet's cross-attention K/V (FineStyle) from a dataset."""
-    from .config import TrainConfig, stage_from_sources
+    from finestyle.config import TrainConfig, stage_from_sources
 
     values = dict(
         dataset=str(dataset),
@@ -220,12 +216,12 @@ def train(
         force=force or None,
     )
     cfg = stage_from_sources(TrainConfig, "train", str(config) if config else None, values)
-    from .training import run_train
+    from finestyle.train.loop import run_train
 
     r = run_train(cfg)
     if r.get("rank", 0) != 0:  # data-parallel worker: rank 0 reports
         return
-    _print_summary(
+    print_summary(
         "train: done" + (" (reused)" if r.get("reused") else ""),
         {
             "adapter": r["adapter"],
@@ -264,7 +260,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Re-export even if identical."),
 ) -> None:
     """Merge the adapter into the UNet, export ONNX (or TensorRT) and prove parity."""
-    from .config import ExportConfig, stage_from_sources
+    from finestyle.config import ExportConfig, stage_from_sources
 
     values = dict(
         base=base,
@@ -279,10 +275,10 @@ def export(
         force=force or None,
     )
     cfg = stage_from_sources(ExportConfig, "export", str(config) if config else None, values)
-    from .export import run_export
+    from finestyle.export.steps import run_export
 
     r = run_export(cfg)
-    _print_summary(
+    print_summary(
         "export: done" + (" (reused)" if r.get("reused") else ""),
         {
             "export": r["out"],
@@ -323,7 +319,7 @@ def generate(
     ),
 ) -> None:
     """Generate images from an export (onnxruntime/TensorRT) or a torch model."""
-    from .config import GenerateConfig, stage_from_sources
+    from finestyle.config import GenerateConfig, stage_from_sources
 
     values = dict(
         model=model,
@@ -344,10 +340,10 @@ def generate(
         scheduler=scheduler,
     )
     cfg = stage_from_sources(GenerateConfig, "generate", None, values)
-    from .runtime import run_generate
+    from finestyle.runtime.generate import run_generate
 
     r = run_generate(cfg)
-    _print_summary(
+    print_summary(
         "generate: done",
         {"images": ", ".join(r["files"]), "runtime": r["runtime"], "seconds": f"{r['seconds']:.2f}"},
     )
@@ -357,7 +353,7 @@ def generate(
 @command
 def concepts(export_dir: Path = typer.Argument(..., help="Export folder.")) -> None:
     """List the style and the concept words the export's adapter learned (add or drop them in prompts)."""
-    from .runtime import export_concepts
+    from finestyle.runtime.generate import export_concepts
 
     c = export_concepts(export_dir)
     typer.echo(f"style: {c['style'] or '-'}")
@@ -399,8 +395,8 @@ def serve(
     config: Optional[Path] = typer.Option(None, help="YAML file (its `serve:` section)."),
 ) -> None:
     """Serve an export over HTTP: POST /v1/generate, /healthz, /readyz, /v1/model, /metrics."""
-    from .config import ServeConfig, stage_from_sources
-    from .server import run_config
+    from finestyle.config import ServeConfig, stage_from_sources
+    from finestyle.serve.app import run_config
 
     values = dict(
         export=str(export_dir),
@@ -427,67 +423,6 @@ def serve(
 
 
 # ------------------------------------------------------------------------------------------------
-# run / demo
-
-
-@app.command()
-@command
-def run(
-    config: Path = typer.Argument(..., help="Pipeline YAML (workdir, prepare, train, export)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. train.steps=100."),
-    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
-) -> None:
-    """Run the whole DAG (prepare -> train -> export) as one Prefect flow run."""
-    from .config import load_pipeline_config
-
-    cfg = load_pipeline_config(config, set_ or [])
-    _run_pipeline(cfg, force or [])
-
-
-@app.command()
-@command
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Work folder for the demo run."),
-    steps: int = typer.Option(60, help="Training steps."),
-    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
-) -> None:
-    """The whole DAG on builtin models and data/examples, offline, in minutes on a CPU."""
-    from .config import PipelineConfig, PrepareConfig, TrainConfig
-
-    examples = Path(__file__).resolve().parent.parent / "data" / "examples"
-    if not examples.is_dir():
-        examples = Path("data/examples")
-    cfg = PipelineConfig(
-        workdir=str(out),
-        prepare=PrepareConfig(images=[str(examples)], resolution=64, batch_size=8, num_beams=1),
-        train=TrainConfig(
-            steps=steps, resolution=64, checkpoint_every=max(steps // 2, 1), sample_steps=10, lr=1e-3
-        ),
-        generate_prompt="a lighthouse on a cliff, in flat pastel paper-cut illustration style",
-    )
-    _run_pipeline(cfg, force or [])
-
-
-def _run_pipeline(cfg: Any, force: list[str]) -> None:
-    bad = set(force) - {"prepare", "train", "export"}
-    if bad:
-        raise UserError(f"--force: unknown stage {sorted(bad)[0]!r}; use prepare, train or export")
-    try:
-        from flows.pipeline import finestyle_pipeline
-    except ImportError as exc:
-        from .errors import NotBuiltYet
-
-        raise NotBuiltYet(
-            f"the pipeline flow is not available ({exc}); install the project "
-            "with `pip install -e .` from its checkout"
-        ) from None
-    from .config import to_dict
-
-    result = finestyle_pipeline(config=to_dict(cfg), force=list(force))
-    _print_summary("pipeline: done", result["summary"])
-
-
-# ------------------------------------------------------------------------------------------------
 # models
 
 
@@ -496,7 +431,7 @@ def models_list(ctx: typer.Context) -> None:
     """List the builtin models."""
     if ctx.invoked_subcommand is not None:
         return
-    from .models import BUILTINS
+    from finestyle.core.models import BUILTINS
 
     for b in BUILTINS.values():
         typer.echo(f"{b.name:26s} {b.kind:14s} {b.description}")
@@ -509,7 +444,7 @@ def models_save(
     out: Path = typer.Argument(..., help="Folder to write (diffusers/transformers layout)."),
 ) -> None:
     """Write a builtin as an ordinary local model folder (safetensors)."""
-    from .models import save_builtin
+    from finestyle.core.models import save_builtin
 
     path = save_builtin(name, out)
     typer.echo(f"wrote {name} to {path}")
@@ -529,7 +464,7 @@ def bench_caption(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Captioning images/s: the project's batched path vs a one-at-a-time generate loop."""
-    from .bench import bench_caption as run
+    from finestyle.bench.suite import bench_caption as run
 
     r = run(captioner, images, batch_size, max_new_tokens)
     typer.echo(json.dumps(r, indent=2))
@@ -547,7 +482,7 @@ def bench_train_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Trainer steps/s + peak RSS vs a baseline that re-encodes VAE latents and text every step."""
-    from .bench import bench_train
+    from finestyle.bench.suite import bench_train
 
     r = bench_train(base, resolution, steps, warmup)
     for name, v in r["results"].items():
@@ -569,7 +504,7 @@ def bench_export_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """One UNet step: PyTorch eager vs onnxruntime (the export), with the fp32 peak share and bf16."""
-    from .bench import bench_unet_step
+    from finestyle.bench.suite import bench_unet_step
 
     allr = []
     for m in model:
@@ -610,7 +545,7 @@ def bench_serve_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
-    from .bench import bench_serve
+    from finestyle.bench.suite import bench_serve
 
     r = bench_serve(
         export_dir,

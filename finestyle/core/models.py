@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError, UserError
+from finestyle.core.errors import ModelLoadError, UserError
+from finestyle.core.fs import hash_json, hash_tree, staging_dir
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -32,7 +33,6 @@ _BLIP_WORDS = (
     "cat dog bird fish car road bridge field grass leaves forest sea beach rock rocks window door "
     "person woman man child girl boy table chair cup vase fruit apple bowl background texture pattern"
 ).split()
-
 
 # --------------------------------------------------------------------------------------------
 # device and dtype
@@ -400,7 +400,6 @@ def build_builtin_captioner(name: str) -> tuple[Any, Any]:
 
 def save_builtin(name: str, out: str | os.PathLike) -> Path:
     """Write a builtin as an ordinary local folder (safetensors) that `from_pretrained` loads."""
-    from .fsutil import staging_dir
 
     b = BUILTINS.get(name)
     if b is None:
@@ -518,18 +517,20 @@ def load_captioner(
     return model.to(dev).eval(), processor
 
 
-def model_kind(name: str) -> str | None:
-    """Best-effort kind of a model reference: 'text-to-image', 'captioner' or None if unknown."""
-    if is_builtin(name):
-        b = BUILTINS.get(name)
-        return b.kind if b else None
+def model_fingerprint(name: str | None) -> str | None:
+    """Identify a model for cache keys: builtin/hub name, or a hash of a local folder's files."""
+    if not name:
+        return None
     p = Path(name)
-    if (p / "model_index.json").exists():
-        return "text-to-image"
-    if (p / "config.json").exists():
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-        except ValueError:
-            return None
-        return "captioner" if cfg.get("model_type") == "blip" else None
-    return None
+    if is_builtin(name) or not p.exists():
+        return name
+    files = (
+        hash_tree(p)
+        if sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) < 50_000_000
+        else {
+            f.relative_to(p).as_posix(): f"{f.stat().st_size}:{f.stat().st_mtime_ns}"
+            for f in p.rglob("*")
+            if f.is_file()
+        }
+    )
+    return hash_json(files)

@@ -2,7 +2,7 @@
 
 Methods (`prepare.concepts`):
 - `attention`: concept phrases from the BLIP caption (+ user words), located with the base model's
-  own cross-attention maps (the DAAM idea; FINESTYLE.md "Locating a concept"). The complement of
+  own cross-attention maps (the DAAM idea, Tang et al. 2022). The complement of
   the found concepts becomes a `background` region.
 - `grid`: multi-scale proposals (quadrants, thirds, centre), each captioned by BLIP later.
 - `boxes`: user-supplied boxes from a JSON file.
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError
+from finestyle.core.errors import UserError
+from finestyle.core.geometry import fit_size
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1/y1 exclusive), pixels
 
@@ -399,16 +400,6 @@ def token_spans(tokenizer: Any, prompt: str, phrases: list[str]) -> dict[str, li
     return spans
 
 
-def _fit_size(size: tuple[int, int], resolution: int, multiple: int = 64) -> tuple[int, int]:
-    """Width/height with area ≈ resolution² keeping the aspect ratio, in multiples of `multiple`."""
-    w, h = size
-    scale = math.sqrt(resolution * resolution / (w * h))
-    return (
-        max(multiple, int(round(w * scale / multiple)) * multiple),
-        max(multiple, int(round(h * scale / multiple)) * multiple),
-    )
-
-
 @torch.inference_mode()
 def attention_heatmaps(
     pipe: Any,
@@ -433,7 +424,7 @@ def attention_heatmaps(
     if not spans:
         return {}
     res = resolution or unet.config.sample_size * pipe.vae_scale_factor
-    pw, ph = _fit_size(image.size, res, multiple=8 * pipe.vae_scale_factor)
+    pw, ph = fit_size(image.size, res, multiple=8 * pipe.vae_scale_factor)
     x = torch.from_numpy(np.asarray(image.resize((pw, ph), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)
     x = x.permute(2, 0, 1)[None].to(device=device, dtype=vae.dtype)
     latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor

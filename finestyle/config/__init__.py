@@ -1,0 +1,36 @@
+"""One configuration dataclass per stage (stages.py) over a small base (base.py).
+
+Imports core only.
+"""
+
+from finestyle.config.base import field_docs, from_dict, load_yaml, stage_from_sources, to_dict
+from finestyle.config.stages import (
+    DEFAULT_STYLE,
+    SCHEDULERS,
+    TARGET_PRESETS,
+    ExportConfig,
+    GenerateConfig,
+    PipelineConfig,
+    PrepareConfig,
+    ServeConfig,
+    TrainConfig,
+    load_pipeline_config,
+)
+
+__all__ = [
+    "DEFAULT_STYLE",
+    "SCHEDULERS",
+    "TARGET_PRESETS",
+    "ExportConfig",
+    "GenerateConfig",
+    "PipelineConfig",
+    "PrepareConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "field_docs",
+    "from_dict",
+    "load_pipeline_config",
+    "load_yaml",
+    "stage_from_sources",
+    "to_dict",
+]

@@ -1,0 +1,1 @@
+"""Stage 1: reference images -> concept crops -> captions -> a Hugging Face dataset."""

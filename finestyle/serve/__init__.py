@@ -1,0 +1,1 @@
+"""The HTTP inference server: validation, dynamic batching, metrics."""
