@@ -67,12 +67,22 @@ def verify_export(folder: str | Path, deep: bool = True) -> dict[str, Any]:
 
 def export_layout(onnx_dir: Path) -> dict[str, Any]:
     """What the loop needs from an export's onnx/ folder besides the graphs (tokenizer, scheduler, sizes)."""
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTokenizer
 
+    tok_dir = onnx_dir / "tokenizer"
+    tok_cfg = (
+        json.loads((tok_dir / "tokenizer_config.json").read_text())
+        if (tok_dir / "tokenizer_config.json").is_file()
+        else {}
+    )
+    # SD's own tokenizer stays the slow CLIPTokenizer diffusers uses; others (e.g. word-level) load by class.
+    tok_cls = (
+        CLIPTokenizer if tok_cfg.get("tokenizer_class", "CLIPTokenizer") == "CLIPTokenizer" else AutoTokenizer
+    )
     unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
     vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer"),
+        "tokenizer": tok_cls.from_pretrained(tok_dir),
         "scheduler_config": json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
         "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
         "vae_scale": 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),

@@ -46,3 +46,18 @@ def configure_environment(offline: bool | None = None) -> dict[str, str]:
     # server fail to open its database (and time out after 90 s). Create the whole path.
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     return applied
+
+
+def cpu_name() -> str:
+    """The CPU model and core count, as recorded beside every measured figure."""
+    import platform
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -322,12 +323,59 @@ def _blip_base_random() -> tuple[Any, Any]:
 
 @dataclass(frozen=True)
 class Builtin:
-    """A builtin preset: what it is and how to build it."""
+    """A builtin: a random-weight preset built from a config, or trained weights shipped in the package."""
 
     name: str
-    kind: str  # "text-to-image" or "captioner"
+    kind: str  # "text-to-image", "captioner" or "judge"
     description: str
-    build: Callable[[], Any]
+    build: Callable[[], Any] | None = None
+    folder: str = ""  # trained builtins: folder under WEIGHTS_DIR, with its SHA256SUMS
+
+
+# Trained builtins ship here, each folder in its ordinary save_pretrained layout plus SHA256SUMS.
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SHA256SUMS = "SHA256SUMS"
+
+
+def weights_dir() -> Path:
+    """Where trained builtins are read from: $FINESTYLE_WEIGHTS_DIR, else the package's own weights."""
+    return Path(os.environ.get("FINESTYLE_WEIGHTS_DIR") or WEIGHTS_DIR)
+
+
+def builtin_folder(name: str) -> Path:
+    """The verified folder of a trained builtin: every file's sha256 must match its SHA256SUMS line."""
+    b = BUILTINS[name]
+    folder = weights_dir() / b.folder
+    sums = folder / SHA256SUMS
+    if not sums.is_file():
+        raise ModelLoadError(
+            f"{name}: its weights are not installed ({sums} is missing); reinstall FineStyle from a "
+            f"full checkout, or train them with `finestyle world train --model {b.folder.removeprefix('world-')}`"
+        )
+    expected = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip())
+    actual = hash_tree(folder, exclude=(SHA256SUMS,))
+    for rel in sorted(set(expected) | set(actual)):
+        if expected.get(rel) != actual.get(rel):
+            what = (
+                "is missing"
+                if rel not in actual
+                else "is not listed"
+                if rel not in expected
+                else "does not match its sha256"
+            )
+            raise ModelLoadError(
+                f"{name}: {folder / rel} {what} in {sums}; the weights are corrupted or were edited, "
+                "restore them from a clean checkout (`git checkout -- finestyle/weights`)"
+            )
+    return folder
+
+
+def write_sha256sums(folder: str | os.PathLike) -> Path:
+    """Record the sha256 of every file in `folder` (the format of `sha256sum`), for `builtin_folder`."""
+    folder = Path(folder)
+    lines = [f"{h}  {rel}" for rel, h in hash_tree(folder, exclude=(SHA256SUMS,)).items()]
+    (folder / SHA256SUMS).write_text("\n".join(lines) + "\n")
+    return folder / SHA256SUMS
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -360,6 +408,25 @@ BUILTINS: dict[str, Builtin] = {
             "weights, for benchmarks",
             _blip_base_random,
         ),
+        Builtin(
+            "builtin:world-sd",
+            "text-to-image",
+            "Stable Diffusion trained on the procedural world (64 px, 16x16 latents, word-level CLIP "
+            "text); knows every style but the held-out one",
+            folder="world-sd",
+        ),
+        Builtin(
+            "builtin:world-blip",
+            "captioner",
+            "BLIP trained to caption world scenes with content words",
+            folder="world-blip",
+        ),
+        Builtin(
+            "builtin:world-judge",
+            "judge",
+            "ResNet multi-label classifier of the world: objects, backgrounds and styles",
+            folder="world-judge",
+        ),
     ]
 }
 
@@ -383,6 +450,14 @@ def build_builtin_pipeline(name: str) -> Any:
     from diffusers import StableDiffusionPipeline
 
     b = _get_builtin(name, "text-to-image")
+    if b.folder:
+        return StableDiffusionPipeline.from_pretrained(
+            builtin_folder(name),
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     with _seeded(0):
         comps = b.build()
     return StableDiffusionPipeline(
@@ -393,6 +468,12 @@ def build_builtin_pipeline(name: str) -> Any:
 def build_builtin_captioner(name: str) -> tuple[Any, Any]:
     """Build a builtin captioner preset: (BlipForConditionalGeneration, BlipProcessor)."""
     b = _get_builtin(name, "captioner")
+    if b.folder:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        folder = builtin_folder(name)
+        model = BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True)
+        return model.eval(), BlipProcessor.from_pretrained(folder)
     with _seeded(0):
         model, processor = b.build()
     return model.eval(), processor
@@ -406,7 +487,9 @@ def save_builtin(name: str, out: str | os.PathLike) -> Path:
         raise UserError(f"unknown builtin model {name!r}; known builtins: {', '.join(BUILTINS)}")
     out = Path(out)
     with staging_dir(out) as tmp:
-        if b.kind == "text-to-image":
+        if b.folder:
+            shutil.copytree(builtin_folder(name), tmp, dirs_exist_ok=True)
+        elif b.kind == "text-to-image":
             build_builtin_pipeline(name).save_pretrained(tmp, safe_serialization=True)
         else:
             model, processor = build_builtin_captioner(name)
@@ -517,11 +600,30 @@ def load_captioner(
     return model.to(dev).eval(), processor
 
 
+def load_judge(name: str, device: str | torch.device | None = None) -> Any:
+    """Load an image classifier (e.g. `builtin:world-judge`, or a folder saved with save_pretrained)."""
+    from transformers import AutoModelForImageClassification
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    name = str(name)
+    if is_builtin(name):
+        folder: str | Path = builtin_folder(_get_builtin(name, "judge").name)
+    else:
+        folder = name
+    model = _guarded_load(
+        name, lambda: AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
+    )
+    return model.to(dev).eval()
+
+
 def model_fingerprint(name: str | None) -> str | None:
     """Identify a model for cache keys: builtin/hub name, or a hash of a local folder's files."""
     if not name:
         return None
     p = Path(name)
+    if is_builtin(name) and name in BUILTINS and BUILTINS[name].folder:
+        sums = weights_dir() / BUILTINS[name].folder / SHA256SUMS
+        return hash_json({"name": name, "sums": sums.read_text() if sums.is_file() else ""})
     if is_builtin(name) or not p.exists():
         return name
     files = (

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .scene import BACKGROUNDS, OBJECTS, STYLES, Render, render_seed
+from finestyle.core.errors import UserError
+from finestyle.core.fs import staging_dir
+
+from .scene import BACKGROUNDS, HELDOUT_STYLE, OBJECTS, STYLES, Render, render_seed
 
 # Label vector of the judge: object presence, then background, then style.
 JUDGE_LABELS = (
@@ -56,3 +60,28 @@ def render_set(
         np.savez(tmp, images=images, labels=labels, prompts=np.array(prompts))
         os.replace(tmp, cache / key)
     return images, labels, prompts
+
+
+def render_folder(out: str | Path, n: int, size: int = 64, style: str | None = None, seed: int = 0) -> Path:
+    """Write `n` scenes as PNGs plus `labels.jsonl` (one truth line per image) into `out`, atomically.
+
+    `style` is a style name, `heldout` for the held-out style, or None for each seed's own style.
+    """
+    if style == "heldout":
+        style = HELDOUT_STYLE
+    if style is not None and style not in STYLES:
+        raise UserError(f"--style: {style!r} is not a world style; use one of {', '.join(STYLES)} or heldout")
+    if n < 1:
+        raise UserError("--n: must be at least 1")
+    if size < 32:
+        raise UserError(f"--size: {size} is too small; the world draws at 32 px or more")
+    out = Path(out)
+    with staging_dir(out) as tmp:
+        lines = []
+        for i in range(n):
+            name = f"world-{seed + i:07d}.png"
+            r = render_seed(seed + i, size, style)
+            r.image.save(tmp / name)
+            lines.append(json.dumps(r.labels(name)))
+        (tmp / "labels.jsonl").write_text("\n".join(lines) + "\n")
+    return out

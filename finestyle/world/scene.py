@@ -253,7 +253,7 @@ def _layout(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray, list[tuple
 
 
 def _period(size: int) -> int:
-    return max(4, round(size / 16))
+    return max(6, round(size / 10))
 
 
 def _edges(regions: np.ndarray) -> np.ndarray:
@@ -316,7 +316,8 @@ def _style_halftone(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
 
 
 def _style_hatching(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    size, p = rgb.shape[0], _period(rgb.shape[0])
+    size = rgb.shape[0]
+    p = round(_period(size) * 1.5)  # diagonal: the stripes' spacing across them is p / sqrt(2)
     yy, xx = np.mgrid[0:size, 0:size]
     stripe = ((xx + yy) % p) < (p / 2)
     light = rgb * 0.55 + 255 * 0.45

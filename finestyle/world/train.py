@@ -6,20 +6,35 @@ so the project's ordinary loading code reads it as it reads real weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import JUDGE_LABELS, render_set
-from .scene import STYLES
+from finestyle.core.env import cpu_name
+
+from .data import render_set
+from .models import (
+    blip_model,
+    blip_processor,
+    judge_model,
+    scheduler,
+    text_encoder_model,
+    unet_model,
+    vae_model,
+    world_tokenizer,
+)
+from .scene import HELDOUT_STYLE, STYLES, TRAINED_STYLES, content_caption, sample_scene
 
 
 @dataclass
@@ -27,7 +42,7 @@ class WorldTrainConfig:
     """One world model's training run."""
 
     model: str = "vae"
-    """vae | judge (sd and blip follow)."""
+    """vae | judge | sd | blip."""
     out: str = "world-runs"
     """Run folder: checkpoints, the final model under `model/`, and `report.json`."""
     steps: int = 4000
@@ -44,42 +59,19 @@ class WorldTrainConfig:
     """Seed of the weights' initialisation and the data order."""
     threads: int = 1
     """torch intra-op threads (keep 1 while other work shares the CPU)."""
+    bf16: bool = True
+    """bf16 autocast where the CPU has AVX-512 (fp32 otherwise)."""
+    vae: str = ""
+    """sd only: the trained world VAE folder (default: OUT/../vae/model)."""
 
 
-def vae_model():
-    """The world's AutoencoderKL: 64 px RGB <-> 4×16×16 latents."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-
-
-def judge_model():
-    """The world's judge: a small multi-label ResNet over objects, backgrounds and styles."""
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    cfg = ResNetConfig(
-        num_channels=3,
-        embedding_size=32,
-        hidden_sizes=[32, 64, 128, 192],
-        depths=[1, 1, 2, 1],
-        layer_type="basic",
-        downsample_in_first_stage=False,
-        num_labels=len(JUDGE_LABELS),
-        id2label=dict(enumerate(JUDGE_LABELS)),
-        label2id={n: i for i, n in enumerate(JUDGE_LABELS)},
-        problem_type="multi_label_classification",
-    )
-    return ResNetForImageClassification(cfg)
+# Per model: the settings its shipped weights were trained with (see each model card).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "vae": dict(steps=3000, batch_size=16, lr=1e-3),
+    "judge": dict(steps=6000, batch_size=64, lr=2e-3, n_train=48000),
+    "sd": dict(steps=8000, batch_size=32, lr=5e-4, threads=2),
+    "blip": dict(steps=3000, batch_size=32, lr=1e-3),
+}
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -124,8 +116,18 @@ def _vae_loss(model, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return l1 + 0.5 * grad + 1e-4 * kl
 
 
+def flip_shift(x: torch.Tensor, g: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Label-preserving geometry: random horizontal flips and shifts of up to `shift` pixels."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=g)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
 def _judge_loss(model, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    logits = model(pixel_values=degrade(x, g)).logits
+    logits = model(pixel_values=degrade(flip_shift(x, g), g)).logits
     return F.binary_cross_entropy_with_logits(logits, y)
 
 
@@ -148,62 +150,252 @@ def _lr_at(step: int, cfg: WorldTrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+@dataclass
+class Task:
+    """What the loop trains: named modules, a loss over batch indices, and how to save the result."""
+
+    modules: dict[str, torch.nn.Module]
+    loss: Callable[[np.ndarray, torch.Generator], torch.Tensor]
+    n: int
+    save: Callable[[dict[str, torch.nn.Module], Path], None]
+    ema_decay: float = 0.0
+
+
+def _vae_task(cfg: WorldTrainConfig, cache: Path) -> Task:
+    model = vae_model()
+    images, _, _ = render_set(0, cfg.n_train, 64, STYLES, cache=cache)
+
+    def save(mods: dict[str, torch.nn.Module], folder: Path) -> None:
+        _set_vae_scaling(mods["vae"], images[:512])
+        mods["vae"].save_pretrained(folder, safe_serialization=True)
+
+    return Task({"vae": model}, lambda idx, g: _vae_loss(model, to_tensor(images[idx]), g), len(images), save)
+
+
+def _judge_task(cfg: WorldTrainConfig, cache: Path) -> Task:
+    model = judge_model()
+    images, labels, _ = render_set(0, cfg.n_train, 64, STYLES, cache=cache)
+
+    def loss(idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
+        return _judge_loss(model, to_tensor(images[idx]), torch.from_numpy(labels[idx]), g)
+
+    def save(mods: dict[str, torch.nn.Module], folder: Path) -> None:
+        mods["judge"].save_pretrained(folder, safe_serialization=True)
+
+    return Task({"judge": model}, loss, len(images), save)
+
+
+def _scene_texts(first_seed: int, n: int, styles: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """Per render of `render_set(first_seed, n, styles=styles)`: (caption with background, without, style)."""
+    out = []
+    for seed in range(first_seed, first_seed + n):
+        scene = sample_scene(random.Random(seed), styles[seed % len(styles)])
+        objs = [(o.colour, o.name) for o in scene.objects]
+        out.append((content_caption(objs, scene.background), content_caption(objs), scene.style))
+    return out
+
+
+def sd_caption(texts: tuple[str, str, str], rng: np.random.Generator) -> str:
+    """A training caption: "CONTENT, in STYLE style", the background or style part sometimes dropped.
+
+    10% are empty (the unconditional branch of classifier-free guidance).
+    """
+    with_bg, without_bg, style = texts
+    u = rng.random(3)
+    if u[0] < 0.1:
+        return ""
+    content = with_bg if u[1] < 0.7 else without_bg
+    return f"{content}, in {style} style" if u[2] < 0.8 else content
+
+
+@torch.no_grad()
+def _encode_latents(vae: Any, images: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The VAE posterior (mean, std) of every image, cached beside the run."""
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        return z["mean"], z["std"]
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        post = vae.encode(to_tensor(images[i : i + 256])).latent_dist
+        means.append(post.mean.numpy())
+        stds.append(post.std.numpy())
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    np.savez(tmp, mean=mean, std=std)
+    os.replace(tmp, path)
+    return mean, std
+
+
+def _sd_task(cfg: WorldTrainConfig, cache: Path) -> Task:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(cfg.vae or Path(cfg.out).parent / "vae" / "model").eval()
+    tok, sched = world_tokenizer(), scheduler()
+    text_encoder, unet = text_encoder_model(tok), unet_model()
+    heldout_id = tok.convert_tokens_to_ids(HELDOUT_STYLE)
+    heldout_row = text_encoder.get_input_embeddings().weight[heldout_id].detach().clone()
+    images, _, _ = render_set(0, cfg.n_train, 64, TRAINED_STYLES, cache=cache)
+    mean, std = _encode_latents(vae, images, Path(cfg.out) / "latents.npz")
+    texts = _scene_texts(0, cfg.n_train, TRAINED_STYLES)
+    alphas = sched.alphas_cumprod
+    scale = vae.config.scaling_factor
+
+    def loss(idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
+        rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=g)))
+        m, s = torch.from_numpy(mean[idx]), torch.from_numpy(std[idx])
+        z0 = (m + s * torch.randn(m.shape, generator=g)) * scale
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, len(alphas), (len(idx),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ids = tok(
+            [sd_caption(texts[i], rng) for i in idx],
+            padding="max_length",
+            truncation=True,
+            max_length=tok.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        pred = unet(zt, t, text_encoder(ids)[0]).sample
+        return F.mse_loss(pred.float(), noise)
+
+    def save(mods: dict[str, torch.nn.Module], folder: Path) -> None:
+        te = mods["text_encoder"]
+        with torch.no_grad():  # the held-out style's word keeps its untrained embedding
+            te.get_input_embeddings().weight[heldout_id] = heldout_row
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=mods["unet"],
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+    return Task({"unet": unet, "text_encoder": text_encoder}, loss, len(images), save, ema_decay=0.999)
+
+
+def _blip_task(cfg: WorldTrainConfig, cache: Path) -> Task:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        processor = blip_processor(Path(d))
+    model = blip_model(processor)
+    images, _, _ = render_set(0, cfg.n_train, 64, STYLES, cache=cache)
+    texts = _scene_texts(0, cfg.n_train, STYLES)
+    tok, bos = processor.tokenizer, model.config.text_config.bos_token_id
+
+    def loss(idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
+        x = to_tensor(images[idx])  # BLIP normalises with CLIP's mean/std; the world trains in [-1, 1]
+        enc = tok([f"a picture of {texts[i][0]}" for i in idx], padding="longest", return_tensors="pt")
+        ids = enc.input_ids.clone()
+        ids[:, 0] = bos  # generate() starts from [DEC]; train the same way
+        labels = ids.masked_fill(enc.attention_mask == 0, -100)
+        return model(
+            pixel_values=degrade(x, g), input_ids=ids, attention_mask=enc.attention_mask, labels=labels
+        ).loss
+
+    def save(mods: dict[str, torch.nn.Module], folder: Path) -> None:
+        mods["blip"].save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+
+    return Task({"blip": model}, loss, len(images), save)
+
+
+def _update_ema(ema: dict[str, torch.nn.Module], mods: dict[str, torch.nn.Module], decay: float) -> None:
+    with torch.no_grad():
+        for name, m in mods.items():
+            for pe, p in zip(ema[name].parameters(), m.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+
+
+def _save_checkpoint(
+    path: Path, task: Task, ema: dict, opt: torch.optim.Optimizer, step: int, seconds: float
+) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    state = {
+        "modules": {k: m.state_dict() for k, m in task.modules.items()},
+        "ema": {k: m.state_dict() for k, m in ema.items()},
+        "opt": opt.state_dict(),
+        "step": step,
+        "seconds": seconds,
+    }
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, task: Task, ema: dict, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    state = torch.load(path, weights_only=True)
+    for k, m in task.modules.items():
+        m.load_state_dict(state["modules"][k])
+    for k, m in ema.items():
+        m.load_state_dict(state["ema"][k])
+    opt.load_state_dict(state["opt"])
+    return int(state["step"]), float(state.get("seconds", 0.0))
+
+
 def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print) -> Path:
     """Train one world model (resuming from `cfg.out` if it holds a checkpoint); return its model folder."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = {"vae": vae_model, "judge": judge_model}[cfg.model]()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    start, ckpt = 0, out / "checkpoint.pt"
+    builders = {"vae": _vae_task, "judge": _judge_task, "sd": _sd_task, "blip": _blip_task}
+    task = builders[cfg.model](cfg, out.parent / "render-cache")
+    ema = (
+        {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in task.modules.items()}
+        if task.ema_decay
+        else {}
+    )
+    params = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    start, before, ckpt = 0, 0.0, out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+        start, before = _load_checkpoint(ckpt, task, ema, opt)
         log(f"resumed {cfg.model} at step {start}")
-    images, labels, _ = render_set(0, cfg.n_train, 64, STYLES, cache=out.parent / "render-cache")
     g = torch.Generator().manual_seed(cfg.seed + start)
+    bf16 = cfg.bf16 and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
     t0, losses = time.time(), []
     for step, idx in zip(
-        range(start, cfg.steps), _batches(cfg.n_train, cfg.batch_size, cfg.seed, start), strict=False
+        range(start, cfg.steps), _batches(task.n, cfg.batch_size, cfg.seed, start), strict=False
     ):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        x = to_tensor(images[idx])
-        if cfg.model == "vae":
-            loss = _vae_loss(model, x, g)
-        else:
-            loss = _judge_loss(model, x, torch.from_numpy(labels[idx]), g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = task.loss(idx, g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss.float().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        if ema:
+            _update_ema(ema, task.modules, min(task.ema_decay, (1 + step) / (10 + step)))
+        losses.append(float(loss.detach()))
         done = step + 1
         if done % 50 == 0:
             rate = (time.time() - t0) / (done - start)
             log(f"{cfg.model} step {done}/{cfg.steps} loss {np.mean(losses[-50:]):.4f} {rate:.2f}s/step")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            tmp = out / f".checkpoint.{os.getpid()}.pt"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done}, tmp)
-            os.replace(tmp, ckpt)
+            _save_checkpoint(ckpt, task, ema, opt, done, before + time.time() - t0)
     model_dir = out / "model"
-    if cfg.model == "vae":
-        _set_vae_scaling(model, images[:512])
-    model.save_pretrained(model_dir, safe_serialization=True)
+    task.save(ema or task.modules, model_dir)
     report = {
         "config": asdict(cfg),
         "seconds_this_run": time.time() - t0,
+        "seconds_total": before + time.time() - t0,
         "final_loss": float(np.mean(losses[-50:] or [0])),
+        "cpu": cpu_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch_threads": cfg.threads,
+        "bf16_autocast": bf16,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return model_dir
 
 
 @torch.no_grad()
-def _set_vae_scaling(model, images: np.ndarray) -> None:
+def _set_vae_scaling(model: Any, images: np.ndarray) -> None:
     """scaling_factor = 1 / std of the latents, as SD's VAE config states its own."""
     z = model.encode(to_tensor(images)).latent_dist.mean
     model.register_to_config(scaling_factor=float(1.0 / z.std()))

@@ -1,0 +1,177 @@
+"""The world's model architectures: standard diffusers/transformers classes, sized for a CPU.
+
+Each builder returns an untrained model; `finestyle.world.train` trains them and saves them with
+`save_pretrained` (safetensors), so the project's ordinary loading code reads them as real weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .data import JUDGE_LABELS
+from .scene import world_words
+
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
+TEXT_MAX_TOKENS = 32
+_BLIP_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+
+
+def vae_model() -> Any:
+    """The world's AutoencoderKL: 64 px RGB <-> 4×16×16 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+
+
+def judge_model() -> Any:
+    """The world's judge: a small multi-label ResNet over objects, backgrounds and styles."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    cfg = ResNetConfig(
+        num_channels=3,
+        embedding_size=32,
+        hidden_sizes=[32, 64, 128, 192],
+        depths=[1, 1, 2, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        num_labels=len(JUDGE_LABELS),
+        id2label=dict(enumerate(JUDGE_LABELS)),
+        label2id={n: i for i, n in enumerate(JUDGE_LABELS)},
+        problem_type="multi_label_classification",
+    )
+    return ResNetForImageClassification(cfg)
+
+
+def world_tokenizer() -> Any:
+    """A word-level tokenizer over the world's words: one token per word, unknown words -> `<unk>`.
+
+    It pads with the end token and wraps every text in start/end tokens, as CLIP's tokenizer does.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([BOS, EOS, UNK, "."] + world_words())}
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=UNK,
+        model_max_length=TEXT_MAX_TOKENS,
+    )
+
+
+def text_encoder_model(tokenizer: Any) -> Any:
+    """A small CLIPTextModel over the world tokenizer's vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_MAX_TOKENS,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def unet_model() -> Any:
+    """The world's UNet2DConditionModel on 4×16×16 latents, cross-attention at 16, 8 and 4."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(48, 96, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def scheduler() -> Any:
+    """SD's own DDIM settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def blip_processor(folder: Path) -> Any:
+    """BLIP's processor for 64 px images, with a BERT word-piece tokenizer over the world's words."""
+    from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [w for w in world_words() if w not in ("in", "style")] + ["in", "picture", "of"]
+    vocab = _BLIP_SPECIAL + list(dict.fromkeys(words + [".", ","]))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(
+        vocab_file=str(folder / "vocab.txt"), do_lower_case=True, bos_token="[DEC]", model_max_length=40
+    )
+    ip = BlipImageProcessor(size={"height": 64, "width": 64})
+    return BlipProcessor(image_processor=ip, tokenizer=tok)
+
+
+def blip_model(processor: Any) -> Any:
+    """A small BlipForConditionalGeneration: ViT on 8 px patches of 64 px images, 2-layer decoder."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    tok = processor.tokenizer
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=96,
+        encoder_hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=40,
+        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        eos_token_id=tok.sep_token_id,
+        sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        initializer_range=0.02,
+    )
+    return BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
