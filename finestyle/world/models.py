@@ -143,7 +143,8 @@ def blip_processor(folder: Path) -> Any:
     tok = BertTokenizerFast(
         vocab_file=str(folder / "vocab.txt"), do_lower_case=True, bos_token="[DEC]", model_max_length=40
     )
-    ip = BlipImageProcessor(size={"height": 64, "width": 64})
+    # Pixels to [-1, 1], as every world model is trained (not CLIP's mean/std).
+    ip = BlipImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return BlipProcessor(image_processor=ip, tokenizer=tok)
 
 

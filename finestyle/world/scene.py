@@ -3,7 +3,7 @@
 Every scene is drawn from a seed, deterministically, at any size. It comes with its content caption
 ("a red boat and a yellow sun over the sea"), one box per object (xyxy, in the drawn image's
 pixels), its background label and its style label. Style textures are laid out on a period that is a
-fixed fraction of the image side (1/16), so a concept cropped from a 256 px reference and resized to
+fixed fraction of the image side (1/10, at least 6 px), so a concept cropped from a 256 px reference and resized to
 64 px still shows the texture, as a crop of a real reference does.
 
 One style, `HELDOUT_STYLE`, is never shown to the world's base models: it is the style a user

@@ -70,7 +70,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "vae": dict(steps=3000, batch_size=16, lr=1e-3),
     "judge": dict(steps=6000, batch_size=64, lr=2e-3, n_train=48000),
     "sd": dict(steps=8000, batch_size=32, lr=5e-4, threads=2),
-    "blip": dict(steps=3000, batch_size=32, lr=1e-3),
+    "blip": dict(steps=8000, batch_size=32, lr=1e-3, n_train=48000),
 }
 
 
@@ -288,7 +288,7 @@ def _blip_task(cfg: WorldTrainConfig, cache: Path) -> Task:
     tok, bos = processor.tokenizer, model.config.text_config.bos_token_id
 
     def loss(idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
-        x = to_tensor(images[idx])  # BLIP normalises with CLIP's mean/std; the world trains in [-1, 1]
+        x = flip_shift(to_tensor(images[idx]), g)  # [-1, 1], as the saved processor normalises
         enc = tok([f"a picture of {texts[i][0]}" for i in idx], padding="longest", return_tensors="pt")
         ids = enc.input_ids.clone()
         ids[:, 0] = bos  # generate() starts from [DEC]; train the same way
