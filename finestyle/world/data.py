@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from finestyle.core.errors import UserError
-from finestyle.core.fs import staging_dir
 
 from .scene import BACKGROUNDS, HELDOUT_STYLE, OBJECTS, STYLES, Render, render_seed
 
@@ -76,12 +76,17 @@ def render_folder(out: str | Path, n: int, size: int = 64, style: str | None = N
     if size < 32:
         raise UserError(f"--size: {size} is too small; the world draws at 32 px or more")
     out = Path(out)
-    with staging_dir(out) as tmp:
-        lines = []
+    out.mkdir(parents=True, exist_ok=True)
+    # Drawn into a hidden folder beside the output, then each file renamed into place: other files in
+    # `out` are kept, and an interrupted run leaves no half-written image or labels.
+    with tempfile.TemporaryDirectory(prefix=".world-render-", dir=out) as d:
+        tmp, lines = Path(d), []
         for i in range(n):
             name = f"world-{seed + i:07d}.png"
             r = render_seed(seed + i, size, style)
             r.image.save(tmp / name)
             lines.append(json.dumps(r.labels(name)))
         (tmp / "labels.jsonl").write_text("\n".join(lines) + "\n")
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
     return out

@@ -3,7 +3,7 @@
 Every scene is drawn from a seed, deterministically, at any size. It comes with its content caption
 ("a red boat and a yellow sun over the sea"), one box per object (xyxy, in the drawn image's
 pixels), its background label and its style label. Style textures are laid out on a period that is a
-fixed fraction of the image side (1/10, at least 6 px), so a concept cropped from a 256 px reference and resized to
+fixed fraction of the image side (1/16, at least 6 px: 6 px at the models 64 px), so a concept cropped from a 256 px reference and resized to
 64 px still shows the texture, as a crop of a real reference does.
 
 One style, `HELDOUT_STYLE`, is never shown to the world's base models: it is the style a user
@@ -253,7 +253,7 @@ def _layout(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray, list[tuple
 
 
 def _period(size: int) -> int:
-    return max(6, round(size / 10))
+    return max(6, round(size / 16))
 
 
 def _edges(regions: np.ndarray) -> np.ndarray:
