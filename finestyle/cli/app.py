@@ -613,6 +613,7 @@ def world_train(
     n_train: Optional[int] = typer.Option(None, help="Distinct training renders."),
     threads: Optional[int] = typer.Option(None, help="torch threads [1]."),
     vae: Optional[str] = typer.Option(None, help="sd only: trained VAE folder [OUT/../vae/model]."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu | auto [auto: cuda when present]."),
 ) -> None:
     """Train one of the world's models from a seed: progress, checkpoints, resume."""
     from finestyle.world.train import DEFAULTS, WorldTrainConfig, train_world_model
@@ -620,7 +621,9 @@ def world_train(
     if model not in DEFAULTS:
         raise UserError(f"--model: {model!r} is not one of {', '.join(DEFAULTS)}")
     cfg = WorldTrainConfig(model=model, out=str(out), **DEFAULTS[model])
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, n_train=n_train, threads=threads, vae=vae)
+    given = dict(
+        steps=steps, batch_size=batch_size, lr=lr, n_train=n_train, threads=threads, vae=vae, device=device
+    )
     for k, v in given.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -60,7 +60,9 @@ class WorldTrainConfig:
     threads: int = 1
     """torch intra-op threads (keep 1 while other work shares the CPU)."""
     bf16: bool = True
-    """bf16 autocast where the CPU has AVX-512 (fp32 otherwise)."""
+    """bf16 autocast on a GPU, or where the CPU has AVX-512 (fp32 otherwise)."""
+    device: str = "auto"
+    """cuda | cpu | auto (cuda when present)."""
     vae: str = ""
     """sd only: the trained world VAE folder (default: OUT/../vae/model)."""
 
@@ -107,8 +109,9 @@ def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _vae_loss(model, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    x = x.to(model.device)
     post = model.encode(x).latent_dist
-    z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
     rec = model.decode(z).sample
     l1 = (rec - x).abs().mean()
     grad = (rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
@@ -127,8 +130,8 @@ def flip_shift(x: torch.Tensor, g: torch.Generator, shift: int = 4) -> torch.Ten
 
 
 def _judge_loss(model, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    logits = model(pixel_values=degrade(flip_shift(x, g), g)).logits
-    return F.binary_cross_entropy_with_logits(logits, y)
+    logits = model(pixel_values=degrade(flip_shift(x, g), g).to(model.device)).logits
+    return F.binary_cross_entropy_with_logits(logits.float(), y.to(logits.device))
 
 
 def _batches(n: int, batch: int, seed: int, start_step: int) -> Iterator[np.ndarray]:
@@ -255,8 +258,9 @@ def _sd_task(cfg: WorldTrainConfig, cache: Path) -> Task:
             max_length=tok.model_max_length,
             return_tensors="pt",
         ).input_ids
-        pred = unet(zt, t, text_encoder(ids)[0]).sample
-        return F.mse_loss(pred.float(), noise)
+        dev = unet.device
+        pred = unet(zt.to(dev), t.to(dev), text_encoder(ids.to(dev))[0]).sample
+        return F.mse_loss(pred.float(), noise.to(dev))
 
     def save(mods: dict[str, torch.nn.Module], folder: Path) -> None:
         te = mods["text_encoder"]
@@ -293,8 +297,12 @@ def _blip_task(cfg: WorldTrainConfig, cache: Path) -> Task:
         ids = enc.input_ids.clone()
         ids[:, 0] = bos  # generate() starts from [DEC]; train the same way
         labels = ids.masked_fill(enc.attention_mask == 0, -100)
+        dev = model.device
         return model(
-            pixel_values=degrade(x, g), input_ids=ids, attention_mask=enc.attention_mask, labels=labels
+            pixel_values=degrade(x, g).to(dev),
+            input_ids=ids.to(dev),
+            attention_mask=enc.attention_mask.to(dev),
+            labels=labels.to(dev),
         ).loss
 
     def save(mods: dict[str, torch.nn.Module], folder: Path) -> None:
@@ -327,7 +335,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(path: Path, task: Task, ema: dict, opt: torch.optim.Optimizer) -> tuple[int, float]:
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")
     for k, m in task.modules.items():
         m.load_state_dict(state["modules"][k])
     for k, m in ema.items():
@@ -344,6 +352,11 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     torch.manual_seed(cfg.seed)
     builders = {"vae": _vae_task, "judge": _judge_task, "sd": _sd_task, "blip": _blip_task}
     task = builders[cfg.model](cfg, out.parent / "render-cache")
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    for m in task.modules.values():
+        m.to(dev)
     ema = (
         {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in task.modules.items()}
         if task.ema_decay
@@ -356,14 +369,16 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         start, before = _load_checkpoint(ckpt, task, ema, opt)
         log(f"resumed {cfg.model} at step {start}")
     g = torch.Generator().manual_seed(cfg.seed + start)
-    bf16 = cfg.bf16 and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    bf16 = cfg.bf16 and (
+        dev.type == "cuda" or torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    )
     t0, losses = time.time(), []
     for step, idx in zip(
         range(start, cfg.steps), _batches(task.n, cfg.batch_size, cfg.seed, start), strict=False
     ):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = task.loss(idx, g)
         opt.zero_grad(set_to_none=True)
         loss.float().backward()
@@ -379,7 +394,10 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_checkpoint(ckpt, task, ema, opt, done, before + time.time() - t0)
     model_dir = out / "model"
-    task.save(ema or task.modules, model_dir)
+    final = ema or task.modules
+    for m in final.values():
+        m.to("cpu")
+    task.save(final, model_dir)
     report = {
         "config": asdict(cfg),
         "seconds_this_run": time.time() - t0,
