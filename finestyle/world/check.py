@@ -62,6 +62,8 @@ class CheckSettings:
     n_localise: int = 50
     n_adapter: int = 60
     adapter_steps: int = 300
+    adapter_lr: float = 1e-3
+    """The world's 64 px models train at 1e-3 (the train stage's 1e-4 default is for SD-scale models)."""
     steps: int = 20
     only: list[str] = field(default_factory=list)
 
