@@ -129,24 +129,45 @@ def write_byte_clip_tokenizer(folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def _blip_vocab() -> list[str]:
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    return special + list(dict.fromkeys(_BLIP_WORDS + [".", ","]))
+BLIP_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 
 
-def _build_blip_processor(folder: Path, image_size: int) -> Any:
+def build_blip_processor(
+    folder: Path,
+    image_size: int,
+    words: list[str],
+    max_length: int = 64,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+) -> Any:
+    """A real BlipProcessor: BERT word-piece tokenizer over `words` (+ specials, "." and ","), image processor.
+
+    `image_mean`/`image_std` default to BLIP's own (CLIP's); the vocabulary is written to `folder`.
+    """
     from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(_blip_vocab()) + "\n")
+    vocab = BLIP_SPECIAL_TOKENS + list(dict.fromkeys(list(words) + [".", ","]))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(
         vocab_file=str(folder / "vocab.txt"),
         do_lower_case=True,
         bos_token="[DEC]",
-        model_max_length=64,
+        model_max_length=max_length,
     )
-    ip = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    norm = {k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
+    ip = BlipImageProcessor(size={"height": image_size, "width": image_size}, **norm)
     return BlipProcessor(image_processor=ip, tokenizer=tok)
+
+
+def blip_text_ids(tok: Any) -> dict[str, int]:
+    """The special-token ids a BLIP text config needs from its tokenizer (decoding starts at [DEC])."""
+    return dict(
+        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        eos_token_id=tok.sep_token_id,
+        sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +293,7 @@ def _tiny_blip() -> tuple[Any, Any]:
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     with tempfile.TemporaryDirectory() as d:
-        processor = _build_blip_processor(Path(d), image_size=64)
+        processor = build_blip_processor(Path(d), image_size=64, words=_BLIP_WORDS)
     tok = processor.tokenizer
     text = dict(
         vocab_size=len(tok),
@@ -282,10 +303,7 @@ def _tiny_blip() -> tuple[Any, Any]:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
-        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
-        eos_token_id=tok.sep_token_id,
-        sep_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id,
+        **blip_text_ids(tok),
     )
     # BLIP's vision default initializer_range is 1e-10: random weights would then ignore the image
     # and caption every crop alike. 0.02 (BERT's) makes the random captioner image-dependent.
@@ -307,14 +325,11 @@ def _blip_base_random() -> tuple[Any, Any]:
 
     # Salesforce/blip-image-captioning-base: ViT-B/16 at 384 px + BERT-base decoder (~224M).
     with tempfile.TemporaryDirectory() as d:
-        processor = _build_blip_processor(Path(d), image_size=384)
+        processor = build_blip_processor(Path(d), image_size=384, words=_BLIP_WORDS)
     tok = processor.tokenizer
     text = dict(
         vocab_size=30524,
-        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
-        eos_token_id=tok.sep_token_id,
-        sep_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id,
+        **blip_text_ids(tok),
     )
     vision = dict(image_size=384, patch_size=16, initializer_range=0.02)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))

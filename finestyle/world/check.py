@@ -26,7 +26,7 @@ from finestyle.prepare.concepts import iou
 from finestyle.prepare.stage import run_prepare
 from finestyle.train.loop import run_train
 
-from .data import render_set
+from .data import render_folder, render_set
 from .judge import generate, judge_probs, read
 from .scene import COLOURS, HELDOUT_STYLE, OBJECTS, STYLES, TRAINED_STYLES, render_seed
 
@@ -139,21 +139,16 @@ def gate_blip(model: Any, processor: Any, n: int) -> list[Gate]:
     ]
 
 
-def _write_renders(folder: Path, seeds: list[int], size: int, style: str | None) -> dict[str, Any]:
-    folder.mkdir(parents=True, exist_ok=True)
-    truth = {}
-    for seed in seeds:
-        r = render_seed(seed, size, style)
-        name = f"world-{seed}.png"
-        r.image.save(folder / name)
-        truth[name] = r
-    return truth
+def _render_truth(folder: Path, first_seed: int, n: int, size: int, style: str | None) -> dict[str, dict]:
+    """`world render` into `folder`; its labels.jsonl lines by file name (the truth prepare is scored on)."""
+    render_folder(folder, n, size, style, first_seed)
+    lines = (json.loads(x) for x in (folder / "labels.jsonl").read_text().splitlines() if x.strip())
+    return {line["file_name"]: line for line in lines}
 
 
 def gate_localisation(s: CheckSettings, work: Path) -> list[Gate]:
     """`prepare --concepts attention` on fresh 256 px renders: share of true objects found with IoU >= 0.5."""
-    seeds = [FRESH_SEED + 5000 + i for i in range(s.n_localise)]
-    truth = _write_renders(work / "localise", seeds, 256, None)
+    truth = _render_truth(work / "localise", FRESH_SEED + 5000, s.n_localise, 256, None)
     cfg = PrepareConfig(
         images=[str(work / "localise")],
         style="world",
@@ -167,13 +162,10 @@ def gate_localisation(s: CheckSettings, work: Path) -> list[Gate]:
     report = json.loads((work / "localise-ds" / "report.json").read_text())
     hit = total = 0
     for item in report.get("images", []):
-        r = truth.get(Path(item["source"]).name)
-        if r is None:
-            continue
-        for obj, box in zip(r.scene.objects, r.boxes, strict=False):
+        for obj in truth.get(Path(item["source"]).name, {}).get("objects", []):
             total += 1
-            found = [b for concept, b in item.get("boxes", {}).items() if obj.name in concept.split()]
-            hit += any(iou(tuple(b), box) >= 0.5 for b in found)
+            found = [b for concept, b in item.get("boxes", {}).items() if obj["name"] in concept.split()]
+            hit += any(iou(tuple(b), tuple(obj["bbox"])) >= 0.5 for b in found)
     return [
         Gate(
             "concept_localisation", hit / max(1, total), 0.60, detail=f"{total} objects, {len(truth)} renders"
@@ -183,9 +175,8 @@ def gate_localisation(s: CheckSettings, work: Path) -> list[Gate]:
 
 def gate_adapter(s: CheckSettings, judge: Any, work: Path) -> list[Gate]:
     """`finestyle train` (default K/V targets) on 3 held-out-style references; new objects in that style."""
-    seeds = [FRESH_SEED + 7000 + i for i in range(3)]
-    truth = _write_renders(work / "refs", seeds, 256, HELDOUT_STYLE)
-    ref_objects = {o.name for r in truth.values() for o in r.scene.objects}
+    truth = _render_truth(work / "refs", FRESH_SEED + 7000, 3, 256, HELDOUT_STYLE)
+    ref_objects = {o["name"] for line in truth.values() for o in line["objects"]}
     prep = PrepareConfig(
         images=[str(work / "refs")],
         style=HELDOUT_STYLE,

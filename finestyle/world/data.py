@@ -55,11 +55,16 @@ def render_set(
         labels[i] = label_vector(r)
         prompts.append(r.scene.prompt())
     if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{key}.{os.getpid()}.npz"
-        np.savez(tmp, images=images, labels=labels, prompts=np.array(prompts))
-        os.replace(tmp, cache / key)
+        save_npz(cache / key, images=images, labels=labels, prompts=np.array(prompts))
     return images, labels, prompts
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write arrays to `path` atomically (a temp file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def render_folder(out: str | Path, n: int, size: int = 64, style: str | None = None, seed: int = 0) -> Path:

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finestyle.core.models import blip_text_ids, build_blip_processor
+
 from .data import JUDGE_LABELS
 from .scene import world_words
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
 TEXT_MAX_TOKENS = 32
-_BLIP_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 
 
 def vae_model() -> Any:
@@ -133,19 +134,12 @@ def scheduler() -> Any:
 
 
 def blip_processor(folder: Path) -> Any:
-    """BLIP's processor for 64 px images, with a BERT word-piece tokenizer over the world's words."""
-    from transformers import BertTokenizerFast, BlipImageProcessor, BlipProcessor
+    """BLIP's processor for 64 px images, with a BERT word-piece tokenizer over the world's words.
 
-    folder.mkdir(parents=True, exist_ok=True)
+    Pixels go to [-1, 1], as every world model is trained (not CLIP's mean/std).
+    """
     words = [w for w in world_words() if w not in ("in", "style")] + ["in", "picture", "of"]
-    vocab = _BLIP_SPECIAL + list(dict.fromkeys(words + [".", ","]))
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(
-        vocab_file=str(folder / "vocab.txt"), do_lower_case=True, bos_token="[DEC]", model_max_length=40
-    )
-    # Pixels to [-1, 1], as every world model is trained (not CLIP's mean/std).
-    ip = BlipImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return BlipProcessor(image_processor=ip, tokenizer=tok)
+    return build_blip_processor(folder, 64, words, max_length=40, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def blip_model(processor: Any) -> Any:
@@ -161,10 +155,7 @@ def blip_model(processor: Any) -> Any:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=40,
-        bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
-        eos_token_id=tok.sep_token_id,
-        sep_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id,
+        **blip_text_ids(tok),
     )
     vision = dict(
         hidden_size=96,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from finestyle.core.env import cpu_name
 
-from .data import render_set
+from .data import render_set, save_npz
 from .models import (
     blip_model,
     blip_processor,
@@ -223,9 +223,7 @@ def _encode_latents(vae: Any, images: np.ndarray, path: Path) -> tuple[np.ndarra
         means.append(post.mean.numpy())
         stds.append(post.std.numpy())
     mean, std = np.concatenate(means), np.concatenate(stds)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-    np.savez(tmp, mean=mean, std=std)
-    os.replace(tmp, path)
+    save_npz(path, mean=mean, std=std)
     return mean, std
 
 
