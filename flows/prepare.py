@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
 
 from finestyle.config import PrepareConfig, from_dict, to_dict
 from finestyle.prepare.stage import plan_prepare, process_chunk, publish_prepared, scratch_dir, summary_table
@@ -31,12 +31,16 @@ def process_chunk_task(
     return process_chunk(paths, from_dict(PrepareConfig, config), scratch, chunk_id)
 
 
-@task(**RETRY)
+@task(**RETRY, log_prints=False)
 def publish_task(
     config: dict[str, Any], plan: dict[str, Any], manifests: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Merge the chunks and publish the dataset atomically."""
-    return publish_prepared(from_dict(PrepareConfig, config), plan, manifests)
+    """Merge the chunks and publish the dataset atomically.
+
+    Its messages go to the run logger directly: with Prefect's print-to-log patch on, the datasets
+    library's fingerprinting (dill, which captures `dis` output by swapping stdout) would flood the
+    run's log with bytecode listings."""
+    return publish_prepared(from_dict(PrepareConfig, config), plan, manifests, log=get_run_logger().info)
 
 
 @task

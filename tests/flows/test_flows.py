@@ -231,3 +231,27 @@ def test_dask_runner_builds_the_same_dataset(refs, tmp_path):
     for col in ("text", "concept", "bbox", "source", "method"):
         assert a[col] == b[col], col
     assert [r["image"].tobytes() for r in a] == [r["image"].tobytes() for r in b]
+
+
+def test_pull_step_uses_finestyle_checkout_else_the_deploying_folder(tmp_path, monkeypatch):
+    import asyncio
+    import os
+
+    import yaml
+    from prefect.deployments.steps.core import run_steps
+    from prefect.utilities.templating import apply_values
+
+    from tests.conftest import REPO
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployed, override = tmp_path / "deployed", tmp_path / "override"
+    deployed.mkdir(), override.mkdir()
+    # what `prefect deploy` stores: the pull steps with the build step's output filled in
+    pull = apply_values(spec["pull"], {"checkout": {"stdout": str(deployed)}}, remove_notset=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FINESTYLE_CHECKOUT", raising=False)
+    asyncio.run(run_steps(pull))
+    assert os.getcwd() == str(deployed)
+    monkeypatch.setenv("FINESTYLE_CHECKOUT", str(override))
+    asyncio.run(run_steps(pull))
+    assert os.getcwd() == str(override)
