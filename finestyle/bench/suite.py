@@ -102,13 +102,34 @@ def bench_caption(
 # training
 
 
-def _bench_dataset(folder: str, resolution: int) -> str:
+def _bench_images(folder: Any, n: int = 4, size: int = 256) -> Any:
+    """`n` reproducible pictures (coloured shapes on a gradient): the benchmark needs no files of its own."""
+    import random
     from pathlib import Path
 
-    examples = Path(__file__).resolve().parent.parent / "data" / "examples"
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = random.Random(i)
+        ramp = np.linspace(0, 1, size)[None, :, None] * np.array(rng.sample(range(60, 255), 3))[None, None]
+        img = Image.fromarray(np.broadcast_to(ramp, (size, size, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x, y, r = rng.randrange(size), rng.randrange(size), rng.randrange(size // 8, size // 3)
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=fill)
+        img.save(out / f"bench-{i}.png")
+    return out
+
+
+def _bench_dataset(folder: str, resolution: int) -> str:
+    images = _bench_images(f"{folder}-images", size=max(resolution, 64))
     run_prepare(
         PrepareConfig(
-            images=[str(examples)],
+            images=[str(images)],
             style="paper-cut",
             out=folder,
             concepts="none",
@@ -121,16 +142,26 @@ def _bench_dataset(folder: str, resolution: int) -> str:
 
 
 def train_worker(
-    variant: str, dataset: str, base: str, resolution: int, steps: int, warmup: int, out: str
+    variant: str,
+    dataset: str,
+    base: str,
+    resolution: int,
+    steps: int,
+    warmup: int,
+    out: str,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """One benchmark variant in its own process (so its peak RSS is its own).
+    """One benchmark variant in its own process (so its peak RSS / VRAM is its own).
 
-    - `baseline`: what diffusers' reference LoRA script does each step: VAE-encode the image and run
-      the text encoder, then the UNet forward/backward (fp32).
+    - `baseline` / `baseline-bf16`: what diffusers' reference LoRA script does each step: VAE-encode
+      the image and run the text encoder, then the UNet forward/backward (fp32 / bf16 autocast).
     - `cached` / `cached-bf16`: this project's trainer (cached latents and text), fp32 / bf16 autocast.
     """
     import resource
 
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     cfg = TrainConfig(
         dataset=dataset,
         base=base,
@@ -139,8 +170,8 @@ def train_worker(
         resolution=resolution,
         samples=False,
         caption_dropout=0.0,
-        device="cpu",
-        mixed_precision="bf16" if variant == "cached-bf16" else "no",
+        device=device,
+        mixed_precision="bf16" if variant.endswith("-bf16") else "no",
     )
     if variant.startswith("cached"):
         import json
@@ -152,21 +183,71 @@ def train_worker(
         losses = rep["losses"]
     else:
         secs, losses = _baseline_loop(cfg, warmup)
-    return {
+    res = {
         "variant": variant,
+        "device": device,
         "steps_per_s": len(secs) / sum(secs),
         "seconds_per_step": sum(secs) / len(secs),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "losses": losses,
     }
+    if cuda:
+        res["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["gpu"] = torch.cuda.get_device_name()
+    return res
+
+
+def unet_train_step_gflop(base: str, resolution: int, device: str = "cpu") -> float:
+    """FLOPs of one UNet forward + backward with the K/V LoRA (what every variant runs per step), counted
+    by torch's FLOP counter at `resolution` (VAE and text encoder excluded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe = load_sd_pipeline(base, device=device)
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    add_lora(unet, TrainConfig(dataset="", base=base))
+    side = resolution // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    x = torch.randn(1, unet.config.in_channels, side, side, device=device)
+    c = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
+    with FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor([500], device=device), encoder_hidden_states=c).sample.float().pow(
+            2
+        ).mean().backward()
+    return fc.get_total_flops() / 1e9
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, without sparsity), by device name.
+GPU_BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+}
+
+
+def gpu_bf16_peak_tflops(name: str) -> float | None:
+    for key, peak in GPU_BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
 
 
 def _baseline_loop(cfg: Any, warmup: int) -> tuple[list[float], list[float]]:
     """The uncached reference loop (diffusers examples/text_to_image/train_text_to_image_lora.py)."""
+    import contextlib
+
     import numpy as np
 
     rows = load_training_rows(cfg.dataset)
-    pipe = load_sd_pipeline(cfg.base, device="cpu")
+    dev = torch.device(cfg.device)
+    pipe = load_sd_pipeline(cfg.base, device=dev)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     from diffusers import DDPMScheduler
 
@@ -178,33 +259,47 @@ def _baseline_loop(cfg: Any, warmup: int) -> tuple[list[float], list[float]]:
     add_lora(unet, cfg)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator(dev).manual_seed(cfg.seed)
+    bf16 = cfg.mixed_precision == "bf16"
+    if bf16:  # as the reference script with --mixed_precision bf16: frozen weights in bf16
+        vae.to(torch.bfloat16)
+        te.to(torch.bfloat16)
     secs, losses = [], []
     for step in range(cfg.steps):
+        _sync(dev)
         t0 = time.perf_counter()
         r = rows[step % len(rows)]
         img = resize_to_bucket(r["image"], bucket_of(r["image"].size, cfg))
-        px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-        latents = vae.encode(px).latent_dist.sample(generator=g) * vae.config.scaling_factor
+        px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(dev)
+        px = px.to(vae.dtype)
+        latents = (vae.encode(px).latent_dist.sample(generator=g) * vae.config.scaling_factor).float()
         ids = tok(
             [r["text"]],
             padding="max_length",
             truncation=True,
             max_length=tok.model_max_length,
             return_tensors="pt",
-        ).input_ids
-        emb = te(ids)[0]
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
-        loss = diffusion_loss(pred, diffusion_target(sched, latents, noise, t), t, sched, None)
+        ).input_ids.to(dev)
+        emb = te(ids)[0].float()
+        noise = torch.randn(latents.shape, generator=g, device=dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g, device=dev)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with amp:
+            pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
+        loss = diffusion_loss(pred.float(), diffusion_target(sched, latents, noise, t), t, sched, None)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        _sync(dev)
         if step >= warmup:
             secs.append(time.perf_counter() - t0)
     return secs, losses
+
+
+def _sync(dev: Any) -> None:
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench_train(
@@ -212,15 +307,25 @@ def bench_train(
     resolution: int = 256,
     steps: int = 3,
     warmup: int = 1,
-    variants: tuple[str, ...] = ("baseline", "cached", "cached-bf16"),
+    variants: tuple[str, ...] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Trainer steps/s and peak memory against the uncached baseline, each in its own process."""
+    """Trainer steps/s and peak memory against the uncached baseline, each in its own process.
+
+    On CPU the variants are fp32 baseline, cached fp32 and cached bf16; on CUDA, the bf16 baseline and
+    cached bf16 (peak VRAM from `torch.cuda.max_memory_allocated`), plus the achieved TFLOP/s of the
+    UNet forward+backward and its share of the card's bf16 peak (MFU).
+    """
     import json
     import os
     import subprocess
     import sys
     import tempfile
 
+    device = str(pick_device(device))
+    cuda = device.startswith("cuda")
+    if variants is None:
+        variants = ("baseline-bf16", "cached-bf16") if cuda else ("baseline", "cached", "cached-bf16")
     with tempfile.TemporaryDirectory() as d:
         ds = _bench_dataset(f"{d}/ds", resolution)
         res = {}
@@ -228,7 +333,7 @@ def bench_train(
             code = (
                 "import json,sys; from finestyle.bench.suite import train_worker; "
                 f"print('RESULT'+json.dumps(train_worker({v!r}, {ds!r}, {base!r}, {resolution}, {steps}, {warmup}, "
-                f"{d + '/' + v!r})))"
+                f"{d + '/' + v!r}, {device!r})))"
             )
             p = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy()
@@ -237,15 +342,25 @@ def bench_train(
             if p.returncode or not line:
                 raise RuntimeError(f"bench variant {v} failed: {p.stderr[-2000:]}")
             res[v] = json.loads(line[0][6:])
-    base_sps = res["baseline"]["steps_per_s"] if "baseline" in res else None
+    baseline = "baseline-bf16" if "baseline-bf16" in res else "baseline"
+    base_sps = res[baseline]["steps_per_s"] if baseline in res else None
+    gflop = unet_train_step_gflop(base, resolution, device)
+    peak = gpu_bf16_peak_tflops(torch.cuda.get_device_name()) if cuda else None
     for v in res.values():
         v["ratio_vs_baseline"] = v["steps_per_s"] / base_sps if base_sps else None
+        v["unet_tflops"] = gflop * v["steps_per_s"] / 1e3
+        v["mfu"] = v["unet_tflops"] / peak if peak else None
     return {
         "base": base,
         "resolution": resolution,
         "batch": 1,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
         "measured_steps": steps,
         "warmup": warmup,
+        "baseline": baseline,
+        "unet_train_step_gflop": gflop,
+        "gpu_bf16_peak_tflops": peak,
         "results": res,
     }
 
@@ -392,6 +507,158 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
         ort_share_of_fp32_peak=gflop / res["ort_fp32_s"] / peak32,
     )
     return res
+
+
+def bench_unet_step_device(
+    model: str, latent: int = 64, batch: int = 2, iters: int = 10, device: str = "cuda", trt: bool = True
+) -> dict[str, Any]:
+    """One UNet step on an accelerator: PyTorch eager fp16 vs the fp16 ONNX export on onnxruntime's CUDA
+    provider with IO binding (inputs and output stay on the device), and the TensorRT provider when
+    onnxruntime has it (engine build time, step time, parity). On `device="cpu"` it runs the same
+    steps in fp32 with the CPU provider (a dry run of the GPU path).
+
+    Each half records its own status, so that a machine without onnxruntime-gpu still gets the PyTorch
+    figures: `ort.status` / `trt.status` say "ran", or why not.
+    """
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    res: dict[str, Any] = {
+        "model": model,
+        "latent": latent,
+        "batch": batch,
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        src = save_builtin(model, Path(d) / "model") if model.startswith("builtin:") else Path(model)
+        pipe = load_sd_pipeline(str(src), device=dev, dtype=dtype)
+        unet = pipe.unet.eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(dev)
+        c = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(dev)
+        t = torch.tensor(500.0, device=dev)
+
+        def eager() -> torch.Tensor:
+            with torch.no_grad():
+                return unet(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
+
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            ref = eager()
+        res["gflop_per_step"] = fc.get_total_flops() / 1e9
+        res["torch_eager_s"] = _timeit_sync(eager, iters, dev)
+        del pipe
+        ort_reason = _ort_missing(cuda)
+        if ort_reason or importlib.util.find_spec("optimum") is None:
+            res["ort"] = {"status": f"skipped: {ort_reason or 'optimum is not installed'}"}
+            res["trt"] = {"status": "skipped: needs the ONNX export (onnxruntime and optimum)"}
+            return res
+        import onnxruntime as ort
+
+        onnx_export(src, Path(d) / "onnx", fp16=cuda, opset=None)
+        path = Path(d) / "onnx" / "unet" / "model.onnx"
+        provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+        res["ort"] = _ort_bound_step(ort, path, provider, x, c, ref, iters, dev)
+        res["ort_vs_torch"] = res["torch_eager_s"] / res["ort"]["step_s"]
+        if not trt:
+            res["trt"] = {"status": "skipped: not asked for"}
+        elif "TensorrtExecutionProvider" not in ort.get_available_providers():
+            res["trt"] = {"status": "skipped: onnxruntime has no TensorrtExecutionProvider here"}
+        elif importlib.util.find_spec("tensorrt") is None:
+            res["trt"] = {"status": "skipped: TensorRT is not installed (pip install 'finestyle[tensorrt]')"}
+        else:
+            try:
+                res["trt"] = _ort_bound_step(ort, path, "TensorrtExecutionProvider", x, c, ref, iters, dev)
+                res["trt_vs_torch"] = res["torch_eager_s"] / res["trt"]["step_s"]
+            except Exception as exc:  # noqa: BLE001 - recorded, the other figures stand
+                res["trt"] = {"status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
+    return res
+
+
+def _ort_missing(cuda: bool) -> str | None:
+    """Why onnxruntime cannot run the device half here, or None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, the gpu extra)"
+    return None
+
+
+def _timeit_sync(fn: Any, iters: int, dev: torch.device) -> float:
+    fn()
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t) / iters
+
+
+def _ort_bound_step(
+    ort: Any,
+    path: Any,
+    provider: str,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    ref: torch.Tensor,
+    iters: int,
+    dev: Any,
+) -> dict[str, Any]:
+    """Session creation (the engine build, for TensorRT), then the step with IO binding: the inputs are
+    bound from the torch tensors' device memory and the output to a preallocated device tensor."""
+    import numpy as np
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(
+        str(path), so, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+    )
+    kind, index = ("cuda", dev.index or 0) if dev.type == "cuda" else ("cpu", 0)
+    inputs = {
+        "sample": x.float().contiguous(),
+        "timestep": torch.tensor(500.0, device=dev),
+        "encoder_hidden_states": c.float().contiguous(),
+    }
+    out = torch.empty(ref.shape, dtype=torch.float32, device=dev)
+    io = sess.io_binding()
+    for meta in sess.get_inputs():
+        ten = inputs[meta.name]
+        if meta.type == "tensor(int64)":
+            ten = inputs[meta.name] = ten.long()
+        io.bind_input(meta.name, kind, index, _np_dtype(ten), list(ten.shape), ten.data_ptr())
+    io.bind_output(sess.get_outputs()[0].name, kind, index, np.float32, list(out.shape), out.data_ptr())
+
+    def step() -> None:
+        sess.run_with_iobinding(io)
+
+    step()
+    _sync(dev)
+    build = time.perf_counter() - t0
+    secs = _timeit_sync(step, iters, dev)
+    return {
+        "status": "ran",
+        "provider": sess.get_providers()[0],
+        "session_and_first_run_s": build,
+        "step_s": secs,
+        "max_abs_diff_vs_torch": float((out - ref).abs().max()),
+        "mean_abs_diff_vs_torch": float((out - ref).abs().mean()),
+    }
+
+
+def _np_dtype(t: torch.Tensor) -> Any:
+    import numpy as np
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[t.dtype]
 
 
 # ------------------------------------------------------------------------------------------------

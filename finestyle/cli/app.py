@@ -246,7 +246,9 @@ def train(
 @command
 def export(
     base: str = typer.Option(..., "--base", help="Base model the adapter was trained on."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder (RUN/adapter)."),
+    adapter: Optional[Path] = typer.Option(
+        None, "--adapter", help="Adapter folder (RUN/adapter), or 'none' to export the base model as it is."
+    ),
     out: Path = typer.Option(..., "--out", help="Export folder."),
     format: Optional[str] = typer.Option(None, "--format", help="onnx | tensorrt [onnx]."),
     fp16: Optional[bool] = typer.Option(
@@ -268,7 +270,7 @@ def export(
 
     values = dict(
         base=base,
-        adapter=str(adapter) if adapter else None,
+        adapter=("" if str(adapter).lower() == "none" else str(adapter)) if adapter else None,
         out=str(out),
         format=format,
         fp16=fp16,
@@ -483,16 +485,24 @@ def bench_train_cmd(
     resolution: int = typer.Option(256, help="Training resolution."),
     steps: int = typer.Option(3, help="Measured steps per variant (after warm-up)."),
     warmup: int = typer.Option(1, help="Warm-up steps per variant."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto (CUDA: bf16 variants, peak VRAM, MFU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
-    """Trainer steps/s + peak RSS vs a baseline that re-encodes VAE latents and text every step."""
+    """Trainer steps/s + peak memory vs a baseline that re-encodes VAE latents and text every step."""
     from finestyle.bench.suite import bench_train
 
-    r = bench_train(base, resolution, steps, warmup)
+    r = bench_train(base, resolution, steps, warmup, device=device)
+    typer.echo(f"{r['base']} at {r['resolution']} px on {r['gpu'] or r['device']}")
     for name, v in r["results"].items():
+        mem = (
+            f"peak VRAM {v['peak_vram_gib']:.2f} GiB"
+            if "peak_vram_gib" in v
+            else f"peak RSS {v['peak_rss_gib']:.2f} GiB"
+        )
+        mfu = f"  MFU {100 * v['mfu']:.1f}%" if v.get("mfu") is not None else ""
         typer.echo(
-            f"{name:12s} {v['steps_per_s']:.3f} steps/s  {v['seconds_per_step']:.2f} s/step  "
-            f"peak RSS {v['peak_rss_gib']:.2f} GiB  ratio {v['ratio_vs_baseline']:.2f}x"
+            f"{name:14s} {v['steps_per_s']:.3f} steps/s  {v['seconds_per_step']:.3f} s/step  {mem}  "
+            f"UNet {v['unet_tflops']:.2f} TFLOP/s{mfu}  ratio {v['ratio_vs_baseline']:.2f}x"
         )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
@@ -505,12 +515,39 @@ def bench_export_cmd(
     latent: int = typer.Option(32, help="Latent side (32 = 256 px)."),
     batch: int = typer.Option(2, help="UNet batch (2 = one image with guidance)."),
     iters: int = typer.Option(3, help="Timed iterations per variant."),
+    device: str = typer.Option(
+        "cpu", help="cpu, cuda or auto. On CUDA: fp16 eager vs ORT CUDA (+ TensorRT)."
+    ),
+    bound: bool = typer.Option(
+        False, help="On CPU too: the device path (eager vs ORT with IO binding) instead of the CPU analysis."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """One UNet step: PyTorch eager vs onnxruntime (the export), with the fp32 peak share and bf16."""
-    from finestyle.bench.suite import bench_unet_step
+    from finestyle.bench.suite import bench_unet_step, bench_unet_step_device
+    from finestyle.core.models import pick_device
 
+    dev = str(pick_device(device))
     allr = []
+    if dev != "cpu" or bound:
+        for m in model:
+            r = bench_unet_step_device(m, latent, batch, iters, dev)
+            allr.append(r)
+            line = f"{m} on {r['gpu'] or dev} ({r['dtype']}): {r['gflop_per_step']:.1f} GFLOP/step | "
+            line += f"torch eager {r['torch_eager_s'] * 1e3:.2f} ms"
+            for key, label in (("ort", "ORT"), ("trt", "ORT TensorRT")):
+                h = r[key]
+                if h["status"] == "ran":
+                    line += (
+                        f" | {label} {h['step_s'] * 1e3:.2f} ms ({r['torch_eager_s'] / h['step_s']:.2f}x, "
+                        f"session {h['session_and_first_run_s']:.1f} s, max diff {h['max_abs_diff_vs_torch']:.1e})"
+                    )
+                else:
+                    line += f" | {label} {h['status']}"
+            typer.echo(line)
+        if json_out:
+            json_out.write_text(json.dumps(allr, indent=2))
+        return
     for m in model:
         r = bench_unet_step(m, latent, batch, iters)
         allr.append(r)

@@ -516,7 +516,7 @@ def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """1. Merge the adapter (proven equal to UNet+adapter) and save `merged/` in safetensors."""
     t = time.perf_counter()
     merged, rep = merge_adapter(
-        cfg.base, cfg.adapter, cfg.lora_scale, pick_device(cfg.device), cfg.merge_atol
+        cfg.base, cfg.adapter or None, cfg.lora_scale, pick_device(cfg.device), cfg.merge_atol
     )
     merged.save_pretrained(Path(tmp) / "merged", safe_serialization=True)
     _copy_adapter_info(cfg.adapter, Path(tmp) / "merged")

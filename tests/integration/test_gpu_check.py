@@ -1,0 +1,62 @@
+"""`scripts/gpu-check.sh --dry-run`: every step of the GPU check runs on the CPU with the tiny builtins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts" / "gpu-check.sh"
+
+
+@pytest.mark.slow
+def test_dry_run_executes_every_step_and_writes_the_results(tmp_path):
+    out = tmp_path / "gpu-check"
+    p = subprocess.run([str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    status = {s["step"]: s["status"] for s in res["steps"]}
+    assert list(status) == ["install", "pytest-gpu", "bench-train", "export", "bench-export", "serve", "sdxl"]
+    for step in ("install", "pytest-gpu", "bench-train", "export", "bench-export", "serve"):
+        assert status[step] == "ran", (step, (out / f"{step}.log").read_text()[-2000:])
+    assert status["sdxl"] == "skipped" and res["steps"][-1]["detail"]
+    figs = res["figures"]
+    assert figs["bench-train"]["steps_per_s"] > 0 and figs["bench-train"]["ratio_vs_baseline"] > 0
+    assert figs["export"]["parity_unet_max_abs_diff"] < 1e-4
+    assert figs["bench-export"]["ort"] == "ran" and figs["bench-export"]["ort_max_abs_diff"] < 1e-3
+    assert figs["bench-export"]["trt"].startswith("skipped: ")
+    assert figs["serve"]["img_per_s_batching_on"] > 0
+    assert res["versions"]["torch"] and res["versions"]["gpu"] is None
+    md = (out / "results.md").read_text()
+    assert "| bench-export | ran |" in md and "dry run on the CPU" in md
+
+
+def test_a_missing_wheels_folder_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run(
+        [str(SCRIPT), "--wheels", str(tmp_path / "nowhere"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "--download-wheels" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_step_is_recorded_and_fails_the_report(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "steps.jsonl").write_text(
+        json.dumps({"step": "install", "status": "ran", "seconds": 1, "detail": "exit 0"})
+        + "\n"
+        + json.dumps({"step": "bench-train", "status": "timeout", "seconds": 300, "detail": "exit 124"})
+        + "\n"
+    )
+    p = subprocess.run(
+        ["python3", str(REPO / "scripts" / "gpu_check_report.py"), str(out)], capture_output=True, text=True
+    )
+    assert p.returncode == 1 and "bench-train" in p.stderr
+    assert "| bench-train | timeout |" in (out / "results.md").read_text()
