@@ -457,6 +457,113 @@ def models_save(
 
 
 # ------------------------------------------------------------------------------------------------
+# eval
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(
+            f"{flag}: {text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1,2"
+        ) from None
+    if not vals:
+        raise UserError(f"{flag}: give at least one number, e.g. 0")
+    return vals
+
+
+@app.command("eval")
+@command
+def eval_cmd(
+    model: Optional[str] = typer.Argument(
+        None, help="Export folder, or a base model with --adapter (not used with --compare)."
+    ),
+    references: str = typer.Option(
+        ..., "--references", help="Prepared dataset of the references (with --compare: a folder of images)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder: report.json, report.md, grid.png, images/."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter folder on top of MODEL."),
+    prompts: Optional[Path] = typer.Option(
+        None, help="Prompt file: one per line, optionally TAB superclass."
+    ),
+    judge: str = typer.Option(
+        "world", help="world | world:FOLDER | clip:MODEL (e.g. clip:openai/clip-vit-large-patch14)."
+    ),
+    style: Optional[str] = typer.Option(
+        None, help="Target style text (default: the dataset's; required with --compare)."
+    ),
+    n_prompts: int = typer.Option(12, help="Prompts taken from the judge's default set."),
+    seeds: int = typer.Option(4, help="Seeds per prompt."),
+    steps: int = typer.Option(20, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Prompt guidance λ2."),
+    style_guidance: str = typer.Option("0", help="Style guidance λ1, or a list to sweep, e.g. 0,0.5,1,2."),
+    batch: int = typer.Option(16, help="Images per denoising batch."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Train and compare FineStyle against plain style tuning."
+    ),
+    base: Optional[str] = typer.Option(None, help="--compare: the base model."),
+    captioner: str = typer.Option("builtin:tiny-blip", help="--compare: captioner for the concept crops."),
+    train_steps: int = typer.Option(300, help="--compare: training steps per variant."),
+    rank: int = typer.Option(8, help="--compare: LoRA rank."),
+    lr: float = typer.Option(1e-3, help="--compare: learning rate."),
+    resolution: int = typer.Option(64, help="--compare: training resolution."),
+    variants: Optional[str] = typer.Option(
+        None, help="--compare: comma-separated subset of finestyle,plain,attention_attn,none_kv."
+    ),
+) -> None:
+    """Score style fidelity, prompt fidelity and content leakage (tuned minus base); --compare runs the ablation."""
+    from finestyle.config import EvalConfig
+
+    ecfg = EvalConfig(
+        model=model or "",
+        adapter=adapter,
+        references=references,
+        out=str(out),
+        prompts=str(prompts) if prompts else None,
+        judge=judge,
+        style=style,
+        n_prompts=n_prompts,
+        seeds=seeds,
+        steps=steps,
+        guidance=guidance,
+        style_guidance=_floats(style_guidance, "--style-guidance"),
+        batch=batch,
+        device=device,
+    )
+    if compare:
+        from finestyle.eval.compare import VARIANTS, CompareSettings, run_compare
+
+        if not base or not style:
+            raise UserError("--compare needs --base MODEL and --style TEXT (and --references IMAGES_FOLDER)")
+        settings = CompareSettings(
+            images=references,
+            style=style,
+            base=base,
+            captioner=captioner,
+            steps=train_steps,
+            rank=rank,
+            lr=lr,
+            resolution=resolution,
+            variants=tuple(v.strip() for v in variants.split(",")) if variants else tuple(VARIANTS),
+        )
+        run_compare(settings, ecfg)
+    else:
+        if not model:
+            raise UserError("finestyle eval: give MODEL (an export folder, or a base model with --adapter)")
+        from finestyle.eval.run import run_eval
+
+        run_eval(ecfg)
+    typer.echo("")
+    typer.echo((out / "report.md").read_text().rstrip())
+    print_summary(
+        "eval: done",
+        {"report": out / "report.json", "table": out / "report.md", "grid": out / "grid.png"}
+        | ({"trade-off": out / "guidance.png"} if (out / "guidance.png").exists() else {}),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # bench
 
 

@@ -61,3 +61,26 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def library_versions(*names: str) -> dict[str, str | None]:
+    """Installed versions of finestyle and the named distributions (None where one is missing), for
+    the provenance of every report."""
+    import importlib.metadata as md
+
+    from finestyle import __version__
+
+    out: dict[str, str | None] = {"finestyle": __version__}
+    for n in names or ("torch", "diffusers", "transformers", "peft", "onnxruntime", "optimum"):
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def gpu_name() -> str | None:
+    """The CUDA device's name, or None without one."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None

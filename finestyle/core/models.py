@@ -68,7 +68,7 @@ def pick_dtype(device: torch.device, prefer: str | None = None) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _quiet_hf_logs() -> Iterator[None]:
+def quiet_hf_logs() -> Iterator[None]:
     """Silence diffusers/transformers loggers during a load: we report failures ourselves."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
@@ -320,6 +320,38 @@ def _tiny_blip() -> tuple[Any, Any]:
     return model, processor
 
 
+def _tiny_clip() -> tuple[Any, Any]:
+    """A tiny random-weight CLIP (32 px images, byte-level text) with its processor: the plumbing of
+    CLIP-based evaluation, offline. Its scores mean nothing; the maths around them is what is tested."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        write_byte_clip_tokenizer(Path(d))
+        tok = CLIPTokenizer.from_pretrained(d)
+    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    return model, CLIPProcessor(image_processor=image_proc, tokenizer=tok)
+
+
 def _blip_base_random() -> tuple[Any, Any]:
     from transformers import BlipConfig, BlipForConditionalGeneration
 
@@ -424,6 +456,12 @@ BUILTINS: dict[str, Builtin] = {
             _blip_base_random,
         ),
         Builtin(
+            "builtin:tiny-clip",
+            "clip",
+            "tiny CLIP (ViT 32 px + byte-level text) with random weights: eval's CLIP judge, offline",
+            _tiny_clip,
+        ),
+        Builtin(
             "builtin:world-sd",
             "text-to-image",
             "Stable Diffusion trained on the procedural world (64 px, 16x16 latents, word-level CLIP "
@@ -480,6 +518,22 @@ def build_builtin_pipeline(name: str) -> Any:
     )
 
 
+def load_clip(name: str, device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """(CLIPModel, CLIPProcessor) from a hub id (e.g. openai/clip-vit-large-patch14), a local folder or
+    `builtin:tiny-clip`; safetensors only."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if is_builtin(name):
+        _get_builtin(name, "clip")
+        with _seeded(0):
+            model, proc = _tiny_clip()
+    else:
+        model = _guarded_load(name, lambda: CLIPModel.from_pretrained(name, use_safetensors=True))
+        proc = _guarded_load(name, lambda: CLIPProcessor.from_pretrained(name))
+    return model.to(dev).eval(), proc
+
+
 def build_builtin_captioner(name: str) -> tuple[Any, Any]:
     """Build a builtin captioner preset: (BlipForConditionalGeneration, BlipProcessor)."""
     b = _get_builtin(name, "captioner")
@@ -507,7 +561,7 @@ def save_builtin(name: str, out: str | os.PathLike) -> Path:
         elif b.kind == "text-to-image":
             build_builtin_pipeline(name).save_pretrained(tmp, safe_serialization=True)
         else:
-            model, processor = build_builtin_captioner(name)
+            model, processor = load_clip(name, "cpu") if b.kind == "clip" else build_builtin_captioner(name)
             model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
     return out
@@ -549,7 +603,7 @@ def _explain_load_failure(name: str, exc: BaseException) -> ModelLoadError:
 def _guarded_load(name: str, load: Callable[[], Any]) -> Any:
     """Run a `from_pretrained` call; turn hub/folder failures into one clear ModelLoadError."""
     try:
-        with _quiet_hf_logs():
+        with quiet_hf_logs():
             return load()
     except (OSError, ValueError) as exc:
         raise _explain_load_failure(name, exc) from exc

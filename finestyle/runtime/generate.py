@@ -29,7 +29,7 @@ from finestyle.artifacts.manifest import export_layout, verify_export
 from finestyle.config import SCHEDULERS, GenerateConfig
 from finestyle.core.errors import UserError
 from finestyle.core.fs import sha256_file
-from finestyle.core.models import load_sd_pipeline
+from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
 from finestyle.core.onnxrt import ort_providers, require_tensorrt
 from finestyle.runtime.tensorrt import TrtEngine
 
@@ -235,9 +235,10 @@ def torch_backend(model: str, adapter: str | None, device: str | None, dtype: st
     has_adapter = False
     if adapter:
         info = adapter_info(adapter)
-        pipe.load_lora_weights(
-            adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="finestyle"
-        )
+        with quiet_hf_logs():
+            pipe.load_lora_weights(
+                adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="finestyle"
+            )
         has_adapter = True
     dev, dt = pipe.unet.device, pipe.unet.dtype
     fmt = torch.contiguous_format

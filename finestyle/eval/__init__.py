@@ -1,0 +1,1 @@
+"""`finestyle eval`: style fidelity, prompt fidelity and content leakage of a style adapter."""

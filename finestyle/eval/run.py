@@ -1,0 +1,348 @@
+"""`finestyle eval`: generate every prompt × seed, judge each image, and report the three axes.
+
+- prompt fidelity: the judge finds what the prompt asks for;
+- style fidelity: the judge sees the target style;
+- leakage: the share of images showing a concept of the references that the prompt does not name, with
+  the adapter, MINUS the same share for the base model on the same prompts and seeds (0 when the
+  adapter adds no reference content). The raw rates are reported too.
+
+Images are cached under OUT/images by content key (model and adapter fingerprints, prompt, seed, steps,
+guidance weights), so a re-run with the same inputs generates nothing again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finestyle.artifacts.dataset import dataset_fingerprint, load_training_rows
+from finestyle.config import EvalConfig
+from finestyle.core.env import cpu_name, gpu_name, library_versions
+from finestyle.core.errors import UserError
+from finestyle.core.fs import hash_json, read_json, write_json
+from finestyle.core.models import model_fingerprint, pick_device
+from finestyle.runtime.generate import GenerationRequest, generate_batch, load_backend
+from finestyle.world.scene import COLOURS, OBJECTS
+
+from .judges import ClipJudge, Scores, WorldJudge, leaked, load_eval_judge
+from .prompts import Prompt, read_prompt_file, real_prompts, world_prompts
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def read_references(dataset: str | Path) -> dict[str, Any]:
+    """The prepared dataset's style, concepts and images (what leakage is measured against)."""
+    folder = Path(dataset)
+    rep = folder / "report.json"
+    if not rep.is_file():
+        raise UserError(
+            f"--references {str(folder)!r} holds no prepared dataset (no report.json); run "
+            "`finestyle prepare IMAGES --out DIR` and pass DIR"
+        )
+    report = read_json(rep)
+    concepts = sorted({c for img in report.get("images", []) for c in img.get("concepts", [])})
+    rows = load_training_rows(folder)
+    return {
+        "style": report.get("config", {}).get("style", ""),
+        "concepts": concepts,
+        "images": [r["image"] for r in rows],
+        "fingerprint": dataset_fingerprint(folder),
+    }
+
+
+def default_prompts(judge: Any, judged_concepts: list[str], n: int, seed: int) -> list[Prompt]:
+    if isinstance(judge, WorldJudge):
+        return world_prompts(set(judged_concepts), OBJECTS, list(COLOURS), n, seed)
+    return real_prompts(n)
+
+
+class ImageCache:
+    """Generated images by content key, in one folder; each image written once, atomically."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.png"
+
+    def get(self, key: str) -> Any:
+        from PIL import Image
+
+        p = self.path(key)
+        if p.is_file():
+            self.hits += 1
+            with Image.open(p) as im:
+                return im.convert("RGB")
+        return None
+
+    def put(self, key: str, image: Any) -> None:
+        tmp = self.folder / f".{key}.tmp.png"
+        image.save(tmp)
+        tmp.replace(self.path(key))
+
+
+def generate_all(
+    backend_fn: Callable[[], Any],
+    identity: dict[str, Any],
+    texts: list[str],
+    seeds: list[int],
+    cfg: EvalConfig,
+    style_guidance: float,
+    cache: ImageCache,
+    label: str,
+    log: Callable[[str], None],
+) -> list[Any]:
+    """One image per (text, seed), from the cache when it holds it; the backend loads only if needed."""
+    keys = [
+        hash_json(
+            {
+                **identity,
+                "prompt": t,
+                "seed": s,
+                "steps": cfg.steps,
+                "guidance": cfg.guidance,
+                "lam": style_guidance,
+            }
+        )[:20]
+        for t, s in zip(texts, seeds, strict=True)
+    ]
+    images = [cache.get(k) for k in keys]
+    todo = [i for i, im in enumerate(images) if im is None]
+    if todo:
+        backend = backend_fn()
+        t0 = time.time()
+        for b in range(0, len(todo), cfg.batch):
+            idx = todo[b : b + cfg.batch]
+            reqs = [
+                GenerationRequest(
+                    prompt=texts[i],
+                    steps=cfg.steps,
+                    guidance=cfg.guidance,
+                    style_guidance=style_guidance,
+                    seed=seeds[i],
+                )
+                for i in idx
+            ]
+            for i, out in zip(idx, generate_batch(backend, reqs), strict=True):
+                images[i] = out[0]
+                cache.put(keys[i], out[0])
+            log(
+                f"eval: {label}: {min(b + cfg.batch, len(todo))}/{len(todo)} images ({time.time() - t0:.0f} s)"
+            )
+    else:
+        log(f"eval: {label}: all {len(keys)} images reused")
+    return images
+
+
+def summarize(scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any) -> dict[str, Any]:
+    out = {
+        "prompt_fidelity": float(scores.prompt.mean()),
+        "style_fidelity": float(scores.style.mean()),
+        "leakage": float(leak.mean() - base_leak.mean()),
+        "leakage_raw": {"with_adapter": float(leak.mean()), "base_model": float(base_leak.mean())},
+        "n_images": int(len(leak)),
+    }
+    if isinstance(judge, ClipJudge):
+        out["style_gram_similarity"] = float(scores.style_extra.mean())
+    else:
+        out["style_probability"] = float(scores.style_extra.mean())
+    return out
+
+
+def _backend_loaders(
+    model: str, adapter: str | None, device: str
+) -> tuple[Callable[[], Any], Callable[[], Any], str]:
+    """(tuned backend, base backend, base model name): the base is `model` without the adapter, or an
+    export's base model."""
+    path = Path(model)
+    if adapter:
+        base = model
+    elif (path / "manifest.json").is_file():
+        base = read_json(path / "manifest.json").get("base_model") or ""
+        if not base:
+            raise UserError(
+                f"{model!r}: its manifest names no base model; pass the base with --adapter instead"
+            )
+    else:
+        raise UserError(
+            f"{model!r} is neither an export folder nor given with --adapter: eval needs the tuned model and "
+            "its base to measure leakage"
+        )
+
+    def tuned() -> Any:
+        return load_backend(model, adapter=adapter, device=device, runtime="torch" if adapter else "auto")
+
+    def base_backend() -> Any:
+        return load_backend(base, runtime="torch", device=device)
+
+    return tuned, base_backend, base
+
+
+def run_eval(
+    cfg: EvalConfig,
+    log: Callable[[str], None] = _log,
+    variant: str | None = None,
+    images_out: list[tuple[str, Any]] | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate one model; write report.json, report.md, grid.png (and guidance.png) into cfg.out.
+    `images_out`, when given, receives (caption, image) for every image at the first λ1."""
+    t0 = time.time()
+    device = str(pick_device(cfg.device))
+    refs = read_references(cfg.references)
+    style = cfg.style or refs["style"]
+    judge = load_eval_judge(cfg.judge, device)
+    concepts, not_judged = judge.concepts(refs["concepts"])
+    judge.target(style)  # a world judge refuses a style it does not know, before any generation
+    prompts = (
+        read_prompt_file(cfg.prompts)
+        if cfg.prompts
+        else default_prompts(judge, concepts, cfg.n_prompts, cfg.seed)
+    )
+    pairs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.seeds)]
+    ps = [p for p, _ in pairs]
+    texts, seeds = [p.full(style) for p, _ in pairs], [s for _, s in pairs]
+    out = Path(cfg.out)
+    cache = ImageCache(Path(cache_dir) if cache_dir else out / "images")
+    tuned_fn, base_fn, base_name = _backend_loaders(cfg.model, cfg.adapter, device)
+    ident = {"model": model_fingerprint(cfg.model), "adapter": model_fingerprint(cfg.adapter)}
+    base_ident = {"model": model_fingerprint(base_name), "adapter": None}
+    ref_feats = judge.references(refs["images"]) if isinstance(judge, ClipJudge) else None
+
+    base_images = generate_all(base_fn, base_ident, texts, seeds, cfg, 0.0, cache, "base model", log)
+    base_scores = judge.score(base_images, ps, concepts, style, ref_feats)
+    thresholds = judge.thresholds(base_scores, ps, concepts)
+    base_leak = leaked(base_scores, thresholds, ps, concepts)
+
+    loaded: dict[str, Any] = {}
+
+    def tuned() -> Any:
+        if "b" not in loaded:
+            loaded["b"] = tuned_fn()
+        return loaded["b"]
+
+    sweep, first_images = [], None
+    for lam in cfg.style_guidance:
+        images = generate_all(tuned, ident, texts, seeds, cfg, lam, cache, variant or f"λ1={lam:g}", log)
+        first_images = first_images or images
+        sc = judge.score(images, ps, concepts, style, ref_feats)
+        sweep.append(
+            {"style_guidance": lam, **summarize(sc, leaked(sc, thresholds, ps, concepts), base_leak, judge)}
+        )
+    report = {
+        **{k: v for k, v in sweep[0].items() if k != "style_guidance"},
+        "style_guidance": cfg.style_guidance[0],
+        "base_model_scores": {
+            "prompt_fidelity": float(base_scores.prompt.mean()),
+            "style_fidelity": float(base_scores.style.mean()),
+        },
+        "sweep": sweep if len(sweep) > 1 else [],
+        "judge": {
+            "spec": cfg.judge,
+            "kind": judge.kind,
+            "prompt_fidelity": judge.prompt_metric,
+            "style_fidelity": judge.style_metric,
+            "leakage": "share of images with a reference concept the prompt does not name, tuned minus base",
+            "target_style": judge.target(style),
+            "concept_thresholds": dict(zip(concepts, map(float, thresholds), strict=True)),
+        },
+        "concepts": concepts,
+        "concepts_not_judged": not_judged,
+        "provenance": provenance(cfg, refs, prompts, device),
+        "images_reused": cache.hits,
+        "seconds": round(time.time() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(report_markdown({"model": report}, judge.kind))
+    captioned = [(f"{p.content} #{s - cfg.seed}", im) for (p, s), im in zip(pairs, first_images, strict=True)]
+    save_grid(out / "grid.png", captioned, cols=cfg.seeds)
+    if images_out is not None:
+        images_out.extend(captioned)
+    if len(sweep) > 1:
+        save_guidance_plot(out / "guidance.png", sweep)
+    log(f"eval: wrote {out / 'report.json'}")
+    return report
+
+
+def provenance(cfg: EvalConfig, refs: dict[str, Any], prompts: list[Prompt], device: str) -> dict[str, Any]:
+    return {
+        "model": cfg.model,
+        "adapter": cfg.adapter,
+        "model_fingerprint": model_fingerprint(cfg.model),
+        "adapter_fingerprint": model_fingerprint(cfg.adapter),
+        "dataset": cfg.references,
+        "dataset_fingerprint": refs["fingerprint"],
+        "prompts": [[p.content, p.superclass] for p in prompts],
+        "seeds": list(range(cfg.seed, cfg.seed + cfg.seeds)),
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "versions": library_versions(),
+        "cpu": cpu_name(),
+        "gpu": gpu_name(),
+        "device": device,
+    }
+
+
+def report_markdown(variants: dict[str, dict[str, Any]], kind: str) -> str:
+    unit = "fraction" if kind == "world" else "CLIP score"
+    lines = [
+        f"| variant | prompt fidelity ({unit}) | style fidelity ({unit}) | leakage (tuned − base) | raw leakage tuned / base | trainable params | train s | images |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in variants.items():
+        raw = r["leakage_raw"]
+        lines.append(
+            f"| {name} | {r['prompt_fidelity']:.3f} | {r['style_fidelity']:.3f} | {r['leakage']:+.3f} | "
+            f"{raw['with_adapter']:.3f} / {raw['base_model']:.3f} | {r.get('trainable_params', '—')} | "
+            f"{r.get('train_seconds', '—') if not isinstance(r.get('train_seconds'), float) else round(r['train_seconds'])} | {r['n_images']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(path: Path, items: list[tuple[str, Any]], cols: int, cell: int = 128) -> None:
+    """Images in rows of `cols`, each with its caption underneath."""
+    from PIL import Image, ImageDraw
+
+    rows = (len(items) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (caption, im) in enumerate(items):
+        x, y = (i % cols) * cell, (i // cols) * (cell + 14)
+        grid.paste(im.convert("RGB").resize((cell, cell)), (x, y))
+        draw.text((x + 2, y + cell + 1), caption[: cell // 6], fill="black")
+    tmp = path.with_suffix(".tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+
+
+def save_guidance_plot(path: Path, sweep: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = [s["style_guidance"] for s in sweep]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("prompt_fidelity", "style_fidelity", "leakage"):
+        ax.plot(lam, [s[key] for s in sweep], marker="o", label=key.replace("_", " "))
+    ax.set_xlabel("style guidance λ1")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
