@@ -18,6 +18,9 @@ QUIET_DEFAULTS = {
     "ORT_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # diffusers logs at import that `optimum` has two distributions (optimum and optimum-onnx, by
+    # design); its errors still show. Set DIFFUSERS_VERBOSITY=warning to see its warnings again.
+    "DIFFUSERS_VERBOSITY": "error",
 }
 
 

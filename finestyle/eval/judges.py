@@ -161,14 +161,19 @@ class ClipJudge:
         return np.array(out)
 
 
-def load_eval_judge(spec: str, device: str = "cpu") -> WorldJudge | ClipJudge:
-    if spec == "world" or spec.startswith("world:"):
-        return WorldJudge(spec, device)
+def check_judge_spec(spec: str) -> str:
+    """'world' or 'clip' for a valid --judge value; a UserError otherwise (before anything loads)."""
+    if spec == "world" or (spec.startswith("world:") and len(spec) > 6):
+        return "world"
     if spec.startswith("clip:") and len(spec) > 5:
-        return ClipJudge(spec, device)
+        return "clip"
     raise UserError(
         f"--judge {spec!r}: use world, world:FOLDER or clip:MODEL (e.g. clip:openai/clip-vit-large-patch14)"
     )
+
+
+def load_eval_judge(spec: str, device: str = "cpu") -> WorldJudge | ClipJudge:
+    return WorldJudge(spec, device) if check_judge_spec(spec) == "world" else ClipJudge(spec, device)
 
 
 def leaked(scores: Scores, thresholds: np.ndarray, prompts: list[Prompt], concepts: list[str]) -> np.ndarray:

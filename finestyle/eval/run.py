@@ -29,7 +29,7 @@ from finestyle.core.models import model_fingerprint, pick_device
 from finestyle.runtime.generate import GenerationRequest, generate_batch, load_backend
 from finestyle.world.scene import COLOURS, OBJECTS
 
-from .judges import ClipJudge, Scores, WorldJudge, leaked, load_eval_judge
+from .judges import ClipJudge, Scores, WorldJudge, check_judge_spec, leaked, load_eval_judge
 from .prompts import Prompt, read_prompt_file, real_prompts, world_prompts
 
 
@@ -198,16 +198,15 @@ def run_eval(
     `images_out`, when given, receives (caption, image) for every image at the first λ1."""
     t0 = time.time()
     device = str(pick_device(cfg.device))
+    # cheap checks first: the prompt file, the judge's name, the references
+    given = read_prompt_file(cfg.prompts) if cfg.prompts else None
+    check_judge_spec(cfg.judge)
     refs = read_references(cfg.references)
     style = cfg.style or refs["style"]
     judge = load_eval_judge(cfg.judge, device)
     concepts, not_judged = judge.concepts(refs["concepts"])
     judge.target(style)  # a world judge refuses a style it does not know, before any generation
-    prompts = (
-        read_prompt_file(cfg.prompts)
-        if cfg.prompts
-        else default_prompts(judge, concepts, cfg.n_prompts, cfg.seed)
-    )
+    prompts = given or default_prompts(judge, concepts, cfg.n_prompts, cfg.seed)
     pairs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.seeds)]
     ps = [p for p, _ in pairs]
     texts, seeds = [p.full(style) for p, _ in pairs], [s for _, s in pairs]

@@ -1,0 +1,249 @@
+"""`finestyle eval`: the maths of the three axes, the report, reuse, the comparison, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finestyle.config import EvalConfig, PrepareConfig, TrainConfig
+from finestyle.eval.judges import ClipJudge, Scores, leaked
+from finestyle.eval.prompts import Prompt, read_prompt_file, real_prompts, world_prompts
+from finestyle.eval.run import run_eval
+from finestyle.prepare.stage import run_prepare
+from finestyle.train.loop import run_train
+from tests.conftest import REPO, make_scene
+
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def refs_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    refs = root / "refs"
+    refs.mkdir()
+    for i in range(2):
+        make_scene((128, 96), seed=i).save(refs / f"s{i}.png")
+    out = root / "ds"
+    run_prepare(
+        PrepareConfig(
+            images=[str(refs)],
+            style="paper-cut",
+            out=str(out),
+            concepts="grid",
+            grid_scales=[2],
+            max_concepts=2,
+            resolution=64,
+            num_beams=1,
+        ),
+        **QUIET,
+    )
+    return out
+
+
+def _adapter(dataset: Path, out: Path, **kw) -> str:
+    cfg = dict(
+        dataset=str(dataset),
+        base="builtin:tiny-sd",
+        out=str(out),
+        steps=2,
+        resolution=64,
+        rank=4,
+        samples=False,
+    )
+    cfg.update(kw)
+    return run_train(TrainConfig(**cfg), **QUIET)["adapter"]
+
+
+def _ecfg(refs_dataset: Path, out: Path, **kw) -> EvalConfig:
+    cfg = dict(
+        model="builtin:tiny-sd",
+        references=str(refs_dataset),
+        out=str(out),
+        judge="clip:builtin:tiny-clip",
+        n_prompts=3,
+        seeds=2,
+        steps=2,
+        batch=4,
+        device="cpu",
+    )
+    cfg.update(kw)
+    return EvalConfig(**cfg)
+
+
+def test_identical_images_give_clip_i_one_and_gram_one():
+    judge = ClipJudge("clip:builtin:tiny-clip")
+    im = make_scene((96, 96), seed=5)
+    refs = judge.references([im, im.copy()])
+    sc = judge.score([im], [Prompt("a boat")], [], "paper-cut", refs)
+    assert sc.style[0] == pytest.approx(1.0, abs=1e-5)
+    assert sc.style_extra[0] == pytest.approx(1.0, abs=1e-5)
+    other = judge.score([make_scene((96, 96), seed=9)], [Prompt("a boat")], [], "paper-cut", refs)
+    assert other.style[0] < 1.0 - 1e-6  # a different picture is less similar (random weights: barely)
+
+
+def test_leakage_counts_only_concepts_the_prompt_does_not_name():
+    prompts = [Prompt("a red boat"), Prompt("a cat"), Prompt("a house")]
+    concepts = ["boat", "tree"]
+    present = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.8]])  # boat in 1 and 2, tree in 3
+    sc = Scores(np.zeros(3), np.zeros(3), np.zeros(3), present)
+    got = leaked(sc, np.array([0.5, 0.5]), prompts, concepts)
+    # image 1 asked for the boat: not leakage; image 2 shows a boat unasked; image 3 a tree unasked
+    assert got.tolist() == [False, True, True]
+
+
+def test_clip_thresholds_are_calibrated_on_base_images_of_prompts_not_naming_the_concept():
+    judge = ClipJudge.__new__(ClipJudge)
+    prompts = [Prompt("a boat")] + [Prompt(f"a thing {i}") for i in range(20)]
+    scores = np.concatenate([[10.0], np.linspace(0, 1, 20)])[
+        :, None
+    ]  # the boat prompt's own image is ignored
+    th = judge.thresholds(Scores(np.zeros(21), np.zeros(21), np.zeros(21), scores), prompts, ["boat"])
+    assert th[0] == pytest.approx(np.quantile(np.linspace(0, 1, 20), 0.95))
+
+
+def test_adapter_off_gives_zero_leakage_and_a_rerun_reuses_every_image(refs_dataset, tmp_path):
+    # a LoRA with B = 0 (peft's default init) and no learning: the tuned model is the base model
+    off = _adapter(refs_dataset, tmp_path / "off", init="default", lr=1e-30, steps=1)
+    rep = run_eval(_ecfg(refs_dataset, tmp_path / "e", adapter=off), **QUIET)
+    assert rep["leakage"] == 0.0
+    assert rep["leakage_raw"]["with_adapter"] == rep["leakage_raw"]["base_model"]
+    assert rep["n_images"] == 6
+    for key in ("prompt_fidelity", "style_fidelity", "leakage"):
+        assert isinstance(rep[key], float)
+    prov = rep["provenance"]
+    assert prov["dataset_fingerprint"] and prov["adapter_fingerprint"] and prov["versions"]["torch"]
+    assert prov["seeds"] == [20_000_000, 20_000_001] and len(prov["prompts"]) == 3
+    out = tmp_path / "e"
+    assert json.loads((out / "report.json").read_text())["n_images"] == 6
+    assert "| model |" in (out / "report.md").read_text()
+    assert (out / "grid.png").stat().st_size > 0
+    again = run_eval(_ecfg(refs_dataset, tmp_path / "e", adapter=off), **QUIET)
+    assert again["images_reused"] == 12  # 6 base + 6 tuned, nothing generated again
+    assert again["prompt_fidelity"] == rep["prompt_fidelity"]
+
+
+def test_style_guidance_sweep_writes_the_trade_off_plot(refs_dataset, tmp_path):
+    ad = _adapter(refs_dataset, tmp_path / "a", lr=1e-2, steps=2)
+    rep = run_eval(
+        _ecfg(refs_dataset, tmp_path / "e", adapter=ad, style_guidance=[0.0, 1.0], n_prompts=1), **QUIET
+    )
+    assert [s["style_guidance"] for s in rep["sweep"]] == [0.0, 1.0]
+    assert rep["sweep"][0]["style_fidelity"] != rep["sweep"][1]["style_fidelity"]
+    assert (tmp_path / "e" / "guidance.png").stat().st_size > 0
+
+
+def test_prompt_files_and_sets():
+    assert len(real_prompts()) >= 100
+    supers = {p.superclass for p in real_prompts()}
+    assert {"animals", "objects", "vehicles", "food", "buildings", "plants", "people"} <= supers
+    assert real_prompts()[0].full("watercolor") == "A cat, animals, in watercolor style"
+    w = world_prompts({"boat", "cat"}, ("boat", "cat", "cup", "moon"), ["red", "orange"], 5)
+    assert len(w) == 5 and not any(p.names("boat") or p.names("cat") for p in w)
+    assert all(p.content.startswith(("a red ", "an orange ")) for p in w)
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "eval", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+        cwd=cwd,
+    )
+
+
+def test_bad_input_is_one_line_and_exit_2(refs_dataset, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    base = ["builtin:tiny-sd", "--adapter", "x", "--out", str(tmp_path / "o")]
+    cases = [
+        ([*base, "--references", str(refs_dataset), "--prompts", str(empty)], "has no prompts"),
+        ([*base, "--references", str(refs_dataset), "--judge", "oracle"], "--judge 'oracle'"),
+        ([*base, "--references", str(tmp_path)], "holds no prepared dataset"),
+        (
+            [
+                "no-such-org/no-such-model",
+                "--references",
+                str(refs_dataset),
+                "--out",
+                str(tmp_path / "o"),
+                "--judge",
+                "clip:no-such-org/no-such-clip",
+            ],
+            "no-such-org/no-such-clip",
+        ),
+    ]
+    for args, words in cases:
+        p = _cli(*args)
+        assert p.returncode == 2, (args, p.stdout[-1500:], p.stderr[-1500:])
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert read_prompt_file(REPO / "finestyle" / "eval" / "prompts_real.tsv")
+
+
+@pytest.mark.slow
+def test_compare_trains_four_variants_and_reports_each(tmp_path):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(2):
+        make_scene((128, 96), seed=i).save(refs / f"s{i}.png")
+    p = _cli(
+        "--compare", "--references", str(refs), "--style", "paper-cut", "--base", "builtin:tiny-sd",
+        "--judge", "clip:builtin:tiny-clip", "--out", str(tmp_path / "c"), "--train-steps", "2",
+        "--n-prompts", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert set(rep["variants"]) == {"finestyle", "plain", "attention_attn", "none_kv"}
+    for name, v in rep["variants"].items():
+        for key in (
+            "prompt_fidelity",
+            "style_fidelity",
+            "leakage",
+            "n_images",
+            "trainable_params",
+            "train_seconds",
+        ):
+            assert key in v, (name, key)
+    kv, attn = rep["variants"]["finestyle"]["trainable_params"], rep["variants"]["plain"]["trainable_params"]
+    assert attn > kv > 0  # q/k/v/out of every attention layer vs cross-attention K/V
+    assert rep["variants"]["finestyle"]["data"] == "attention" and rep["variants"]["plain"]["data"] == "none"
+    assert "| finestyle |" in p.stdout and (tmp_path / "c" / "grid.png").stat().st_size > 0
+
+
+def _world_judge_installed() -> bool:
+    from finestyle.core.models import SHA256SUMS, weights_dir
+
+    return (weights_dir() / "world-judge" / SHA256SUMS).is_file()
+
+
+@pytest.mark.skipif(not _world_judge_installed(), reason="the world judge's weights are not installed")
+def test_planted_reference_objects_are_reported_as_leakage():
+    """Scenes of the asked object alone vs the same scenes with a reference object added: the world
+    judge and the leakage maths must report the planted object, and nothing where none is planted."""
+    import random
+
+    from finestyle.eval.judges import WorldJudge
+    from finestyle.world.scene import render, sample_scene
+
+    judge = WorldJudge("world")
+    asked = ["cup", "bird", "car", "flower"] * 5
+    clean, planted = [], []
+    for i, obj in enumerate(asked):
+        clean.append(
+            render(sample_scene(random.Random(i), "halftone", n_objects=1, objects=(obj,)), 64).image
+        )
+        two = sample_scene(random.Random(i), "halftone", n_objects=2, objects=(obj, "boat"))
+        planted.append(render(two, 64).image)
+    prompts = [Prompt(f"a red {o}") for o in asked]
+    th = np.full(1, 0.5)
+    base = leaked(judge.score(clean, prompts, ["boat"], "halftone", None), th, prompts, ["boat"])
+    tuned = leaked(judge.score(planted, prompts, ["boat"], "halftone", None), th, prompts, ["boat"])
+    assert base.mean() <= 0.1 and tuned.mean() >= 0.8
