@@ -18,6 +18,7 @@ from finestyle.config import PipelineConfig, from_dict, to_dict
 from finestyle.runtime.generate import run_generate
 from finestyle.train.loop import train_cache_key
 from flows.common import markdown
+from flows.evaluate import evaluate_model
 from flows.export import export_model
 from flows.prepare import prepare_dataset, task_runner_for
 from flows.train import train_adapter
@@ -36,6 +37,14 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     cfg.export.base = cfg.train.base
     if cfg.export.out == ExportConfig().out:
         cfg.export.out = str(wd / "export")
+    if cfg.eval is not None:
+        from finestyle.config import EvalConfig
+
+        cfg.eval.model = cfg.export.out
+        if cfg.eval.references == EvalConfig().references:
+            cfg.eval.references = cfg.prepare.out
+        if cfg.eval.out == EvalConfig().out:
+            cfg.eval.out = str(wd / "eval")
     return cfg
 
 
@@ -88,6 +97,13 @@ def finestyle_pipeline(
     }
     if image:
         summary["generated image"] = image
+    # 5. optional: evaluate the export (style, prompt, leakage against the base model)
+    if cfg.eval is not None:
+        ev = evaluate_model(config=to_dict(cfg.eval))
+        summary["eval"] = (
+            f"prompt {ev['prompt_fidelity']:.3f}, style {ev['style_fidelity']:.3f}, "
+            f"leakage {ev['leakage']:+.3f} ({ev['out']}/report.md)"
+        )
     markdown(
         "pipeline-summary",
         "# FineStyle pipeline\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in summary.items()),

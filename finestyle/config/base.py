@@ -68,6 +68,16 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str = "") -> T
     kwargs: dict[str, Any] = {}
     for k, v in data.items():
         tp = hints[k]
+        optional = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+        if (
+            type(None) in getattr(tp, "__args__", ())
+            and len(optional) == 1
+            and dataclasses.is_dataclass(optional[0])
+        ):
+            if v is None:
+                kwargs[k] = None
+                continue
+            tp = optional[0]  # an optional section, e.g. the pipeline's `eval:`
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise UserError(f"{prefix}{k}: expected a mapping, got {v!r}")

@@ -580,6 +580,9 @@ class PipelineConfig:
     """Stage 3 settings (`base` and `adapter` are filled from train)."""
     generate_prompt: str | None = None
     """If set, generate one image from the export at the end."""
+    eval: EvalConfig | None = None
+    """Optional stage 4: evaluate the export against the prepared dataset (`model`, `references` and
+    `out` are filled from the other stages when left default)."""
     task_runner: str = "default"
     """Prefect task runner for mapped prepare work: default (threads) | dask."""
 

@@ -255,3 +255,22 @@ def test_pull_step_uses_finestyle_checkout_else_the_deploying_folder(tmp_path, m
     monkeypatch.setenv("FINESTYLE_CHECKOUT", str(override))
     asyncio.run(run_steps(pull))
     assert os.getcwd() == str(override)
+
+
+def test_pipeline_eval_section_evaluates_the_export_and_publishes_artifacts(refs, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import finestyle_pipeline
+
+    cfg = _pipeline_config(tmp_path, refs)
+    cfg["eval"] = {"judge": "clip:builtin:tiny-clip", "n_prompts": 2, "seeds": 1, "steps": 2, "device": "cpu"}
+    out = finestyle_pipeline(config=cfg)
+    assert out["summary"]["eval"].startswith("prompt ")
+    import json
+
+    rep = json.loads((tmp_path / "wd" / "eval" / "report.json").read_text())
+    assert rep["provenance"]["model"] == str(tmp_path / "wd" / "export")
+    assert rep["provenance"]["dataset"] == str(tmp_path / "wd" / "dataset") and rep["n_images"] == 2
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"eval-axes", "eval-summary"} <= keys
