@@ -100,3 +100,29 @@ def scene_dir(tmp_path: Path) -> Path:
     for i in range(3):
         make_scene((160 + 16 * i, 128), seed=i).save(d / f"scene{i}.png")
     return d
+
+
+def prepare_small_dataset(root: Path, n: int = 2, style: str = "paper-cut", sizes=None) -> Path:
+    """`n` synthetic scenes under root/refs, prepared at 64 px with a 2x2 grid of concepts into root/ds."""
+    from finestyle.config import PrepareConfig
+    from finestyle.prepare.stage import run_prepare
+
+    refs = root / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        make_scene(sizes[i] if sizes else (128, 96), seed=i).save(refs / f"s{i}.png")
+    out = root / "ds"
+    run_prepare(
+        PrepareConfig(
+            images=[str(refs)],
+            style=style,
+            out=str(out),
+            concepts="grid",
+            grid_scales=[2],
+            max_concepts=2,
+            resolution=64,
+            num_beams=1,
+        ),
+        log=lambda m: None,
+    )
+    return out

@@ -289,35 +289,46 @@ def _sd15_random_components() -> dict[str, Any]:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def _tiny_blip() -> tuple[Any, Any]:
+def small_blip(
+    tok: Any,
+    hidden: int,
+    intermediate: int,
+    image_size: int,
+    patch_size: int,
+    text_layers: int = 2,
+    vision_layers: int = 2,
+    max_positions: int = 64,
+) -> Any:
+    """A small random-weight BlipForConditionalGeneration over tokenizer `tok` (4 heads everywhere)."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
-    with tempfile.TemporaryDirectory() as d:
-        processor = build_blip_processor(Path(d), image_size=64, words=_BLIP_WORDS)
-    tok = processor.tokenizer
+    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4)
     text = dict(
         vocab_size=len(tok),
-        hidden_size=32,
-        encoder_hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
+        encoder_hidden_size=hidden,
+        num_hidden_layers=text_layers,
+        max_position_embeddings=max_positions,
+        **common,
         **blip_text_ids(tok),
     )
     # BLIP's vision default initializer_range is 1e-10: random weights would then ignore the image
     # and caption every crop alike. 0.02 (BERT's) makes the random captioner image-dependent.
     vision = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
+        num_hidden_layers=vision_layers,
+        image_size=image_size,
+        patch_size=patch_size,
         initializer_range=0.02,
+        **common,
     )
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
-    return model, processor
+    return BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+
+
+def _tiny_blip() -> tuple[Any, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        processor = build_blip_processor(Path(d), image_size=64, words=_BLIP_WORDS)
+    return small_blip(
+        processor.tokenizer, hidden=32, intermediate=37, image_size=64, patch_size=16
+    ), processor
 
 
 def _tiny_clip() -> tuple[Any, Any]:

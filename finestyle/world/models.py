@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finestyle.core.models import blip_text_ids, build_blip_processor
+from finestyle.core.models import build_blip_processor, small_blip
 
 from .data import JUDGE_LABELS
 from .scene import world_words
@@ -144,26 +144,12 @@ def blip_processor(folder: Path) -> Any:
 
 def blip_model(processor: Any) -> Any:
     """A small BlipForConditionalGeneration: ViT on 8 px patches of 64 px images, 2-layer decoder."""
-    from transformers import BlipConfig, BlipForConditionalGeneration
-
-    tok = processor.tokenizer
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=96,
-        encoder_hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=40,
-        **blip_text_ids(tok),
-    )
-    vision = dict(
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+    return small_blip(
+        processor.tokenizer,
+        hidden=96,
+        intermediate=192,
         image_size=64,
         patch_size=8,
-        initializer_range=0.02,
+        vision_layers=3,
+        max_positions=40,
     )
-    return BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))

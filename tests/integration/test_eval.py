@@ -11,39 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finestyle.config import EvalConfig, PrepareConfig, TrainConfig
+from finestyle.config import EvalConfig, TrainConfig
 from finestyle.eval.judges import ClipJudge, Scores, leaked
 from finestyle.eval.prompts import Prompt, read_prompt_file, real_prompts, world_prompts
 from finestyle.eval.run import run_eval
-from finestyle.prepare.stage import run_prepare
 from finestyle.train.loop import run_train
-from tests.conftest import REPO, make_scene
+from tests.conftest import REPO, make_scene, prepare_small_dataset
 
 QUIET = dict(log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
 def refs_dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eval")
-    refs = root / "refs"
-    refs.mkdir()
-    for i in range(2):
-        make_scene((128, 96), seed=i).save(refs / f"s{i}.png")
-    out = root / "ds"
-    run_prepare(
-        PrepareConfig(
-            images=[str(refs)],
-            style="paper-cut",
-            out=str(out),
-            concepts="grid",
-            grid_scales=[2],
-            max_concepts=2,
-            resolution=64,
-            num_beams=1,
-        ),
-        **QUIET,
-    )
-    return out
+    return prepare_small_dataset(tmp_path_factory.mktemp("eval"))
 
 
 def _adapter(dataset: Path, out: Path, **kw) -> str:

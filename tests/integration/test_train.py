@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finestyle.config import PrepareConfig, TrainConfig
-from finestyle.prepare.stage import run_prepare
+from finestyle.config import TrainConfig
 from finestyle.train.loop import ADAPTER_WEIGHTS, TrainingDiverged, run_train
 
 QUIET = {"log": lambda m: None}
@@ -21,28 +20,9 @@ QUIET = {"log": lambda m: None}
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from tests.conftest import make_scene
+    from tests.conftest import prepare_small_dataset
 
-    root = tmp_path_factory.mktemp("train")
-    refs = root / "refs"
-    refs.mkdir()
-    for i in range(2):
-        make_scene((128 + 32 * i, 96), seed=i).save(refs / f"s{i}.png")
-    out = root / "ds"
-    run_prepare(
-        PrepareConfig(
-            images=[str(refs)],
-            style="paper-cut",
-            out=str(out),
-            concepts="grid",
-            grid_scales=[2],
-            max_concepts=2,
-            resolution=64,
-            num_beams=1,
-        ),
-        **QUIET,
-    )
-    return out
+    return prepare_small_dataset(tmp_path_factory.mktemp("train"), sizes=[(128, 96), (160, 96)])
 
 
 def tcfg(dataset, out, **kw) -> TrainConfig:
