@@ -405,11 +405,7 @@ def _ort_op_times(onnx_path: Any, feeds: dict[str, Any], runs: int = 2) -> dict[
 
 
 def _timeit(fn: Any, iters: int) -> float:
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) / iters
+    return _timeit_sync(fn, iters, torch.device("cpu"))
 
 
 def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3) -> dict[str, Any]:

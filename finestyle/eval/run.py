@@ -12,7 +12,6 @@ guidance weights), so a re-run with the same inputs generates nothing again.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -341,7 +340,3 @@ def save_guidance_plot(path: Path, sweep: list[dict[str, Any]]) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
