@@ -21,6 +21,7 @@ from finestyle.export.steps import (
     step_bf16,
     step_merge,
     step_onnx,
+    step_openvino,
     step_optimize,
     step_tensorrt,
     step_validate,
@@ -63,6 +64,11 @@ def bf16_task(config: dict[str, Any], tmp: str) -> dict[str, Any] | None:
 
 
 @task
+def openvino_task(config: dict[str, Any], tmp: str) -> dict[str, Any] | None:
+    return step_openvino(_cfg(config), tmp)
+
+
+@task
 def optimize_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
     return step_optimize(_cfg(config), tmp)
 
@@ -82,8 +88,9 @@ def publish_task(
     opt: dict[str, Any] | None,
     trt: dict[str, Any] | None,
     reduced: dict[str, Any] | None,
+    ov: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return publish_export(_cfg(config), tmp, merge, onnx, parity, opt, trt, reduced=reduced)
+    return publish_export(_cfg(config), tmp, merge, onnx, parity, opt, trt, reduced=reduced, ov_rep=ov)
 
 
 @task
@@ -111,6 +118,11 @@ def publish_export_artifacts(result: dict[str, Any]) -> None:
             f"- manifest: `{result['out']}/manifest.json` ({len(m['files'])} files hashed)\n"
             f"- base: `{m['base_model']}`, lora scale {m['lora_scale']}, precision {m['precision']}\n"
             f"- concepts learned: {', '.join(m.get('concepts') or []) or '-'}\n"
+            + "".join(
+                f"- OpenVINO {p}: image mean diff {c['mean_abs_diff']:.2e} (<= {c['mean_atol']:g}), "
+                f"{'ok' if c['pass'] else 'failed: refused at run time'}\n"
+                for p, c in ((m.get("openvino") or {}).get("checks") or {}).items()
+            )
         ),
         "FineStyle export summary",
     )
@@ -129,8 +141,9 @@ def export_model(config: dict[str, Any] | None = None) -> dict[str, Any]:
             parity = validate_task(cfg, tmp)
             reduced = bf16_task(cfg, tmp)
             opt = optimize_task(cfg, tmp) if cfg["optimize"] else None
+            ov = openvino_task(cfg, tmp)
             trt = tensorrt_task(cfg, tmp) if cfg["format"] == "tensorrt" else None
-            result = publish_task(cfg, tmp, merge, onnx, parity, opt, trt, reduced)
+            result = publish_task(cfg, tmp, merge, onnx, parity, opt, trt, reduced, ov)
         except BaseException:
             abort_export(tmp)
             raise

@@ -21,6 +21,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = str(_STATE / "hf")
+os.environ["FINESTYLE_OV_CACHE"] = str(_STATE / "ov-cache")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 REPO = Path(__file__).resolve().parent.parent

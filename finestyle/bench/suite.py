@@ -9,6 +9,7 @@ import torch
 
 from finestyle.artifacts.dataset import load_training_rows
 from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
+from finestyle.core.env import cpu_name
 from finestyle.core.models import load_captioner, load_sd_pipeline, pick_device, save_builtin
 from finestyle.core.onnxrt import ort_providers
 from finestyle.export.steps import onnx_export, ort_session, run_export
@@ -459,11 +460,14 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
                 return unet16(x16, t, encoder_hidden_states=c16).sample
 
         res: dict[str, Any] = {"model": model, "latent": latent, "batch": batch, "gflop_per_step": gflop}
+        ov = _openvino_steps(Path(d), x, c, ref)
         # interleave the measurements so machine noise hits both alike
         res["torch_fp32_s"] = _timeit(torch_fp32, iters)
         res["ort_fp32_s"] = _timeit(ort_fp32, iters)
         res["torch_bf16_autocast_s"] = _timeit(torch_bf16_autocast, iters)
         res["torch_bf16_weights_s"] = _timeit(torch_bf16_weights, iters)
+        for prec, (fn, _) in ov.items():
+            res[f"openvino_{prec}_s"] = _timeit(fn, iters)
         res["torch_fp32_s_2"] = _timeit(torch_fp32, iters)
         t_fp32 = (res["torch_fp32_s"] + res.pop("torch_fp32_s_2")) / 2
         res["torch_fp32_s"] = t_fp32
@@ -476,17 +480,33 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
         res["bf16_weights_rel_diff"] = float(
             (torch_bf16_weights().float() - ref).abs().mean() / ref.abs().mean()
         )
+        res["openvino"] = "ran" if ov else "not installed"
+        for prec, (_, rel) in ov.items():
+            res[f"openvino_{prec}_rel_diff"] = rel
+        res["whole_image"] = _whole_image(res, Path(d), src, latent)
         res["ort_ops"] = _ort_op_times(Path(d) / "onnx" / "unet" / "model.onnx", feeds)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    # Where the fp32 time goes, and the best the graph could do on this CPU: convolutions and
-    # matrix products at 100% of the matmul peak, every other op as measured.
-    ops = res["ort_ops"]
+    res["ort_breakdown"] = _ort_breakdown(res["ort_ops"], by_aten, gflop, peak32)
+    res.update(
+        matmul_fp32_gflops=peak32,
+        matmul_bf16_gflops=peak16,
+        ort_gflops=gflop / res["ort_fp32_s"],
+        ort_share_of_fp32_peak=gflop / res["ort_fp32_s"] / peak32,
+        cpu=cpu_name(),
+    )
+    res["runtimes"] = runtime_table(res)
+    return res
+
+
+def _ort_breakdown(ops: dict[str, float], by_aten: dict[str, float], gflop: float, peak32: float) -> dict:
+    """Where onnxruntime's fp32 time goes, and the best the graph could do on this CPU: convolutions
+    and matrix products at 100% of the matmul peak, every other op as measured."""
     conv_gflop = by_aten.get("aten.convolution", 0.0)
     mm_gflop = gflop - conv_gflop
     conv_s = ops.get("Conv", 0.0) + ops.get("FusedConv", 0.0)
     mm_s = sum(ops.get(k, 0.0) for k in ("MatMul", "Gemm", "FusedMatMul"))
     other_s = max(sum(ops.values()) - conv_s - mm_s, 0.0)
-    res["ort_breakdown"] = {
+    return {
         "conv_gflop": conv_gflop,
         "conv_ms": conv_s * 1e3,
         "conv_share_of_peak": conv_gflop / conv_s / peak32 if conv_s else float("nan"),
@@ -496,13 +516,94 @@ def bench_unet_step(model: str, latent: int = 32, batch: int = 2, iters: int = 3
         "other_ops_ms": other_s * 1e3,
         "ceiling_share_of_peak": gflop / (gflop / peak32 + other_s) / peak32,
     }
-    res.update(
-        matmul_fp32_gflops=peak32,
-        matmul_bf16_gflops=peak16,
-        ort_gflops=gflop / res["ort_fp32_s"],
-        ort_share_of_fp32_peak=gflop / res["ort_fp32_s"] / peak32,
+
+
+CPU_RUNTIMES = (
+    # (label, timing key, precision of its arithmetic, relative-difference key)
+    ("PyTorch eager fp32", "torch_fp32_s", "fp32", None),
+    ("PyTorch bf16 + channels_last (CPU fast path)", "torch_bf16_weights_s", "bf16", "bf16_weights_rel_diff"),
+    ("onnxruntime fp32 (the export)", "ort_fp32_s", "fp32", None),
+    ("OpenVINO fp32 (the same ONNX)", "openvino_fp32_s", "fp32", "openvino_fp32_rel_diff"),
+    ("OpenVINO bf16 (the same ONNX)", "openvino_bf16_s", "bf16", "openvino_bf16_rel_diff"),
+)
+
+
+def runtime_table(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per CPU runtime: ms per step, speed against eager fp32, GFLOP/s and the share of the
+    matmul peak of its own precision."""
+    rows = []
+    for label, key, prec, rel in CPU_RUNTIMES:
+        if key not in res:
+            continue
+        sec = res[key]
+        gflops = res["gflop_per_step"] / sec
+        peak = res["matmul_bf16_gflops" if prec == "bf16" else "matmul_fp32_gflops"]
+        rows.append(
+            {
+                "runtime": label,
+                "key": key,
+                "ms": sec * 1e3,
+                "vs_eager_fp32": res["torch_fp32_s"] / sec,
+                "gflops": gflops,
+                "precision": prec,
+                "share_of_peak": gflops / peak,
+                "rel_diff": res.get(rel) if rel else None,
+            }
+        )
+    return rows
+
+
+def _openvino_steps(onnx_root: Any, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """OpenVINO UNet step callables (fp32 and bf16 where the CPU has bf16) over the exported ONNX,
+    each with its mean relative difference to eager fp32; {} without OpenVINO. Compiled blobs go to
+    a folder of the run, so the benchmark leaves no cache behind."""
+    import os
+
+    import numpy as np
+
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    from finestyle.runtime.openvino import OvComponent, hardware_precision
+
+    os.environ["FINESTYLE_OV_CACHE"] = str(onnx_root / "ov-cache")
+    core = ov.Core()
+    feeds = {"sample": x.numpy(), "timestep": np.array(500.0, np.float32), "encoder_hidden_states": c.numpy()}
+    out = {}
+    for prec in dict.fromkeys(("fp32", hardware_precision())):
+        comp = OvComponent(core, onnx_root / "onnx" / "unet" / "model.onnx", prec, f"bench-{prec}")
+        got = torch.from_numpy(comp(**feeds))
+        rel = float((got - ref).abs().mean() / ref.abs().mean())
+        out[prec] = ((lambda comp=comp: comp(**feeds)), rel)
+    return out
+
+
+def _whole_image(res: dict[str, Any], root: Any, src: Any, latent: int) -> dict[str, Any]:
+    """Text encoder + 20 steps (with guidance) + VAE decode at latent x 8 px, on the fastest runtime
+    of the step table that has a whole backend."""
+    from finestyle.runtime.generate import (
+        GenerationRequest,
+        generate,
+        openvino_backend,
+        ort_backend,
+        torch_backend,
     )
-    return res
+
+    candidates = {
+        "openvino_bf16_s": lambda: openvino_backend(root, "bf16", manifest={}, files={}),
+        "openvino_fp32_s": lambda: openvino_backend(root, "fp32", manifest={}, files={}),
+        "torch_bf16_weights_s": lambda: torch_backend(str(src), None, "cpu", "bf16"),
+        "ort_fp32_s": lambda: ort_backend(root, ["CPUExecutionProvider"], manifest={}),
+        "torch_fp32_s": lambda: torch_backend(str(src), None, "cpu", "fp32"),
+    }
+    key = min((k for k in candidates if k in res), key=lambda k: res[k])
+    be = candidates[key]()
+    req = GenerationRequest("a lighthouse on a cliff at night", steps=20, width=latent * 8, height=latent * 8)
+    generate(be, GenerationRequest(req.prompt, steps=1, width=req.width, height=req.height))  # compile/warm
+    t = time.perf_counter()
+    generate(be, req)
+    return {"runtime": be.name, "size": latent * 8, "steps": 20, "seconds": time.perf_counter() - t}
 
 
 def bench_unet_step_device(

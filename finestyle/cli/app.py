@@ -304,14 +304,14 @@ def generate(
     model: str = typer.Argument(..., help="Export folder, diffusers folder or builtin."),
     prompt: str = typer.Argument(..., help="The prompt."),
     out: Path = typer.Option(..., "--out", help="Output PNG."),
-    runtime: Optional[str] = typer.Option(None, help="auto | onnxruntime | tensorrt | torch."),
+    runtime: Optional[str] = typer.Option(None, help="auto | onnxruntime | openvino | tensorrt | torch."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
     exclude_concepts: Optional[str] = typer.Option(
         None, help='Reference concepts to keep out, "trees, sun".'
     ),
     adapter: Optional[str] = typer.Option(None, help="torch runtime: adapter folder on top of MODEL."),
     dtype: Optional[str] = typer.Option(
-        None, help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."
+        None, help="torch / openvino precision: auto | fp32 | bf16 (fast CPU) | fp16."
     ),
     steps: Optional[int] = typer.Option(None, help="Denoising steps [20]."),
     guidance: Optional[float] = typer.Option(None, help="Prompt guidance λ2 [7.5]."),
@@ -374,12 +374,12 @@ def serve(
         None, help="Bind address [127.0.0.1]; other values expose the server."
     ),
     port: Optional[int] = typer.Option(None, help="Port [8000]."),
-    runtime: Optional[str] = typer.Option(None, help="onnxruntime | torch [onnxruntime]."),
+    runtime: Optional[str] = typer.Option(None, help="onnxruntime | openvino | torch [onnxruntime]."),
     providers: Optional[str] = typer.Option(
         None, help='onnxruntime providers in order, "CUDAExecutionProvider,CPUExecutionProvider".'
     ),
     dtype: Optional[str] = typer.Option(
-        None, help="torch runtime weights: auto | fp32 | bf16 (fast CPU) | fp16."
+        None, help="torch / openvino precision: auto | fp32 | bf16 (fast CPU) | fp16."
     ),
     queue_size: Optional[int] = typer.Option(None, help="Requests waiting at most; 503 beyond [32]."),
     max_batch: Optional[int] = typer.Option(None, help="Most images per batched denoising loop [8]."),
@@ -499,6 +499,10 @@ def eval_cmd(
     style_guidance: str = typer.Option("0", help="Style guidance λ1, or a list to sweep, e.g. 0,0.5,1,2."),
     batch: int = typer.Option(16, help="Images per denoising batch."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    runtime: str = typer.Option(
+        "auto", help="Export's runtime: auto (onnxruntime) | onnxruntime | openvino | torch | tensorrt."
+    ),
+    dtype: str = typer.Option("auto", help="torch / openvino precision: auto | fp32 | bf16 | fp16."),
     compare: bool = typer.Option(
         False, "--compare", help="Train and compare FineStyle against plain style tuning."
     ),
@@ -530,6 +534,8 @@ def eval_cmd(
         style_guidance=_floats(style_guidance, "--style-guidance"),
         batch=batch,
         device=device,
+        runtime=runtime,
+        dtype=dtype,
     )
     if compare:
         from finestyle.eval.compare import VARIANTS, CompareSettings, run_compare
@@ -659,13 +665,33 @@ def bench_export_cmd(
         r = bench_unet_step(m, latent, batch, iters)
         allr.append(r)
         typer.echo(
-            f"{m}: {r['gflop_per_step']:.1f} GFLOP/step | torch fp32 {r['torch_fp32_s'] * 1e3:.1f} ms | "
-            f"ORT fp32 {r['ort_fp32_s'] * 1e3:.1f} ms ({r['ort_vs_torch']:.2f}x) | "
-            f"torch bf16 autocast {r['torch_bf16_autocast_s'] * 1e3:.1f} ms ({r['bf16_vs_torch_fp32']:.2f}x) | "
-            f"torch bf16 weights {r['torch_bf16_weights_s'] * 1e3:.1f} ms ({r['bf16_weights_vs_torch_fp32']:.2f}x, "
-            f"rel diff {r['bf16_weights_rel_diff']:.1e}) | "
-            f"ORT at {r['ort_gflops']:.0f} GFLOP/s = {100 * r['ort_share_of_fp32_peak']:.0f}% of the "
-            f"{r['matmul_fp32_gflops']:.0f} GFLOP/s fp32 matmul peak"
+            f"{m}: one UNet step, batch {batch}, latent {latent}x{latent}, {r['gflop_per_step']:.1f} GFLOP | "
+            f"{r['cpu']} | matmul peaks: fp32 {r['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 "
+            f"{r['matmul_bf16_gflops']:.0f} GFLOP/s"
+        )
+        typer.echo(
+            f"  {'runtime':<46} {'ms':>9} {'vs eager':>9} {'GFLOP/s':>8} {'of peak':>12} {'rel diff':>9}"
+        )
+        for row in r["runtimes"]:
+            rel = f"{row['rel_diff']:.1e}" if row["rel_diff"] is not None else "-"
+            typer.echo(
+                f"  {row['runtime']:<46} {row['ms']:>9.1f} {row['vs_eager_fp32']:>8.2f}x "
+                f"{row['gflops']:>8.0f} {100 * row['share_of_peak']:>4.0f}% {row['precision']:<5}"
+                f"  {rel:>9}"
+            )
+        if r["openvino"] != "ran":
+            typer.echo("  OpenVINO: not installed (pip install 'finestyle[cpu]')")
+        else:
+            t = {row["key"]: row["ms"] for row in r["runtimes"]}
+            ovk = "openvino_bf16_s" if "openvino_bf16_s" in t else "openvino_fp32_s"
+            typer.echo(
+                f"  OpenVINO {ovk.split('_')[1]} vs PyTorch bf16: {t['torch_bf16_weights_s'] / t[ovk]:.2f}x | "
+                f"vs onnxruntime fp32: {t['ort_fp32_s'] / t[ovk]:.2f}x"
+            )
+        w = r["whole_image"]
+        typer.echo(
+            f"  whole image ({w['size']} px, {w['steps']} steps, text encoder + UNet + VAE decode) on the "
+            f"fastest runtime, {w['runtime']}: {w['seconds']:.2f} s"
         )
         b = r["ort_breakdown"]
         typer.echo(

@@ -362,6 +362,10 @@ class ExportConfig:
     """Denoising steps of the whole-image parity check."""
     check_bf16: bool = True
     """Also measure the CPU bf16 torch path (merged/ in bf16 + channels_last) against fp32."""
+    check_openvino: bool = True
+    """When OpenVINO is installed, check its image against fp32 at the precision `--runtime openvino`
+    picks on this CPU; recorded in the manifest (a failure marks that precision unusable, not the
+    export)."""
     device: str = "auto"
     """Device for merge and the PyTorch side of parity."""
     trt_static: bool = True
@@ -416,11 +420,25 @@ class EvalConfig:
     """Images per denoising batch."""
     device: str = "auto"
     """Generation and judge device: auto | cpu | cuda."""
+    runtime: str = "auto"
+    """Runtime of the tuned model when it is an export: auto (onnxruntime) | onnxruntime | openvino |
+    torch | tensorrt. With `adapter` it is torch; the base model always runs in torch."""
+    dtype: str = "auto"
+    """Precision of the tuned model's runtime (torch, openvino): auto | fp32 | bf16 | fp16."""
     seed: int = 20_000_000
     """First seed (each prompt uses seed .. seed+seeds-1); keep it apart from any training seed."""
 
     def __post_init__(self) -> None:
         _check(self.seeds >= 1, "eval.seeds", self.seeds, "at least 1")
+        _check(
+            self.runtime in ("auto", "onnxruntime", "openvino", "torch", "tensorrt"),
+            "eval.runtime",
+            self.runtime,
+            "use auto, onnxruntime, openvino, torch or tensorrt",
+        )
+        _check(
+            self.dtype in ("auto", "fp32", "bf16", "fp16"), "eval.dtype", self.dtype, "auto|fp32|bf16|fp16"
+        )
         _check(self.steps >= 1, "eval.steps", self.steps, "at least 1")
         _check(self.n_prompts >= 1, "eval.n_prompts", self.n_prompts, "at least 1")
         _check(
@@ -443,13 +461,14 @@ class GenerateConfig:
     exclude_concepts: list[str] = field(default_factory=list)
     """Reference concepts to keep out; appended to the negative prompt."""
     runtime: str = "auto"
-    """auto | onnxruntime | tensorrt | torch."""
+    """auto | onnxruntime | openvino | tensorrt | torch."""
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     adapter: str | None = None
     """torch runtime: an adapter folder to load on top of `model`."""
     dtype: str = "auto"
-    """torch runtime weights: auto (fp32 on CPU) | fp32 | bf16 (fast CPU path) | fp16 (GPU)."""
+    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16. auto: fp32 for torch
+    on a CPU; bf16 for openvino where the CPU has bf16 units and the export's check passed."""
     steps: int = 20
     """Denoising steps."""
     guidance: float = 7.5
@@ -477,10 +496,10 @@ class GenerateConfig:
         if isinstance(self.exclude_concepts, str):
             self.exclude_concepts = [w.strip() for w in self.exclude_concepts.split(",") if w.strip()]
         _check(
-            self.runtime in ("auto", "onnxruntime", "tensorrt", "torch"),
+            self.runtime in ("auto", "onnxruntime", "openvino", "tensorrt", "torch"),
             "generate.runtime",
             self.runtime,
-            "use auto, onnxruntime, tensorrt or torch",
+            "use auto, onnxruntime, openvino, tensorrt or torch",
         )
         _check(1 <= self.steps <= 1000, "generate.steps", self.steps, "must be 1..1000")
         _check(
@@ -508,11 +527,11 @@ class ServeConfig:
     port: int = 8000
     """Port."""
     runtime: str = "onnxruntime"
-    """onnxruntime | torch."""
+    """onnxruntime | openvino | torch."""
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     dtype: str = "auto"
-    """torch runtime weights: auto | fp32 | bf16 (fast CPU path) | fp16."""
+    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16."""
     max_prompt_tokens: int = 77
     """Longest prompt/negative prompt accepted, in tokenizer tokens (incl. start/end)."""
     min_steps: int = 1
@@ -544,10 +563,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.runtime in ("onnxruntime", "torch"),
+            self.runtime in ("onnxruntime", "openvino", "torch"),
             "serve.runtime",
             self.runtime,
-            "use onnxruntime or torch",
+            "use onnxruntime, openvino or torch",
         )
         _check(1 <= self.port <= 65535, "serve.port", self.port, "must be 1..65535")
         _check(

@@ -87,3 +87,18 @@ def gpu_name() -> str | None:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU features with bf16 arithmetic (Intel AMX; AVX-512 BF16 on Intel and AMD)."""

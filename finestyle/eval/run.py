@@ -158,7 +158,7 @@ def summarize(scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: An
 
 
 def _backend_loaders(
-    model: str, adapter: str | None, device: str
+    model: str, adapter: str | None, device: str, runtime: str = "auto", dtype: str = "auto"
 ) -> tuple[Callable[[], Any], Callable[[], Any], str]:
     """(tuned backend, base backend, base model name): the base is `model` without the adapter, or an
     export's base model."""
@@ -177,8 +177,12 @@ def _backend_loaders(
             "its base to measure leakage"
         )
 
+    if adapter and runtime not in ("auto", "torch"):
+        raise UserError(f"--runtime {runtime} runs an export; a model with --adapter runs in torch")
+
     def tuned() -> Any:
-        return load_backend(model, adapter=adapter, device=device, runtime="torch" if adapter else "auto")
+        rt = "torch" if adapter else runtime
+        return load_backend(model, adapter=adapter, device=device, runtime=rt, dtype=dtype)
 
     def base_backend() -> Any:
         return load_backend(base, runtime="torch", device=device)
@@ -211,8 +215,10 @@ def run_eval(
     texts, seeds = [p.full(style) for p, _ in pairs], [s for _, s in pairs]
     out = Path(cfg.out)
     cache = ImageCache(Path(cache_dir) if cache_dir else out / "images")
-    tuned_fn, base_fn, base_name = _backend_loaders(cfg.model, cfg.adapter, device)
+    tuned_fn, base_fn, base_name = _backend_loaders(cfg.model, cfg.adapter, device, cfg.runtime, cfg.dtype)
     ident = {"model": model_fingerprint(cfg.model), "adapter": model_fingerprint(cfg.adapter)}
+    if (cfg.runtime, cfg.dtype) != ("auto", "auto"):  # other runtimes draw (slightly) other images
+        ident.update(runtime=cfg.runtime, dtype=cfg.dtype)
     base_ident = {"model": model_fingerprint(base_name), "adapter": None}
     ref_feats = judge.references(refs["images"]) if isinstance(judge, ClipJudge) else None
 
@@ -257,6 +263,7 @@ def run_eval(
         "concepts_not_judged": not_judged,
         "provenance": provenance(cfg, refs, prompts, device),
         "images_reused": cache.hits,
+        "tuned_runtime": loaded["b"].name if "b" in loaded else "none (every image reused)",
         "seconds": round(time.time() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ import torch
 
 from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
-from finestyle.artifacts.manifest import verify_export
+from finestyle.artifacts.manifest import MANIFEST, verify_export
 from finestyle.config import ExportConfig, to_dict
+from finestyle.core.env import cpu_name
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.fs import (
     clean_stale_temps,
@@ -36,7 +37,8 @@ from finestyle.core.fs import (
 from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
 from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
 from finestyle.export.tensorrt import build_engines
-from finestyle.runtime.generate import GenerationRequest, generate, torch_backend
+from finestyle.runtime.generate import GenerationRequest, generate, openvino_backend, torch_backend
+from finestyle.runtime.openvino import OV_IMAGE_MEAN_ATOL, hardware_precision
 
 ONNX_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PARITY_TIMESTEPS = (999, 500, 1)
@@ -611,6 +613,62 @@ def step_bf16(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | None:
     return rep
 
 
+def openvino_image_check(
+    export_dir: Path, merged_dir: Path, precision: str, steps: int, files: dict[str, str]
+) -> dict[str, Any]:
+    """Same seed, same scheduler: torch fp32 (merged/) vs OpenVINO over the ONNX files at `precision`.
+    Returns the figures and whether they pass; never raises on a tolerance miss."""
+    import openvino as ov
+
+    req = GenerationRequest("a lighthouse on a cliff at night", steps=steps, seed=1234)
+    a = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "fp32"), req)[0], np.float32) / 255
+    release_memory()
+    be = openvino_backend(export_dir, precision, manifest={}, files=files)
+    b = np.asarray(generate(be, req)[0], np.float32) / 255
+    mean, mx = float(np.abs(a - b).mean()), float(np.abs(a - b).max())
+    return {
+        "mean_abs_diff": mean,
+        "max_abs_diff": mx,
+        "mean_atol": OV_IMAGE_MEAN_ATOL,
+        "pass": bool(mean <= OV_IMAGE_MEAN_ATOL),
+        "steps": steps,
+        "openvino": ov.__version__,
+        "cpu": cpu_name(),
+        "how": f"finestyle generate EXPORT PROMPT --runtime openvino --dtype {precision}",
+    }
+
+
+def step_openvino(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | None:
+    """3c. OpenVINO over the ONNX files, at the precision `--dtype auto` picks on this CPU.
+
+    Recorded, not enforced: the export stands on its fp32 parity; a failed reduced-precision check
+    makes `--runtime openvino` refuse that precision for this export."""
+    if not cfg.check_openvino or cfg.fp16:
+        return None
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        log("export: OpenVINO not installed; no OpenVINO check recorded")
+        return None
+    precision = hardware_precision()
+    try:
+        rep = openvino_image_check(
+            Path(tmp), Path(tmp) / "merged", precision, cfg.parity_steps, hash_tree(tmp, exclude=(MANIFEST,))
+        )
+    except RuntimeError as exc:  # e.g. onnxruntime-only fused ops after --optimize
+        first = str(exc).strip().splitlines()[0][:200]
+        log(f"export: OpenVINO cannot run this export ({first}); no OpenVINO check recorded")
+        return {"checks": {}, "unsupported": first}
+    finally:
+        release_memory()
+    verdict = "ok" if rep["pass"] else "FAILED: this precision is marked unusable"
+    log(
+        f"export: OpenVINO {precision} image mean diff {rep['mean_abs_diff']:.2e} "
+        f"(<= {rep['mean_atol']:g}) {verdict}"
+    )
+    return {"checks": {precision: rep}}
+
+
 def step_optimize(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     """4. onnxruntime's diffusion optimizer on the UNet, then parity again."""
     release_memory()
@@ -637,6 +695,7 @@ def publish_export(
     trt_rep: dict[str, Any] | None,
     log=_log,
     reduced: dict[str, Any] | None = None,
+    ov_rep: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """6. Write manifest.json last (sha256 of every file), then rename the folder into place."""
     unet_atol, image_atol = _thresholds(cfg)
@@ -662,6 +721,7 @@ def publish_export(
         "tensorrt": trt_rep,
         "has_base_unet": cfg.with_base_unet,
         "cpu_bf16": reduced,
+        "openvino": ov_rep,
         "style": info.get("style"),
         "concepts": info.get("concepts", []),
         "precision": "fp16" if cfg.fp16 else "fp32",
@@ -672,7 +732,12 @@ def publish_export(
     write_json(Path(tmp) / "manifest.json", manifest)
     publish_dir(Path(tmp), Path(cfg.out).absolute())
     log(f"export: {cfg.out} verified and published")
-    return {"out": str(cfg.out), "reused": False, "parity": _parity_summary(parity), "cache_key": key}
+    summary = _parity_summary(parity)
+    for prec, chk in ((ov_rep or {}).get("checks") or {}).items():
+        summary[f"openvino {prec}"] = f"{chk['mean_abs_diff']:.2e} mean (<= {chk['mean_atol']:g})" + (
+            "" if chk["pass"] else ": FAILED, marked unusable"
+        )
+    return {"out": str(cfg.out), "reused": False, "parity": summary, "cache_key": key}
 
 
 def run_export(cfg: ExportConfig, log=_log) -> dict[str, Any]:
@@ -687,8 +752,9 @@ def run_export(cfg: ExportConfig, log=_log) -> dict[str, Any]:
         parity = step_validate(cfg, tmp, log=log)
         reduced = step_bf16(cfg, tmp, log)
         opt_rep = step_optimize(cfg, tmp, log) if cfg.optimize else None
+        ov_rep = step_openvino(cfg, tmp, log)
         trt_rep = step_tensorrt(cfg, tmp) if cfg.format == "tensorrt" else None
-        return publish_export(cfg, tmp, merge_rep, onnx_rep, parity, opt_rep, trt_rep, log, reduced)
+        return publish_export(cfg, tmp, merge_rep, onnx_rep, parity, opt_rep, trt_rep, log, reduced, ov_rep)
     except BaseException:
         abort_export(tmp)
         raise

@@ -31,7 +31,11 @@ from finestyle.core.errors import UserError
 from finestyle.core.fs import sha256_file
 from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
 from finestyle.core.onnxrt import ort_providers, require_tensorrt
+from finestyle.runtime.openvino import backend_parts as openvino_parts
+from finestyle.runtime.openvino import resolve_precision
 from finestyle.runtime.tensorrt import TrtEngine
+
+RUNTIMES = ("onnxruntime", "openvino", "torch", "tensorrt")
 
 
 def _log(msg: str) -> None:
@@ -69,6 +73,7 @@ class Backend:
     unet_base: Any | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     manifest_sha256: str | None = None
+    parts: dict[str, Any] = field(default_factory=dict)  # the runtime's own objects (e.g. compiled models)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,10 +121,16 @@ def provider_config(providers: list[str], comp: str, export_dir: Path, manifest:
     return out
 
 
-def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool | None = None) -> Backend:
+def ort_backend(
+    export_dir: Path,
+    providers: list[str] | None,
+    io_binding: bool | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> Backend:
     """onnxruntime sessions for an export. `io_binding` (default: on for CUDA/TensorRT providers)
     binds inputs and outputs on the providers' device; the same code path runs on the CPU device
-    in the tests."""
+    in the tests. Without `manifest` the folder is verified first (the benchmarks pass {} for a
+    bare ONNX folder)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -127,7 +138,8 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
             "the onnxruntime runtime needs onnxruntime: pip install 'finestyle[cpu]' (or [gpu])"
         ) from exc
 
-    manifest = verify_export(export_dir)
+    verified = manifest is None
+    manifest = verify_export(export_dir) if manifest is None else manifest
     onnx_dir = export_dir / "onnx"
     provs = ort_providers(providers)
     so = ort.SessionOptions()
@@ -194,7 +206,7 @@ def _ort_backend(export_dir: Path, providers: list[str] | None, io_binding: bool
             vd.run(None, {"latent_sample": z.numpy().astype(fdt)})[0].astype(np.float32)
         ),
         manifest=manifest,
-        manifest_sha256=sha256_file(export_dir / "manifest.json"),
+        manifest_sha256=sha256_file(export_dir / "manifest.json") if verified else None,
     )
 
 
@@ -217,6 +229,31 @@ def _trt_backend(export_dir: Path) -> Backend:
         decode=lambda z: vd(latent_sample=z)[0].cpu(),
         manifest=manifest,
         manifest_sha256=sha256_file(export_dir / "manifest.json"),
+    )
+
+
+def openvino_backend(
+    export_dir: Path,
+    precision: str,
+    manifest: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+) -> Backend:
+    """OpenVINO over the export's ONNX files at `precision` (fp32 | bf16 | fp16). Without
+    `manifest` the folder is verified first; the export's own check passes both (it runs before the
+    manifest exists)."""
+    msha = None
+    if manifest is None:
+        manifest = verify_export(export_dir)
+        msha = sha256_file(export_dir / "manifest.json")
+    parts = openvino_parts(export_dir / "onnx", manifest["files"] if files is None else files, precision)
+    comps = parts.pop("components")
+    return Backend(
+        name=f"openvino[CPU,{precision}]",
+        **export_layout(export_dir / "onnx"),
+        **parts,
+        manifest=manifest,
+        manifest_sha256=msha,
+        parts=comps,
     )
 
 
@@ -315,17 +352,30 @@ def load_backend(
 ) -> Backend:
     """Pick and load a backend. An export folder defaults to onnxruntime; anything else to torch.
 
-    `dtype` (torch only): fp32 | bf16 | fp16 | auto; bf16 on CPU is the fast reduced-precision path.
+    `dtype`: fp32 | bf16 | fp16 | auto, for the torch runtime (bf16 on CPU is its fast
+    reduced-precision path) and the openvino runtime (auto: bf16 where the CPU and the export's
+    check allow it).
     """
     path = Path(model)
     is_export = (path / "manifest.json").exists() or (path / "onnx").is_dir()
     if runtime == "auto":
         runtime = "onnxruntime" if is_export and not adapter and dtype in (None, "auto", "fp32") else "torch"
-    if dtype not in (None, "auto", "fp32") and runtime != "torch":
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime {runtime!r}: use one of auto, {', '.join(RUNTIMES)}")
+    if dtype not in (None, "auto", "fp32") and runtime not in ("torch", "openvino"):
         raise UserError(
-            f"--dtype {dtype} applies to the torch runtime (use --runtime torch); the ONNX export is "
-            "fp32 (or --fp16 at export)"
+            f"--dtype {dtype} applies to the torch and openvino runtimes; the ONNX export runs in "
+            "onnxruntime at its own precision (fp32, or --fp16 at export)"
         )
+    if runtime == "openvino":
+        if not is_export or adapter:
+            raise UserError(
+                f"--runtime openvino runs an export folder (manifest.json), not {model!r}"
+                + (" with --adapter" if adapter else "")
+                + "; run `finestyle export` first"
+            )
+        manifest = verify_export(path)
+        return openvino_backend(path, resolve_precision(dtype, manifest))
     if runtime == "tensorrt":
         require_tensorrt()
         if not (path / "tensorrt").is_dir():
@@ -340,7 +390,7 @@ def load_backend(
                 f"{model!r} is not an export folder (no manifest.json); run `finestyle export` or use "
                 "--runtime torch"
             )
-        return _ort_backend(path, providers)
+        return ort_backend(path, providers)
     return torch_backend(model, adapter, device, dtype)
 
 

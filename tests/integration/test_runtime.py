@@ -157,10 +157,10 @@ def test_io_binding_path_gives_the_same_images(export_with_base):
     images as plain session.run, with and without style guidance (the base UNet is bound too)."""
     from pathlib import Path
 
-    from finestyle.runtime.generate import _ort_backend
+    from finestyle.runtime.generate import ort_backend
 
-    plain = _ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=False)
-    bound = _ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=True)
+    plain = ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=False)
+    bound = ort_backend(Path(export_with_base), ["CPUExecutionProvider"], io_binding=True)
     for req in (
         GenerationRequest("a red boat", steps=3, seed=4, num_images=2),
         GenerationRequest("a red boat", steps=3, seed=4, style_guidance=1.5),

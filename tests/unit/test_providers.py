@@ -51,5 +51,5 @@ def test_dtype_for_a_non_torch_runtime_is_refused_before_loading(tmp_path):
 
     (tmp_path / "manifest.json").write_text("{}")
     for runtime in ("onnxruntime", "tensorrt"):
-        with pytest.raises(UserError, match="applies to the torch runtime"):
+        with pytest.raises(UserError, match="applies to the torch and openvino runtimes"):
             load_backend(str(tmp_path), runtime, dtype="bf16")

@@ -1,0 +1,180 @@
+"""OpenVINO: CPU inference over the same ONNX export, in bf16 where the CPU has bf16 units.
+
+OpenVINO reads the export's ONNX files directly (no second export). Each component is compiled
+per input shape (static shapes are OpenVINO's fast path), and the compiled blobs are cached on disk
+under FINESTYLE_OV_CACHE (default ~/.cache/finestyle/openvino), in one folder per component keyed by
+the sha256 of that component's files: neither a restart nor a new manifest recompiles.
+
+Precision (`--dtype`): auto | fp32 | bf16 | fp16. `auto` is bf16 on a CPU with AMX or AVX-512 BF16
+when the export recorded a passing OpenVINO check at bf16, fp32 otherwise (said once). An explicit
+reduced precision needs that passing check; the export's fp32 parity does not cover it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finestyle.core.env import BF16_CPU_FLAGS, cpu_flags
+from finestyle.core.errors import UserError
+from finestyle.core.fs import hash_json
+
+OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+"""--dtype name -> OpenVINO's INFERENCE_PRECISION_HINT."""
+OV_IMAGE_MEAN_ATOL = 2e-2
+"""The reduced-precision image check: mean |diff| on [0, 1] against fp32 (as for the torch bf16 path)."""
+
+_said: set[str] = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+
+def require_openvino() -> Any:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError(
+            "the openvino runtime needs OpenVINO: pip install 'finestyle[cpu]' (it includes openvino)"
+        ) from None
+    return ov
+
+
+def hardware_precision(flags: frozenset[str] | None = None) -> str:
+    """bf16 where the CPU has bf16 arithmetic (AMX or AVX-512 BF16), else fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return "bf16" if any(f in flags for f in BF16_CPU_FLAGS) else "fp32"
+
+
+def ov_checks(manifest: dict[str, Any]) -> dict[str, Any]:
+    return ((manifest.get("openvino") or {}).get("checks")) or {}
+
+
+def resolve_precision(
+    dtype: str | None, manifest: dict[str, Any], flags: frozenset[str] | None = None
+) -> str:
+    """The precision an export runs at under OpenVINO, or a UserError naming why not."""
+    dtype = dtype or "auto"
+    if dtype not in ("auto", *OV_PRECISIONS):
+        raise UserError(f"--dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    checks = ov_checks(manifest)
+    if dtype == "auto":
+        hw = hardware_precision(flags)
+        if hw == "fp32":
+            _say_once("openvino: this CPU has no bf16 units (AMX / AVX-512 BF16); running fp32")
+            return "fp32"
+        if (checks.get(hw) or {}).get("pass"):
+            return hw
+        _say_once(
+            f"openvino: the export records no passing {hw} check (re-export with openvino installed); "
+            "running fp32"
+        )
+        return "fp32"
+    if dtype != "fp32" and not (checks.get(dtype) or {}).get("pass"):
+        why = "failed its" if dtype in checks else "has no recorded"
+        raise UserError(
+            f"--runtime openvino --dtype {dtype}: this export {why} OpenVINO {dtype} image check; "
+            "use --dtype fp32, or re-export on a CPU with bf16 units"
+        )
+    return dtype
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINESTYLE_OV_CACHE") or Path.home() / ".cache" / "finestyle" / "openvino")
+
+
+class OvComponent:
+    """One ONNX component compiled per input shape; thread-safe (one infer request per call)."""
+
+    def __init__(self, core: Any, path: Path, precision: str, cache_key: str, hint: str = "LATENCY") -> None:
+        self.core, self.path = core, path
+        self.config = {
+            "INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision],
+            "PERFORMANCE_HINT": hint,
+            "CACHE_DIR": str(cache_root() / cache_key[:16]),
+        }
+        self.compiled: dict[tuple[Any, ...], Any] = {}
+        self.lock = threading.Lock()
+        try:
+            self.model = core.read_model(str(path))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"OpenVINO cannot read {path} ({first}); use --runtime onnxruntime") from exc
+        self.input_types = {p.get_any_name(): p.get_element_type().to_dtype() for p in self.model.inputs}
+        self.compiles = 0
+        self.from_cache = 0
+
+    def _compiled(self, feeds: dict[str, np.ndarray]) -> Any:
+        key = tuple((k, v.shape) for k, v in sorted(feeds.items()))
+        cm = self.compiled.get(key)
+        if cm is None:
+            with self.lock:
+                cm = self.compiled.get(key)
+                if cm is None:
+                    m = self.model.clone()
+                    m.reshape({k: list(v.shape) for k, v in feeds.items()})
+                    cm = self.core.compile_model(m, "CPU", self.config)
+                    self.compiled[key] = cm
+                    self.compiles += 1
+                    self.from_cache += bool(cm.get_property("LOADED_FROM_CACHE"))
+        return cm
+
+    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make the timestep shape (1,))
+        feeds = {k: np.require(v, self.input_types[k], "C") for k, v in feeds.items()}
+        req = self._compiled(feeds).create_infer_request()
+        req.infer(feeds)
+        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+
+
+def component_key(files: dict[str, str], comp: str, precision: str) -> str:
+    """The cache key of one component: the sha256 of its files (from the manifest) and the precision."""
+    mine = {k: v for k, v in files.items() if k.startswith(f"onnx/{comp}/")}
+    return hash_json({"files": mine, "precision": precision})
+
+
+def openvino_components(
+    onnx_dir: Path, files: dict[str, str], precision: str, hint: str = "LATENCY"
+) -> dict[str, OvComponent]:
+    ov = require_openvino()
+    core = ov.Core()
+    comps = ("text_encoder", "unet", "vae_decoder", "unet_base")
+    return {
+        c: OvComponent(core, onnx_dir / c / "model.onnx", precision, component_key(files, c, precision), hint)
+        for c in comps
+        if (onnx_dir / c / "model.onnx").is_file()
+    }
+
+
+def unet_fn(comp: OvComponent) -> Any:
+    def run(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        out = comp(
+            sample=lat.numpy(),
+            timestep=np.array(float(t), dtype=np.float32),
+            encoder_hidden_states=emb.numpy(),
+        )
+        return torch.from_numpy(out)
+
+    return run
+
+
+def backend_parts(onnx_dir: Path, files: dict[str, str], precision: str) -> dict[str, Any]:
+    """encode_text / unet / unet_base / decode callables for the runtime's Backend."""
+    comps = openvino_components(onnx_dir, files, precision)
+    te, vd = comps["text_encoder"], comps["vae_decoder"]
+    return {
+        "encode_text": lambda ids: torch.from_numpy(te(input_ids=ids.numpy().astype(np.int64))),
+        "unet": unet_fn(comps["unet"]),
+        "unet_base": unet_fn(comps["unet_base"]) if "unet_base" in comps else None,
+        "decode": lambda z: torch.from_numpy(vd(latent_sample=z.numpy())),
+        "components": comps,
+    }

@@ -1,0 +1,45 @@
+"""OpenVINO precision selection: auto follows the CPU's bf16 units and the export's recorded check."""
+
+from __future__ import annotations
+
+import pytest
+
+from finestyle.core.errors import UserError
+from finestyle.runtime.openvino import hardware_precision, resolve_precision
+
+AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+EPYC = frozenset({"avx512f", "avx512_bf16"})
+AVX2 = frozenset({"avx2", "fma"})
+
+
+def checked(prec: str, ok: bool) -> dict:
+    return {"openvino": {"checks": {prec: {"pass": ok, "mean_abs_diff": 0.01}}}}
+
+
+def test_auto_follows_the_cpu_flags():
+    assert hardware_precision(AMX) == "bf16"
+    assert hardware_precision(EPYC) == "bf16"
+    assert hardware_precision(AVX2) == "fp32"
+
+
+def test_auto_picks_bf16_only_with_the_units_and_a_passing_check(capsys):
+    assert resolve_precision("auto", checked("bf16", True), AMX) == "bf16"
+    assert resolve_precision(None, checked("bf16", True), EPYC) == "bf16"
+    # no bf16 units: fp32, said once
+    assert resolve_precision("auto", checked("bf16", True), AVX2) == "fp32"
+    assert resolve_precision("auto", checked("bf16", True), AVX2) == "fp32"
+    assert capsys.readouterr().err.count("no bf16 units") == 1
+    # units, but the export's check failed or was never run: fp32
+    assert resolve_precision("auto", checked("bf16", False), AMX) == "fp32"
+    assert resolve_precision("auto", {}, AMX) == "fp32"
+
+
+def test_explicit_reduced_precision_needs_a_passing_check():
+    assert resolve_precision("fp32", {}, AVX2) == "fp32"
+    assert resolve_precision("bf16", checked("bf16", True), AMX) == "bf16"
+    with pytest.raises(UserError, match="failed its OpenVINO bf16 image check"):
+        resolve_precision("bf16", checked("bf16", False), AMX)
+    with pytest.raises(UserError, match="has no recorded OpenVINO fp16 image check"):
+        resolve_precision("fp16", checked("bf16", True), AMX)
+    with pytest.raises(UserError, match="use auto, fp32, bf16 or fp16"):
+        resolve_precision("int4", {}, AMX)
