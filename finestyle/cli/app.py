@@ -628,6 +628,9 @@ def bench_export_cmd(
     latent: int = typer.Option(32, help="Latent side (32 = 256 px)."),
     batch: int = typer.Option(2, help="UNet batch (2 = one image with guidance)."),
     iters: int = typer.Option(3, help="Timed iterations per variant."),
+    image_size: Optional[int] = typer.Option(
+        None, help="CPU: side of the whole image timed on the fastest runtime [latent x 8]."
+    ),
     device: str = typer.Option(
         "cpu", help="cpu, cuda or auto. On CUDA: fp16 eager vs ORT CUDA (+ TensorRT)."
     ),
@@ -662,7 +665,7 @@ def bench_export_cmd(
             json_out.write_text(json.dumps(allr, indent=2))
         return
     for m in model:
-        r = bench_unet_step(m, latent, batch, iters)
+        r = bench_unet_step(m, latent, batch, iters, image_size)
         allr.append(r)
         typer.echo(
             f"{m}: one UNet step, batch {batch}, latent {latent}x{latent}, {r['gflop_per_step']:.1f} GFLOP | "
@@ -716,6 +719,7 @@ def bench_serve_cmd(
     time_limit: float = typer.Option(60.0, help="Seconds per level at most."),
     size: Optional[int] = typer.Option(None, help="Image side in pixels [the model's native size]."),
     max_wait_ms: float = typer.Option(60.0, help="Server's batching wait (--max-wait-ms)."),
+    runtime: str = typer.Option("onnxruntime", help="Server's runtime: onnxruntime | openvino | torch."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
@@ -728,6 +732,7 @@ def bench_serve_cmd(
         time_limit=time_limit,
         size=size,
         max_wait_ms=max_wait_ms,
+        runtime=runtime,
     )
     typer.echo("batching  conc  ok/req   errors  p50 s   p95 s   p99 s   img/s")
     for mode, rows in r["levels"].items():

@@ -23,6 +23,7 @@ TINY = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "builtin:tiny-sd",
     "Salesforce/blip-image-captioning-base": "builtin:tiny-blip",
     "clip:openai/clip-vit-large-patch14": "clip:builtin:tiny-clip",
+    "builtin:sd15-random": "builtin:tiny-sd",
 }
 
 
@@ -83,3 +84,20 @@ def test_eval_commands(tmp_path):
     rep = json.loads((tmp_path / "runs/eval/watercolor/report.json").read_text())
     assert [s["style_guidance"] for s in rep["sweep"]] == [0.0, 0.5, 1.0, 2.0]
     assert (tmp_path / "runs/eval/watercolor/guidance.png").is_file()
+
+
+def test_openvino_commands(tmp_path):
+    pytest.importorskip("openvino")
+    export, generate, bench = readme_commands("### CPU runtimes: PyTorch bf16, onnxruntime and OpenVINO")
+    p = run([TINY.get(a, a) for a in export], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    checks = json.loads((tmp_path / "exports/base/manifest.json").read_text())["openvino"]["checks"]
+    assert all(c["pass"] for c in checks.values()) and checks
+    p = run([*generate, "--steps", "2"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "openvino[CPU," in p.stdout and (tmp_path / "lighthouse.png").is_file()
+    p = run(
+        [TINY.get(a, a) for a in bench] + ["--latent", "8", "--iters", "1", "--image-size", "64"], tmp_path
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "OpenVINO fp32 (the same ONNX)" in p.stdout and "whole image (64 px" in p.stdout
