@@ -245,11 +245,14 @@ def train(
 @app.command()
 @command
 def export(
-    base: str = typer.Option(..., "--base", help="Base model the adapter was trained on."),
-    adapter: Optional[Path] = typer.Option(
-        None, "--adapter", help="Adapter folder (RUN/adapter), or 'none' to export the base model as it is."
+    base: Optional[str] = typer.Option(None, "--base", help="Base model the adapter was trained on."),
+    adapter: Optional[list[Path]] = typer.Option(
+        None,
+        "--adapter",
+        help="Adapter folder (RUN/adapter), or 'none' to export the base model as it is; "
+        "repeatable with --swappable (one style each).",
     ),
-    out: Path = typer.Option(..., "--out", help="Export folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Export folder."),
     format: Optional[str] = typer.Option(None, "--format", help="onnx | tensorrt [onnx]."),
     fp16: Optional[bool] = typer.Option(
         None, "--fp16/--fp32", help="Half-precision ONNX (fp32 I/O; VAE fp16 only if proven NaN-free)."
@@ -261,6 +264,21 @@ def export(
     with_base_unet: Optional[bool] = typer.Option(
         None, "--with-base-unet/--no-base-unet", help="Also export the base UNet (style guidance)."
     ),
+    swappable: bool = typer.Option(
+        False, "--swappable", help="One shared UNet with K/V inputs; each --adapter becomes a style."
+    ),
+    name: Optional[list[str]] = typer.Option(
+        None, "--name", help="Style name per --adapter (or --add-style) [the style text as a slug]."
+    ),
+    add_style: Optional[Path] = typer.Option(
+        None, "--add-style", help="Add this adapter as a style to the swappable export --to DIR."
+    ),
+    remove_style: Optional[str] = typer.Option(
+        None, "--remove-style", help="Remove the named style from the swappable export --to DIR."
+    ),
+    to: Optional[Path] = typer.Option(
+        None, "--to", help="The swappable export --add-style/--remove-style changes."
+    ),
     device: Optional[str] = typer.Option(None, help="cuda | cpu | auto."),
     config: Optional[Path] = typer.Option(None, help="YAML file (its `export:` section)."),
     force: bool = typer.Option(False, "--force", help="Re-export even if identical."),
@@ -268,10 +286,24 @@ def export(
     """Merge the adapter into the UNet, export ONNX (or TensorRT) and prove parity."""
     from finestyle.config import ExportConfig, stage_from_sources
 
+    adapters = [str(a) for a in adapter or []]
+    if add_style or remove_style:
+        _edit_styles(add_style, remove_style, to, name, lora_scale)
+        return
+    if not base or not out:
+        raise UserError(
+            "export needs --base MODEL and --out DIR (or --add-style/--remove-style with --to DIR)"
+        )
+    if swappable:
+        _export_swappable(base, adapters, name or [], out, lora_scale, fp16)
+        return
+    if len(adapters) > 1:
+        raise UserError("several --adapter values need --swappable (one style each)")
+    one = adapters[0] if adapters else None
     values = dict(
         base=base,
-        adapter=("" if str(adapter).lower() == "none" else str(adapter)) if adapter else None,
-        out=str(out),
+        adapter=("" if one.lower() == "none" else one) if one else None,
+        out=str(out) if out else None,
         format=format,
         fp16=fp16,
         optimize=optimize,
@@ -292,6 +324,59 @@ def export(
             **{f"parity {k}": v for k, v in r.get("parity", {}).items()},
         },
     )
+
+
+def _export_swappable(
+    base: str, adapters: list[str], names: list[str], out: Path, lora_scale: float | None, fp16: bool | None
+) -> None:
+    from finestyle.export.swappable import run_swappable_export
+
+    if fp16:
+        raise UserError("--swappable exports fp32 graphs; --fp16 is for plain exports")
+    if not adapters or any(a.lower() == "none" for a in adapters):
+        raise UserError("--swappable needs at least one --adapter RUN/adapter (the base is always a style)")
+    for a in adapters:
+        if not Path(a).is_dir():
+            raise UserError(f"adapter folder {a!r} does not exist; pass RUN/adapter from `finestyle train`")
+    r = run_swappable_export(base, adapters, names, str(out), lora_scale if lora_scale is not None else 1.0)
+    print_summary(
+        "export: done (swappable)",
+        {
+            "export": r["out"],
+            "styles": ", ".join(r["styles"]),
+            **{f"parity {k}": v for k, v in r["parity"].items()},
+        },
+    )
+
+
+def _edit_styles(
+    add: Path | None, remove: str | None, to: Path | None, names: list[str] | None, lora_scale: float | None
+) -> None:
+    from finestyle.export.swappable import add_style, remove_style
+
+    if not to:
+        raise UserError("--add-style / --remove-style need --to EXPORT_DIR (a swappable export)")
+    if add and remove:
+        raise UserError("give --add-style or --remove-style, not both")
+    if add:
+        if not add.is_dir():
+            raise UserError(
+                f"adapter folder {str(add)!r} does not exist; pass RUN/adapter from `finestyle train`"
+            )
+        if names and len(names) > 1:
+            raise UserError("--add-style takes one --name")
+        r = add_style(
+            str(to), str(add), names[0] if names else None, lora_scale if lora_scale is not None else 1.0
+        )
+        print_summary(
+            "export: style added", {"export": r["out"], "added": r["added"], "styles": ", ".join(r["styles"])}
+        )
+    else:
+        r = remove_style(str(to), remove)
+        print_summary(
+            "export: style removed",
+            {"export": r["out"], "removed": r["removed"], "styles": ", ".join(r["styles"])},
+        )
 
 
 # ------------------------------------------------------------------------------------------------

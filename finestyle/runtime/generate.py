@@ -30,7 +30,7 @@ from finestyle.config import SCHEDULERS, GenerateConfig
 from finestyle.core.errors import UserError
 from finestyle.core.fs import sha256_file
 from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
-from finestyle.core.onnxrt import ort_providers, require_tensorrt
+from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
 from finestyle.runtime.openvino import backend_parts as openvino_parts
 from finestyle.runtime.openvino import resolve_precision
 from finestyle.runtime.tensorrt import TrtEngine
@@ -54,6 +54,7 @@ class GenerationRequest:
     seed: int = 0
     num_images: int = 1
     scheduler: str | None = None  # a SCHEDULERS name; None: the model's own scheduler
+    style: str | None = None  # a swappable export's style name; None: its default style
 
 
 @dataclass
@@ -74,6 +75,11 @@ class Backend:
     manifest: dict[str, Any] = field(default_factory=dict)
     manifest_sha256: str | None = None
     parts: dict[str, Any] = field(default_factory=dict)  # the runtime's own objects (e.g. compiled models)
+    # A swappable export: kv(emb, style names per row) -> K/V inputs, computed once per loop; `unet`
+    # then takes those K/V in place of the embedding, and the base style serves style guidance.
+    kv: Any | None = None
+    styles: list[str] = field(default_factory=list)
+    default_style: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +263,111 @@ def openvino_backend(
     )
 
 
+def swappable_backend(
+    export_dir: Path,
+    runtime: str = "onnxruntime",
+    manifest: dict[str, Any] | None = None,
+    dtype: str | None = None,
+) -> Backend:
+    """A style-swappable export: the shared K/V UNet on onnxruntime, openvino or torch, with every
+    style's K/V computed from the text embedding once per denoising loop (`Backend.kv`). Without
+    `manifest` the folder is verified first (the export's own checks pass theirs)."""
+    from finestyle.artifacts.styles import KV_UNET, load_base_kv, load_style, style_names
+    from finestyle.core.kv import KVUNet, project_kv
+
+    export_dir = Path(export_dir)
+    msha = None
+    if manifest is None:
+        manifest = verify_export(export_dir)
+        msha = sha256_file(export_dir / "manifest.json")
+    layers = manifest["swappable"]["layers"]
+    base = load_base_kv(export_dir)
+    names = style_names(manifest)
+    cache: dict[str, Any] = {}
+
+    def style(name: str) -> Any:
+        if name not in cache:
+            cache[name] = load_style(export_dir, name, manifest)  # raises UserError naming the styles
+        return cache[name]
+
+    def kv(emb: torch.Tensor, row_styles: list[str]) -> list[torch.Tensor]:
+        return project_kv(emb, layers, base, [style(n) for n in row_styles])
+
+    layout = export_layout(export_dir / "onnx")
+    if runtime == "torch":
+        pipe = load_sd_pipeline(str(export_dir / "merged"), device="cpu", dtype=torch.float32)
+        be = _torch_backend(pipe, manifest, msha, None, False)
+        kv_unet = KVUNet(pipe.unet, layers).eval()
+
+        @torch.no_grad()
+        def unet_fn(lat: torch.Tensor, t: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
+            return kv_unet(lat, t, *kvs).float()
+
+        be.unet, be.unet_base = unet_fn, None
+    else:
+        if runtime == "openvino":
+            from finestyle.runtime.openvino import OvComponent, component_key, require_openvino
+
+            prec = resolve_precision(dtype, manifest)
+            core = require_openvino().Core()
+            comp = OvComponent(
+                core, export_dir / KV_UNET, prec, component_key(manifest.get("files", {}), "unet_kv", prec)
+            )
+            parts = openvino_parts(export_dir / "onnx", manifest.get("files", {}), prec)
+            parts.pop("components")
+
+            def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+                return comp(**feeds)
+
+            name = f"openvino[CPU,{prec}]"
+        else:
+            provs = ort_providers(None)
+            te, vd, sess = (
+                ort_session(export_dir / rel, provs)
+                for rel in ("onnx/text_encoder/model.onnx", "onnx/vae_decoder/model.onnx", KV_UNET)
+            )
+            parts = {
+                "encode_text": lambda ids: torch.from_numpy(
+                    te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
+                ),
+                "decode": lambda z: torch.from_numpy(
+                    vd.run(None, {"latent_sample": z.numpy().astype(np.float32)})[0].astype(np.float32)
+                ),
+            }
+
+            def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+                return sess.run(None, feeds)[0]
+
+            name = f"onnxruntime[{provs[0]}]"
+
+        def unet_fn(lat: torch.Tensor, t: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
+            feeds = {
+                "sample": lat.numpy().astype(np.float32),
+                "timestep": np.array(float(t), dtype=np.float32),
+            }
+            feeds.update({f"kv_{i}": k.numpy().astype(np.float32) for i, k in enumerate(kvs)})
+            return torch.from_numpy(np.asarray(run(feeds), dtype=np.float32))
+
+        be = Backend(
+            name=name,
+            **layout,
+            encode_text=parts["encode_text"],
+            unet=unet_fn,
+            decode=parts["decode"],
+            manifest=manifest,
+            manifest_sha256=msha,
+        )
+    be.name = f"{be.name},swappable"
+    be.kv, be.styles = kv, names
+    be.default_style = manifest["swappable"].get("default") or (names[1] if len(names) > 1 else names[0])
+    return be
+
+
+def torch_backend_from_pipe(pipe: Any) -> Backend:
+    """A torch backend over a pipeline already in memory (e.g. a merged model being checked)."""
+    return _torch_backend(pipe, {}, None, None, False)
+
+
 def torch_backend(model: str, adapter: str | None, device: str | None, dtype: str | None = None) -> Backend:
 
     path = Path(model)
@@ -277,6 +388,12 @@ def torch_backend(model: str, adapter: str | None, device: str | None, dtype: st
                 adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="finestyle"
             )
         has_adapter = True
+    return _torch_backend(pipe, manifest, msha, base_for_style, has_adapter)
+
+
+def _torch_backend(
+    pipe: Any, manifest: dict[str, Any], msha: str | None, base_for_style: str | None, has_adapter: bool
+) -> Backend:
     dev, dt = pipe.unet.device, pipe.unet.dtype
     fmt = torch.contiguous_format
     if dev.type == "cpu" and dt == torch.bfloat16:
@@ -367,6 +484,16 @@ def load_backend(
             f"--dtype {dtype} applies to the torch and openvino runtimes; the ONNX export runs in "
             "onnxruntime at its own precision (fp32, or --fp16 at export)"
         )
+    if is_export and (path / "manifest.json").exists() and not adapter:
+        from finestyle.artifacts.styles import is_swappable
+
+        m = verify_export(path)
+        if is_swappable(m):
+            if runtime not in ("onnxruntime", "openvino", "torch"):
+                raise UserError(
+                    f"--runtime {runtime}: a swappable export runs on onnxruntime, openvino or torch"
+                )
+            return swappable_backend(path, runtime, dtype=dtype)
     if runtime == "openvino":
         if not is_export or adapter:
             raise UserError(
@@ -432,6 +559,31 @@ def generate(backend: Backend, req: GenerationRequest) -> list[Any]:
     return generate_batch(backend, [req])[0]
 
 
+def request_styles(backend: Backend, reqs: list[GenerationRequest]) -> list[str]:
+    """The style of every image row; a style named on a plain export is refused."""
+    if backend.kv is None:
+        named = [r.style for r in reqs if r.style]
+        if named:
+            raise UserError(
+                f"style {named[0]!r}: this export has one style built in; naming styles needs a "
+                "swappable export (`finestyle export --swappable`)"
+            )
+        return []
+    out = []
+    for r in reqs:
+        name = r.style or backend.default_style
+        if name not in backend.styles:
+            raise UnknownStyle(name, backend.styles)
+        out += [name] * r.num_images
+    return out
+
+
+class UnknownStyle(UserError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown style {name!r}; this export has: {', '.join(known)}")
+        self.name, self.known = name, known
+
+
 def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list[Any]]:
     """One denoising loop for several requests that share `shape_key` (dynamic batching).
 
@@ -440,10 +592,23 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
     """
     from PIL import Image
 
+    img = decoded_batch(backend, reqs)
+    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = [Image.fromarray(a) for a in arr]
+    out, k = [], 0
+    for r in reqs:
+        out.append(images[k : k + r.num_images])
+        k += r.num_images
+    return out
+
+
+def decoded_batch(backend: Backend, reqs: list[GenerationRequest]) -> torch.Tensor:
+    """`generate_batch` before 8-bit rounding: the VAE's output in [-1, 1], one row per image."""
     r0 = reqs[0]
     if any(shape_key(r) != shape_key(r0) for r in reqs):
         raise ValueError("generate_batch: requests differ in steps/guidance/size")
-    if r0.style_guidance > 0 and backend.unet_base is None:
+    row_styles = request_styles(backend, reqs)
+    if r0.style_guidance > 0 and backend.unet_base is None and backend.kv is None:
         raise UserError(
             "style guidance needs the base UNet: export with --with-base-unet, or use the torch "
             "runtime with --adapter"
@@ -472,6 +637,14 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
     step_kw = {"generator": row_gens} if "generator" in inspect.signature(sched.step).parameters else {}
     latents = latents * sched.init_noise_sigma
     emb = torch.cat([neg, cond]) if do_cfg else cond
+    base_in = cond
+    if backend.kv is not None:
+        # a swappable export: each row's K/V in its own style, once for the whole loop; style
+        # guidance's base pass is the same UNet with the base style's K/V
+        emb = backend.kv(emb, row_styles * 2 if do_cfg else row_styles)
+        if r0.style_guidance > 0:
+            base_in = backend.kv(cond, ["base"] * len(row_styles))
+    unet_base = backend.unet if backend.kv is not None else backend.unet_base
     # 3. denoising loop
     for t in sched.timesteps:
         inp = sched.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
@@ -482,18 +655,11 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
         else:
             e_pos = guided = eps
         if r0.style_guidance > 0:
-            e_base = backend.unet_base(inp.chunk(2)[1] if do_cfg else inp, t, cond)
+            e_base = unet_base(inp.chunk(2)[1] if do_cfg else inp, t, base_in)
             guided = guided + r0.style_guidance * (e_pos - e_base)
         latents = sched.step(guided, t, latents, **step_kw).prev_sample
     # 4. decode
-    img = backend.decode(latents / backend.scaling_factor)
-    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    images = [Image.fromarray(a) for a in arr]
-    out, k = [], 0
-    for n in counts:
-        out.append(images[k : k + n])
-        k += n
-    return out
+    return backend.decode(latents / backend.scaling_factor)
 
 
 def provenance(req: GenerationRequest, backend: Backend) -> dict[str, str]:

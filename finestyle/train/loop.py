@@ -807,6 +807,7 @@ def _adapter_meta(st: TrainState) -> dict[str, Any]:
     cfg = st.cfg
     return {
         "base_model": cfg.base,
+        "base_fingerprint": model_fingerprint(cfg.base),
         "dataset": str(cfg.dataset),
         "dataset_fingerprint": st.fingerprint,
         "targets": cfg.targets,

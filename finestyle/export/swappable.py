@@ -1,0 +1,437 @@
+"""The style-swappable export: one UNet graph with K/V inputs, and each style as a few-MB artifact.
+
+`finestyle export --swappable --adapter A [--adapter B ...] [--name N ...]` builds it;
+`finestyle export --add-style RUN/adapter --to DIR` and `--remove-style NAME --to DIR` change its
+styles without touching the UNet. Every style is proven against its own merged model: the shared
+graph with that style's K/V equals the merged UNet (≤ unet_atol at 3 timesteps × 2 batch sizes), and
+a whole image through the runtime equals the merged pipeline's (≤ image_atol). A failure fails the
+export (or the addition) and leaves the folder as it was. See `finestyle.artifacts.styles` for the
+layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
+from finestyle.artifacts.manifest import MANIFEST, verify_export
+from finestyle.artifacts.styles import (
+    BASE_STYLE,
+    KV_BASE,
+    KV_UNET,
+    STYLE_INFO,
+    STYLE_WEIGHTS,
+    check_name,
+    is_swappable,
+    load_base_kv,
+    load_style,
+    style_names,
+    style_slug,
+)
+from finestyle.core.errors import UserError, VerificationError
+from finestyle.core.fs import hash_json, hash_tree, publish_dir, write_json
+from finestyle.core.kv import KVUNet, StyleKV, base_kv_weights, cross_attention_layers, project_kv
+from finestyle.core.models import load_sd_pipeline, model_fingerprint, quiet_hf_logs
+from finestyle.core.onnxrt import ort_session
+from finestyle.export.steps import (
+    PARITY_BATCHES,
+    PARITY_TIMESTEPS,
+    _versions,
+    begin_export,
+    merge_adapter,
+    onnx_export,
+    release_memory,
+    unet_outputs,
+    unet_probe_inputs,
+)
+from finestyle.runtime.generate import GenerationRequest, decoded_batch, torch_backend_from_pipe
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def style_lora(
+    pipe: Any, adapter: str, lora_scale: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The adapter's LoRA factors per K/V projection, read through peft as diffusers loads them.
+
+    Refuses adapters that touch anything but cross-attention K/V (they cannot be swapped)."""
+    info = adapter_info(adapter)
+    with quiet_hf_logs():
+        pipe.load_lora_weights(
+            adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="swap"
+        )
+    try:
+        pipe.set_adapters(["swap"], adapter_weights=[lora_scale])
+        out, other = {}, []
+        for name, mod in pipe.unet.named_modules():
+            if not hasattr(mod, "lora_A") or "swap" not in getattr(mod, "lora_A", {}):
+                continue
+            if not re.search(r"attn2\.to_[kv]$", name):
+                other.append(name)
+                continue
+            if getattr(mod, "use_dora", {}).get("swap"):
+                raise UserError(
+                    f"adapter {adapter!r} uses DoRA; a swappable export takes plain LoRA K/V adapters"
+                )
+            out[name] = (
+                mod.lora_A["swap"].weight.detach().float().cpu().clone(),
+                mod.lora_B["swap"].weight.detach().float().cpu().clone(),
+                float(mod.scaling["swap"]),
+            )
+        if other:
+            raise UserError(
+                f"adapter {adapter!r} also adapts {other[0]} (and {len(other) - 1} more); only K/V adapters "
+                "(`finestyle train --targets kv`, the default) can be swapped: export it merged instead"
+            )
+        if not out:
+            raise UserError(f"adapter {adapter!r} adapts no cross-attention K/V projection")
+        return out
+    finally:
+        pipe.delete_adapters(["swap"])
+
+
+def export_kv_unet(unet: Any, layers: list[str], path: Path) -> None:
+    """The shared UNet as ONNX: inputs sample, timestep, kv_0..; K/V weights are not in the graph."""
+    from finestyle.export.steps import _quiet_export_warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dims = [_inner_dim(unet, n) for n in layers for _ in (0, 1)]
+    x, _ = unet_probe_inputs(unet, 2)
+    wrapper = KVUNet(unet, layers).eval()
+    kv = [torch.randn(2, 77, d) for d in dims]
+    names = [f"kv_{i}" for i in range(len(kv))]
+    axes = {
+        "sample": {0: "batch", 2: "height", 3: "width"},
+        "out_sample": {0: "batch", 2: "height", 3: "width"},
+    }
+    axes.update({n: {0: "batch", 1: "sequence"} for n in names})
+    ctx = _quiet_export_warnings()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                (x, torch.tensor(500.0), *kv),
+                str(path),
+                input_names=["sample", "timestep", *names],
+                output_names=["out_sample"],
+                dynamic_axes=axes,
+                opset_version=18,
+                dynamo=False,
+            )
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _inner_dim(unet: Any, layer: str) -> int:
+    return dict(unet.named_modules())[f"{layer}.to_k"].out_features
+
+
+def _kv_feeds(kv: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    return {f"kv_{i}": t.numpy().astype(np.float32) for i, t in enumerate(kv)}
+
+
+def kv_unet_parity(
+    sess: Any,
+    ref: dict[str, torch.Tensor],
+    probe_unet: Any,
+    layers: list[str],
+    base: dict,
+    style: StyleKV,
+    atol: float,
+) -> dict[str, Any]:
+    """The shared graph with `style`'s K/V vs the merged UNet's outputs `ref` (same probe inputs)."""
+    worst, per = 0.0, {}
+    for b in PARITY_BATCHES:
+        x, c = unet_probe_inputs(probe_unet, b)
+        kv = project_kv(c, layers, base, [style] * b)
+        for t in PARITY_TIMESTEPS:
+            feeds = {"sample": x.numpy(), "timestep": np.array(t, dtype=np.float32), **_kv_feeds(kv)}
+            got = sess.run(None, feeds)[0]
+            if not np.isfinite(got).all():
+                raise VerificationError(f"style {style.name}: the K/V UNet produced NaN/inf")
+            d = float(np.abs(got - ref[f"b{b}_t{t}"].numpy()).max())
+            per[f"b{b}_t{t}"] = d
+            worst = max(worst, d)
+    if not worst <= atol:
+        raise VerificationError(
+            f"style {style.name}: the K/V UNet differs from its merged UNet by {worst:.3g} max abs (> {atol:g})"
+        )
+    return {"max_abs_diff": worst, "atol": atol, "per_input": per}
+
+
+def image_parity_style(
+    folder: Path, merged_pipe: Any, name: str, manifest: dict[str, Any], steps: int, atol: float
+) -> dict[str, Any]:
+    """A whole image: the merged pipeline (torch) vs the swappable runtime (onnxruntime) in `name`."""
+    from finestyle.runtime.generate import swappable_backend
+
+    req = GenerationRequest("a lighthouse on a cliff at night", steps=steps, seed=1234)
+    a = decoded_batch(torch_backend_from_pipe(merged_pipe), [req]).clamp(-1, 1) / 2 + 0.5
+    be = swappable_backend(folder, "onnxruntime", manifest=manifest)
+    req.style = name
+    b = decoded_batch(be, [req]).clamp(-1, 1) / 2 + 0.5
+    diff = float((a - b).abs().max())
+    if not diff <= atol:
+        raise VerificationError(
+            f"style {name}: its image differs from the merged model's by {diff:.3g} (> {atol:g})"
+        )
+    return {"max_abs_diff": diff, "atol": atol, "steps": steps}
+
+
+def _write_style(
+    folder: Path, name: str, lora: dict, adapter: str, lora_scale: float, base_fp: str
+) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    info = adapter_info(adapter)
+    d = folder / "styles" / name
+    shutil.rmtree(d, ignore_errors=True)  # an unlisted leftover of an interrupted addition
+    d.mkdir(parents=True)
+    tensors = {}
+    for key, (a, b, _) in lora.items():
+        tensors[f"{key}.lora_A"], tensors[f"{key}.lora_B"] = a.contiguous(), b.contiguous()
+    save_file(tensors, str(d / STYLE_WEIGHTS))
+    meta = {
+        "name": name,
+        "style": info.get("style"),
+        "concepts": info.get("concepts", []),
+        "lora_scale": lora_scale,
+        "scales": {k: s for k, (_, _, s) in lora.items()},
+        "base_model": info.get("base_model"),
+        "base_fingerprint": base_fp,
+        "adapter": str(adapter),
+        "adapter_fingerprint": hash_json(hash_tree(adapter)),
+    }
+    write_json(d / STYLE_INFO, meta)
+    return meta
+
+
+def _base_check(adapter: str, base_fp: str) -> None:
+    """A style must come from the export's base: compared by fingerprint, not by name."""
+    info = adapter_info(adapter)
+    fp = info.get("base_fingerprint") or model_fingerprint(info.get("base_model"))
+    if fp != base_fp:
+        raise UserError(
+            f"adapter {adapter!r} was trained on {info.get('base_model')!r}, not on this export's base "
+            "(their fingerprints differ); train it on the export's base model"
+        )
+
+
+def _add_styles(
+    folder: Path,
+    pipe: Any,
+    adapters: list[str],
+    names: list[str],
+    lora_scale: float,
+    manifest: dict[str, Any],
+    steps: int,
+    unet_atol: float,
+    image_atol: float,
+    log,
+) -> dict[str, Any]:
+    """Write, then prove, each style into `folder` (a work copy); returns the parity figures."""
+    layers = manifest["swappable"]["layers"]
+    base = load_base_kv(folder)
+    sess = ort_session(folder / KV_UNET)
+    parity = {}
+    for adapter, name in zip(adapters, names, strict=True):
+        _base_check(adapter, manifest["base_fingerprint"])
+        if name in manifest["swappable"]["styles"]:
+            raise UserError(
+                f"style {name!r} is already in the export; pick another --name or --remove-style it"
+            )
+        lora = style_lora(pipe, adapter, lora_scale)
+        if set(lora) - {f"{n}.to_k" for n in layers} - {f"{n}.to_v" for n in layers}:
+            raise UserError(f"adapter {adapter!r} adapts layers this export's UNet does not have")
+        meta = _write_style(folder, name, lora, adapter, lora_scale, manifest["base_fingerprint"])
+        manifest["swappable"]["styles"][name] = {
+            k: meta[k] for k in ("style", "concepts", "lora_scale", "base_model", "adapter_fingerprint")
+        }
+        merged, _ = merge_adapter(str(folder / "merged"), adapter, lora_scale, torch.device("cpu"), 1e-4)
+        ref = unet_outputs(merged.unet)
+        style = load_style(folder, name, manifest)
+        parity[f"unet_{name}"] = kv_unet_parity(sess, ref, merged.unet, layers, base, style, unet_atol)
+        parity[f"image_{name}"] = image_parity_style(folder, merged, name, manifest, steps, image_atol)
+        del merged
+        release_memory()
+        log(
+            f"export: style {name}: UNet {parity[f'unet_{name}']['max_abs_diff']:.2e} <= {unet_atol:g}, "
+            f"image {parity[f'image_{name}']['max_abs_diff']:.2e}"
+        )
+    return parity
+
+
+def run_swappable_export(
+    base: str,
+    adapters: list[str],
+    names: list[str],
+    out: str,
+    lora_scale: float = 1.0,
+    parity_steps: int = 4,
+    unet_atol: float = 1e-4,
+    image_atol: float = 2e-3,
+    log=_log,
+) -> dict[str, Any]:
+    """Build a swappable export of `base` with one style per adapter; publish it with its manifest."""
+    names = [check_name(n) for n in (names or [style_slug(adapter_info(a).get("style")) for a in adapters])]
+    if len(names) != len(adapters) or len(set(names)) != len(names):
+        raise UserError("--name: give one distinct name per --adapter (or none: each style's text as a slug)")
+    from finestyle.config import ExportConfig
+
+    tmp = Path(begin_export(ExportConfig(out=out, adapter=None)))
+    try:
+        pipe = load_sd_pipeline(base, device="cpu", dtype=torch.float32)
+        pipe.save_pretrained(tmp / "merged", safe_serialization=True)
+        onnx_export(tmp / "merged", tmp / "onnx", fp16=False, opset=None)
+        for p in (tmp / "onnx" / "unet").glob("model.onnx*"):
+            p.unlink()  # the shared K/V graph replaces it; unet/config.json stays for the layout
+        layers = cross_attention_layers(pipe.unet)
+        from safetensors.torch import save_file
+
+        (tmp / "kv").mkdir()
+        base_w = base_kv_weights(pipe.unet, layers)
+        save_file(base_w, str(tmp / KV_BASE))
+        ref_base = unet_outputs(pipe.unet)
+        export_kv_unet(
+            load_sd_pipeline(str(tmp / "merged"), device="cpu", dtype=torch.float32).unet,
+            layers,
+            tmp / KV_UNET,
+        )
+        base_fp = model_fingerprint(base)
+        manifest: dict[str, Any] = {
+            "format": "finestyle-export",
+            "version": 1,
+            "kind": "swappable",
+            "base_model": base,
+            "base_fingerprint": base_fp,
+            "swappable": {"layers": layers, "styles": {}},
+            "precision": "fp32",
+            "thresholds": {"unet_atol": unet_atol, "image_atol": image_atol},
+        }
+        sess = ort_session(tmp / KV_UNET)
+        probe = load_sd_pipeline(str(tmp / "merged"), device="cpu", dtype=torch.float32).unet
+        parity = {
+            "unet_base": kv_unet_parity(
+                sess, ref_base, probe, layers, base_w, StyleKV(BASE_STYLE, {}), unet_atol
+            )
+        }
+        del sess
+        parity.update(
+            _add_styles(
+                tmp, pipe, adapters, names, lora_scale, manifest, parity_steps, unet_atol, image_atol, log
+            )
+        )
+        manifest.update(parity=parity, versions=_versions(), files=hash_tree(tmp, exclude=(MANIFEST,)))
+        write_json(tmp / MANIFEST, manifest)
+        publish_dir(tmp, Path(out).absolute())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export: {out} (swappable: {', '.join(style_names(manifest))}) verified and published")
+    return {
+        "out": out,
+        "styles": style_names(manifest),
+        "parity": {k: f"{v['max_abs_diff']:.2e} (<= {v['atol']:g})" for k, v in parity.items()},
+    }
+
+
+def _swappable_manifest(folder: Path, flag: str) -> dict[str, Any]:
+    m = verify_export(folder)
+    if not is_swappable(m):
+        raise UserError(
+            f"{flag}: {str(folder)!r} is not a swappable export; build one with `finestyle export --swappable`"
+        )
+    return m
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(folder / MANIFEST)
+
+
+def _style_files(folder: Path, name: str) -> dict[str, str]:
+    return {f"styles/{name}/{k}": v for k, v in hash_tree(folder / "styles" / name).items()}
+
+
+def add_style(
+    folder: str,
+    adapter: str,
+    name: str | None = None,
+    lora_scale: float = 1.0,
+    parity_steps: int = 4,
+    log=_log,
+) -> dict[str, Any]:
+    """`finestyle export --add-style ADAPTER --to DIR`: prove the style in a work copy of its files,
+    then move it in; the UNet graph and the other styles are not touched."""
+    dest = Path(folder)
+    manifest = _swappable_manifest(dest, "--add-style")
+    name = check_name(name or style_slug(adapter_info(adapter).get("style")))
+    work = dest.parent / f".{dest.name}.work-{uuid.uuid4().hex[:8]}"
+    try:
+        # the work copy links the big files (nothing writes to them) and holds the new style
+        shutil.copytree(dest, work, copy_function=_link_or_copy)
+        pipe = load_sd_pipeline(str(work / "merged"), device="cpu", dtype=torch.float32)
+        th = manifest.get("thresholds", {})
+        parity = _add_styles(
+            work,
+            pipe,
+            [adapter],
+            [name],
+            lora_scale,
+            manifest,
+            parity_steps,
+            th.get("unet_atol", 1e-4),
+            th.get("image_atol", 2e-3),
+            log,
+        )
+        manifest["parity"].update(parity)
+        manifest["files"].update(_style_files(work, name))
+        # move the proven style in, then write the manifest last: until then it is not listed
+        target = dest / "styles" / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(str(work / "styles" / name), str(target))
+        _write_manifest(dest, manifest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"export: style {name} added to {folder}")
+    return {"out": folder, "styles": style_names(manifest), "added": name}
+
+
+def remove_style(folder: str, name: str, log=_log) -> dict[str, Any]:
+    dest = Path(folder)
+    manifest = _swappable_manifest(dest, "--remove-style")
+    if name not in manifest["swappable"]["styles"]:
+        raise UserError(
+            f"--remove-style: no style {name!r}; this export has: {', '.join(style_names(manifest))}"
+        )
+    del manifest["swappable"]["styles"][name]
+    for k in (f"unet_{name}", f"image_{name}"):
+        manifest["parity"].pop(k, None)
+    prefix = f"styles/{name}/"
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
+    _write_manifest(dest, manifest)  # first: an unlisted folder left by a crash is harmless
+    shutil.rmtree(dest / "styles" / name, ignore_errors=True)
+    log(f"export: style {name} removed from {folder}")
+    return {"out": folder, "styles": style_names(manifest), "removed": name}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
