@@ -71,9 +71,24 @@ def load_style(export_dir: Path, name: str, manifest: dict[str, Any]) -> StyleKV
         raise UserError(f"unknown style {name!r}; this export has: {', '.join(style_names(manifest))}")
     folder = export_dir / "styles" / name
     info = read_json(folder / STYLE_INFO)
+    if info.get("base_fingerprint") != manifest.get("base_fingerprint"):
+        raise UserError(
+            f"style {name!r} was made for another base model than this export's (fingerprints differ); "
+            "refusing to load it"
+        )
     tensors = load_file(str(folder / STYLE_WEIGHTS))
     lora = {
         key: (tensors[f"{key}.lora_A"].float(), tensors[f"{key}.lora_B"].float(), float(scale))
         for key, scale in info["scales"].items()
     }
     return StyleKV(name, lora)
+
+
+def verify_styles(export_dir: Path, manifest: dict[str, Any]) -> None:
+    """sha256 of every style file against the manifest (the fast check of a reload: the big, shared
+    files are checked at start-up and do not change while styles come and go)."""
+    from finestyle.core.fs import sha256_file
+
+    for rel, digest in manifest.get("files", {}).items():
+        if rel.startswith("styles/") and sha256_file(export_dir / rel) != digest:
+            raise UserError(f"export {str(export_dir)!r}: {rel} does not match its manifest sha256")

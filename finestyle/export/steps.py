@@ -55,7 +55,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _quiet_export_warnings():
+def quiet_export_warnings():
     import warnings
 
     ctx = warnings.catch_warnings()
@@ -156,7 +156,7 @@ def onnx_export(merged_dir: Path, onnx_dir: Path, fp16: bool, opset: int | None)
     kw: dict[str, Any] = {}
     if opset:
         kw["opset"] = opset
-    ctx = _quiet_export_warnings()
+    ctx = quiet_export_warnings()
     try:
         main_export(
             str(merged_dir),
@@ -430,7 +430,7 @@ def export_cache_key(cfg: ExportConfig) -> str:
     )
 
 
-def _versions() -> dict[str, str]:
+def export_versions() -> dict[str, str]:
     import diffusers
     import onnx
     import onnxruntime
@@ -726,7 +726,7 @@ def publish_export(
         "concepts": info.get("concepts", []),
         "precision": "fp16" if cfg.fp16 else "fp32",
         "fp16": onnx_rep.get("fp16"),
-        "versions": _versions(),
+        "versions": export_versions(),
         "files": hash_tree(tmp, exclude=("manifest.json",)),
     }
     write_json(Path(tmp) / "manifest.json", manifest)

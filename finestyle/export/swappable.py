@@ -45,8 +45,8 @@ from finestyle.core.onnxrt import ort_session
 from finestyle.export.steps import (
     PARITY_BATCHES,
     PARITY_TIMESTEPS,
-    _versions,
     begin_export,
+    export_versions,
     merge_adapter,
     onnx_export,
     release_memory,
@@ -103,7 +103,7 @@ def style_lora(
 
 def export_kv_unet(unet: Any, layers: list[str], path: Path) -> None:
     """The shared UNet as ONNX: inputs sample, timestep, kv_0..; K/V weights are not in the graph."""
-    from finestyle.export.steps import _quiet_export_warnings
+    from finestyle.export.steps import quiet_export_warnings
 
     path.parent.mkdir(parents=True, exist_ok=True)
     dims = [_inner_dim(unet, n) for n in layers for _ in (0, 1)]
@@ -116,7 +116,7 @@ def export_kv_unet(unet: Any, layers: list[str], path: Path) -> None:
         "out_sample": {0: "batch", 2: "height", 3: "width"},
     }
     axes.update({n: {0: "batch", 1: "sequence"} for n in names})
-    ctx = _quiet_export_warnings()
+    ctx = quiet_export_warnings()
     try:
         with torch.no_grad():
             torch.onnx.export(
@@ -289,6 +289,9 @@ def run_swappable_export(
         raise UserError("--name: give one distinct name per --adapter (or none: each style's text as a slug)")
     from finestyle.config import ExportConfig
 
+    base_fp = model_fingerprint(base)
+    for a in adapters:
+        _base_check(a, base_fp)
     tmp = Path(begin_export(ExportConfig(out=out, adapter=None)))
     try:
         pipe = load_sd_pipeline(base, device="cpu", dtype=torch.float32)
@@ -308,7 +311,6 @@ def run_swappable_export(
             layers,
             tmp / KV_UNET,
         )
-        base_fp = model_fingerprint(base)
         manifest: dict[str, Any] = {
             "format": "finestyle-export",
             "version": 1,
@@ -332,7 +334,7 @@ def run_swappable_export(
                 tmp, pipe, adapters, names, lora_scale, manifest, parity_steps, unet_atol, image_atol, log
             )
         )
-        manifest.update(parity=parity, versions=_versions(), files=hash_tree(tmp, exclude=(MANIFEST,)))
+        manifest.update(parity=parity, versions=export_versions(), files=hash_tree(tmp, exclude=(MANIFEST,)))
         write_json(tmp / MANIFEST, manifest)
         publish_dir(tmp, Path(out).absolute())
     except BaseException:
@@ -378,6 +380,9 @@ def add_style(
     dest = Path(folder)
     manifest = _swappable_manifest(dest, "--add-style")
     name = check_name(name or style_slug(adapter_info(adapter).get("style")))
+    _base_check(adapter, manifest["base_fingerprint"])  # the cheap checks first, before any loading
+    if name in manifest["swappable"]["styles"]:
+        raise UserError(f"style {name!r} is already in the export; pick another --name or --remove-style it")
     work = dest.parent / f".{dest.name}.work-{uuid.uuid4().hex[:8]}"
     try:
         # the work copy links the big files (nothing writes to them) and holds the new style

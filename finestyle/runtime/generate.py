@@ -80,6 +80,7 @@ class Backend:
     kv: Any | None = None
     styles: list[str] = field(default_factory=list)
     default_style: str | None = None
+    reload: Any | None = None  # () -> styles: re-read a swappable export's styles (hot add/remove)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,35 +264,18 @@ def openvino_backend(
     )
 
 
-def swappable_backend(
+def _kv_unet_backend(
     export_dir: Path,
-    runtime: str = "onnxruntime",
-    manifest: dict[str, Any] | None = None,
-    dtype: str | None = None,
+    runtime: str,
+    manifest: dict[str, Any],
+    msha: str | None,
+    dtype: str | None,
+    layers: list[str],
 ) -> Backend:
-    """A style-swappable export: the shared K/V UNet on onnxruntime, openvino or torch, with every
-    style's K/V computed from the text embedding once per denoising loop (`Backend.kv`). Without
-    `manifest` the folder is verified first (the export's own checks pass theirs)."""
-    from finestyle.artifacts.styles import KV_UNET, load_base_kv, load_style, style_names
-    from finestyle.core.kv import KVUNet, project_kv
-
-    export_dir = Path(export_dir)
-    msha = None
-    if manifest is None:
-        manifest = verify_export(export_dir)
-        msha = sha256_file(export_dir / "manifest.json")
-    layers = manifest["swappable"]["layers"]
-    base = load_base_kv(export_dir)
-    names = style_names(manifest)
-    cache: dict[str, Any] = {}
-
-    def style(name: str) -> Any:
-        if name not in cache:
-            cache[name] = load_style(export_dir, name, manifest)  # raises UserError naming the styles
-        return cache[name]
-
-    def kv(emb: torch.Tensor, row_styles: list[str]) -> list[torch.Tensor]:
-        return project_kv(emb, layers, base, [style(n) for n in row_styles])
+    """The shared K/V UNet with the text encoder and VAE decoder of a swappable export, on one runtime;
+    `unet(latents, t, kv)` takes the K/V list in place of the text embedding."""
+    from finestyle.artifacts.styles import KV_UNET
+    from finestyle.core.kv import KVUNet
 
     layout = export_layout(export_dir / "onnx")
     if runtime == "torch":
@@ -357,8 +341,67 @@ def swappable_backend(
             manifest=manifest,
             manifest_sha256=msha,
         )
+
+    return be
+
+
+def swappable_backend(
+    export_dir: Path,
+    runtime: str = "onnxruntime",
+    manifest: dict[str, Any] | None = None,
+    dtype: str | None = None,
+) -> Backend:
+    """A style-swappable export: the shared K/V UNet on onnxruntime, openvino or torch, with every
+    style's K/V computed from the text embedding once per denoising loop (`Backend.kv`). Without
+    `manifest` the folder is verified first (the export's own checks pass theirs)."""
+    from finestyle.artifacts.styles import load_base_kv, load_style, style_names
+    from finestyle.core.kv import project_kv
+
+    export_dir = Path(export_dir)
+    msha = None
+    if manifest is None:
+        manifest = verify_export(export_dir)
+        msha = sha256_file(export_dir / "manifest.json")
+    layers = manifest["swappable"]["layers"]
+    base = load_base_kv(export_dir)
+    names = style_names(manifest)
+    cache: dict[str, Any] = {}
+    cur = {"manifest": manifest}
+
+    def style(name: str) -> Any:
+        if name not in cache:
+            cache[name] = load_style(export_dir, name, cur["manifest"])  # raises UserError naming the styles
+        return cache[name]
+
+    def kv(emb: torch.Tensor, row_styles: list[str]) -> list[torch.Tensor]:
+        return project_kv(emb, layers, base, [style(n) for n in row_styles])
+
+    for n in names:  # every style at load: a style made for another base is refused here
+        style(n)
+
+    be = _kv_unet_backend(export_dir, runtime, manifest, msha, dtype, layers)
+
+    def reload() -> list[str]:
+        """Re-read the manifest: styles added or removed since start-up, each verified (hashes,
+        base fingerprint) before it is served; the shared graph must be the one loaded."""
+        from finestyle.artifacts.styles import verify_styles
+
+        new = verify_export(export_dir, deep=False)
+        if {k: v for k, v in new["files"].items() if not k.startswith("styles/")} != {
+            k: v for k, v in cur["manifest"]["files"].items() if not k.startswith("styles/")
+        }:
+            raise UserError("the export's shared files changed since start-up; restart the server")
+        verify_styles(export_dir, new)
+        fresh = {n: load_style(export_dir, n, new) for n in style_names(new)}  # refuses a wrong base
+        cur["manifest"] = new
+        cache.clear()
+        cache.update(fresh)
+        be.manifest, be.styles = new, style_names(new)
+        be.manifest_sha256 = sha256_file(export_dir / "manifest.json")
+        return be.styles
+
     be.name = f"{be.name},swappable"
-    be.kv, be.styles = kv, names
+    be.kv, be.styles, be.reload = kv, names, reload
     be.default_style = manifest["swappable"].get("default") or (names[1] if len(names) > 1 else names[0])
     return be
 

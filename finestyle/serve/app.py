@@ -17,10 +17,9 @@ import asyncio
 import base64
 import io
 import secrets
-import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from finestyle.artifacts.manifest import verify_export
@@ -31,6 +30,7 @@ from finestyle.runtime.generate import (
     GenerationRequest,
     generate_batch,
     load_backend,
+    negative_with_exclusions,
     provenance,
     shape_key,
 )
@@ -38,69 +38,66 @@ from finestyle.runtime.generate import (
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf"))
 
 
-@dataclass
 class Metrics:
-    requests: dict[str, int] = field(default_factory=dict)  # by HTTP status
-    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-    latency_sum: float = 0.0
-    latency_n: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)
-    images: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Prometheus metrics in a registry of this app's own (prometheus_client's exposition format and
+    histogram semantics); several apps in one process never share counters."""
 
-    def observe(self, status: int, seconds: float | None) -> None:
-        with self.lock:
-            self.requests[str(status)] = self.requests.get(str(status), 0) + 1
-            if seconds is not None:
-                self.latency_sum += seconds
-                self.latency_n += 1
-                for i, b in enumerate(LATENCY_BUCKETS):
-                    if seconds <= b:
-                        self.latency_counts[i] += 1
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    def batch(self, n: int) -> None:
-        with self.lock:
-            self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
-            self.images += n
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "finestyle_requests",
+            "Requests to the generation endpoints by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "finestyle_request_seconds",
+            "Latency of successful generation requests.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.style_requests = Counter(
+            "finestyle_style_requests",
+            "Generation requests by style and HTTP status.",
+            ["style", "status"],
+            registry=r,
+        )
+        self.style_images = Counter(
+            "finestyle_style_images", "Images generated, by style.", ["style"], registry=r
+        )
+        self.batch_sizes = Counter(
+            "finestyle_batch_size", "Denoising loops run, by images in the batch.", ["size"], registry=r
+        )
+        self.images = Counter("finestyle_images", "Images generated.", registry=r)
+        self.queue_depth = Gauge(
+            "finestyle_queue_depth", "Requests waiting for the inference worker.", registry=r
+        )
+        self.in_flight = Gauge("finestyle_in_flight", "Requests accepted and not yet answered.", registry=r)
 
-    def render(self, queue_depth: int, in_flight: int) -> str:
-        with self.lock:
-            lines = [
-                "# HELP finestyle_requests_total Requests to /v1/generate by HTTP status.",
-                "# TYPE finestyle_requests_total counter",
-            ]
-            lines += [
-                f'finestyle_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())
-            ]
-            lines += [
-                "# HELP finestyle_request_seconds Latency of successful /v1/generate requests.",
-                "# TYPE finestyle_request_seconds histogram",
-            ]
-            # counts are cumulative: an observation increments every bucket whose bound it is under
-            for b, c in zip(LATENCY_BUCKETS, self.latency_counts, strict=True):
-                le = "+Inf" if b == float("inf") else f"{b:g}"
-                lines.append(f'finestyle_request_seconds_bucket{{le="{le}"}} {c}')
-            lines += [
-                f"finestyle_request_seconds_sum {self.latency_sum:.6f}",
-                f"finestyle_request_seconds_count {self.latency_n}",
-                "# HELP finestyle_queue_depth Requests waiting for the inference worker.",
-                "# TYPE finestyle_queue_depth gauge",
-                f"finestyle_queue_depth {queue_depth}",
-                "# HELP finestyle_in_flight Requests accepted and not yet answered.",
-                "# TYPE finestyle_in_flight gauge",
-                f"finestyle_in_flight {in_flight}",
-                "# HELP finestyle_batch_size_total Denoising loops run, by images in the batch.",
-                "# TYPE finestyle_batch_size_total counter",
-            ]
-            lines += [
-                f'finestyle_batch_size_total{{size="{k}"}} {v}' for k, v in sorted(self.batch_sizes.items())
-            ]
-            lines += [
-                "# HELP finestyle_images_total Images generated.",
-                "# TYPE finestyle_images_total counter",
-                f"finestyle_images_total {self.images}",
-            ]
-        return "\n".join(lines) + "\n"
+    def observe(self, status: int, seconds: float | None, style: str | None = None) -> None:
+        self.requests.labels(status=str(status)).inc()
+        if style is not None:
+            self.style_requests.labels(style=style, status=str(status)).inc()
+        if seconds is not None:
+            self.latency.observe(seconds)
+
+    def batch(self, reqs: list[GenerationRequest], styles: list[str | None]) -> None:
+        n = sum(r.num_images for r in reqs)
+        self.batch_sizes.labels(size=str(n)).inc()
+        self.images.inc(n)
+        for r, st in zip(reqs, styles, strict=True):
+            if st is not None:
+                self.style_images.labels(style=st).inc(r.num_images)
+
+    def render(self, queue_depth: int, in_flight: int) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.queue_depth.set(queue_depth)
+        self.in_flight.set(in_flight)
+        return generate_latest(self.registry)
 
 
 @dataclass
@@ -185,7 +182,7 @@ class Batcher:
                 results = await loop.run_in_executor(
                     None, generate_batch, self.backend, [j.req for j in batch]
                 )
-                self.metrics.batch(sum(j.req.num_images for j in batch))
+                self.metrics.batch([j.req for j in batch], [style_of(self.backend, j.req) for j in batch])
                 for j, imgs in zip(batch, results, strict=True):
                     if not j.future.done():
                         j.future.set_result(imgs)
@@ -195,6 +192,13 @@ class Batcher:
                         j.future.set_exception(exc)
             finally:
                 self.busy = False
+
+
+def style_of(be: Backend | None, req: GenerationRequest) -> str | None:
+    """The style a request runs in (a swappable export's name), for the per-style metrics."""
+    if be is None or be.kv is None:
+        return None
+    return req.style or be.default_style
 
 
 def _encode_pngs(images: list[Any], meta: dict[str, str]) -> list[bytes]:
@@ -229,6 +233,7 @@ def request_model(cfg: ServeConfig) -> Any:
         num_images: int = Field(1, ge=1, le=cfg.max_images)
         response_format: str = Field("png", pattern="^(png|json)$")
         scheduler: str | None = Field(None, description="one of " + ", ".join(SCHEDULERS))
+        style: str | None = Field(None, max_length=64, description="a style of a swappable export")
 
         @field_validator("scheduler")
         @classmethod
@@ -256,7 +261,8 @@ def _model_info(be: Backend, cfg: ServeConfig) -> dict[str, Any]:
         "concepts": m.get("concepts", []),
         "lora_scale": m.get("lora_scale"),
         "precision": m.get("precision"),
-        "style_guidance": be.unet_base is not None,
+        "style_guidance": be.unet_base is not None or be.kv is not None,
+        "styles": be.styles or None,
         "manifest_sha256": be.manifest_sha256,
         "native_size": be.native_size * be.vae_scale,
         "limits": {
@@ -268,15 +274,29 @@ def _model_info(be: Backend, cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
-def _request_problem(body: Any, be: Backend, cfg: ServeConfig) -> str | None:
-    """What makes a schema-valid request unservable by this backend (422), or None."""
+def _request_problem(body: Any, be: Backend, cfg: ServeConfig) -> tuple[int, str] | None:
+    """What makes a schema-valid request unservable by this backend ((status, message)), or None."""
     for name in ("prompt", "negative_prompt"):
         n_tok = len(be.tokenizer(getattr(body, name)).input_ids)
         if n_tok > cfg.max_prompt_tokens:
-            return f"{name} is {n_tok} tokens; the limit is {cfg.max_prompt_tokens}"
-    if body.style_guidance > 0 and be.unet_base is None:
-        return "style_guidance needs an export made with --with-base-unet"
+            return 422, f"{name} is {n_tok} tokens; the limit is {cfg.max_prompt_tokens}"
+    style = getattr(body, "style", None)
+    if be.kv is None and style:
+        return (
+            404,
+            f"unknown style {style!r}: this export serves one style (use {_plain_id(be)!r} or omit it)",
+        )
+    if be.kv is not None and style and style not in be.styles:
+        return 404, f"unknown style {style!r}; this server has: {', '.join(be.styles)}"
+    if body.style_guidance > 0 and be.unet_base is None and be.kv is None:
+        return 422, "style_guidance needs an export made with --with-base-unet"
     return None
+
+
+def _plain_id(be: Backend) -> str:
+    from finestyle.artifacts.styles import style_slug
+
+    return style_slug(be.manifest.get("style") or "model")
 
 
 def _to_request(body: Any) -> GenerationRequest:
@@ -292,7 +312,158 @@ def _to_request(body: Any) -> GenerationRequest:
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         num_images=body.num_images,
         scheduler=body.scheduler,
+        style=body.style,
     )
+
+
+def images_model(cfg: ServeConfig) -> Any:
+    """POST /v1/images/generations: OpenAI's fields, plus FineStyle's knobs as extra body fields."""
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+    class ImagesBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prompt: str = Field(min_length=1)
+        model: str | None = Field(None, max_length=64, description="the style (GET /v1/models)")
+        n: int = Field(1, ge=1, le=cfg.max_images)
+        size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+        response_format: str = Field("b64_json", pattern="^b64_json$", description="only b64_json")
+        output_format: str | None = Field(None, pattern="^png$")
+        quality: str | None = None  # accepted and ignored: steps set the quality here
+        user: str | None = Field(None, max_length=256)
+        # FineStyle's knobs
+        negative_prompt: str = ""
+        exclude_concepts: list[str] = Field(default_factory=list, max_length=32)
+        steps: int = Field(20, ge=cfg.min_steps, le=cfg.max_steps)
+        guidance: float = Field(7.5, ge=0, le=50)
+        style_guidance: float = Field(0.0, ge=0, le=50)
+        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        scheduler: str | None = None
+
+        @field_validator("size")
+        @classmethod
+        def wxh(cls, v: str | None) -> str | None:
+            if v is None or v == "auto":
+                return None
+            parts = v.lower().split("x")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got {v!r})")
+            w, h = map(int, parts)
+            if not (8 <= w <= cfg.max_size and 8 <= h <= cfg.max_size) or w % 8 or h % 8:
+                raise ValueError(f"size {v}: each side a multiple of 8, at most {cfg.max_size}")
+            return v
+
+        @field_validator("scheduler")
+        @classmethod
+        def known_scheduler(cls, v: str | None) -> str | None:
+            if v is not None and v not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {v!r}; use one of: {', '.join(SCHEDULERS)}")
+            return v
+
+    return ImagesBody
+
+
+def _images_view(body: Any, style: str | None) -> Any:
+    """The fields `_request_problem` reads, from an OpenAI body."""
+    from types import SimpleNamespace
+
+    neg = negative_with_exclusions(body.negative_prompt, body.exclude_concepts)
+    return SimpleNamespace(
+        prompt=body.prompt, negative_prompt=neg, style=style, style_guidance=body.style_guidance
+    )
+
+
+def _images_request(body: Any, style: str | None) -> GenerationRequest:
+    w, h = map(int, body.size.lower().split("x")) if body.size else (None, None)
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=negative_with_exclusions(body.negative_prompt, body.exclude_concepts),
+        steps=body.steps,
+        guidance=body.guidance,
+        style_guidance=body.style_guidance,
+        width=w,
+        height=h,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        num_images=body.n,
+        scheduler=body.scheduler,
+        style=style,
+    )
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Any:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    from fastapi.responses import JSONResponse
+
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _add_admin(app: Any, state: dict[str, Any]) -> None:
+    """POST /v1/admin/reload (only with FINESTYLE_ADMIN_TOKEN set, which it requires as a bearer token)."""
+    import os
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    token = os.environ.get("FINESTYLE_ADMIN_TOKEN")
+    if not token:
+        return
+
+    @app.post("/v1/admin/reload")
+    async def reload_ep(request: Request):
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return JSONResponse(
+                {"detail": "admin token required (Authorization: Bearer ...)"}, status_code=401
+            )
+        return await reload_styles(state)
+
+
+async def reload_styles(state: dict[str, Any]) -> Any:
+    """Re-read a swappable export's styles without a restart (admin endpoint and SIGHUP)."""
+    from fastapi.responses import JSONResponse
+
+    from finestyle.core.errors import UserError
+
+    be: Backend = state["backend"]
+    if be.reload is None:
+        return JSONResponse({"detail": "this export is not swappable: nothing to reload"}, status_code=409)
+    try:
+        styles = await asyncio.to_thread(be.reload)
+    except UserError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+    return {"styles": styles}
+
+
+def models_list(be: Backend) -> dict[str, Any]:
+    """GET /v1/models in OpenAI's list shape: one entry per style (a plain export: its one style)."""
+    m = be.manifest
+    created = int(m.get("created", 0))
+    if be.kv is None:
+        entries = [(_plain_id(be), m.get("style"), m.get("concepts", []))]
+    else:
+        styles = m["swappable"]["styles"]
+        entries = [("base", None, [])] + [
+            (n, styles[n].get("style"), styles[n].get("concepts", [])) for n in be.styles if n != "base"
+        ]
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "finestyle",
+                "style": text,
+                "concepts": c,
+            }
+            for name, text, c in entries
+        ],
+    }
 
 
 def _add_guards(app: Any, cfg: ServeConfig) -> None:
@@ -316,6 +487,22 @@ def _add_guards(app: Any, cfg: ServeConfig) -> None:
                 )
         return await call_next(request)
 
+    from fastapi.exception_handlers import request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        if request.url.path == "/v1/images/generations":
+            err = exc.errors()[0] if exc.errors() else {}
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            return openai_error(
+                400,
+                f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}",
+                param=".".join(loc) or None,
+                code="invalid_value",
+            )
+        return await request_validation_exception_handler(request, exc)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
@@ -332,6 +519,7 @@ def _lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, Any], 
         state["backend"] = be
         state["batcher"] = Batcher(be, cfg, metrics)
         state["batcher"].task = asyncio.create_task(state["batcher"].run())
+        _on_sighup(state)
         state["ready"] = True
         try:
             yield
@@ -347,10 +535,86 @@ def _lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, Any], 
     return lifespan
 
 
+async def _submit(state: dict[str, Any], cfg: ServeConfig, req: GenerationRequest) -> tuple[int, Any]:
+    """Queue a request and wait: (200, images) or (status, message)."""
+    batcher: Batcher = state["batcher"]
+    fut = asyncio.get_running_loop().create_future()
+    try:
+        batcher.queue.put_nowait(Job(req, fut, time.monotonic()))
+    except asyncio.QueueFull:
+        return 503, f"queue full ({cfg.queue_size} waiting); retry later"
+    state["in_flight"] += 1
+    try:
+        return 200, await asyncio.wait_for(fut, cfg.timeout_s)
+    except asyncio.TimeoutError:
+        return 504, f"timed out after {cfg.timeout_s:g} s"
+    finally:
+        state["in_flight"] -= 1
+
+
+def _add_openai_routes(app: Any, state: dict[str, Any], cfg: ServeConfig, metrics: Metrics) -> None:
+    """GET /v1/models and POST /v1/images/generations (OpenAI's shapes; `model` is the style)."""
+    ImagesBody = images_model(cfg)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return models_list(state["backend"])
+
+    @app.post("/v1/images/generations")
+    async def images_ep(body: ImagesBody):
+        t0 = time.perf_counter()
+        if state["draining"] or not state["ready"]:
+            metrics.observe(503, None)
+            return openai_error(503, "server is not ready or is shutting down", code="unavailable")
+        be: Backend = state["backend"]
+        plain_id = _plain_id(be)
+        style = body.model if be.kv is not None else (None if body.model in (None, plain_id) else body.model)
+        problem = _request_problem(_images_view(body, style), be, cfg)
+        if problem:
+            metrics.observe(problem[0], None)
+            code = "model_not_found" if problem[0] == 404 else "invalid_value"
+            return openai_error(
+                problem[0], problem[1], param="model" if problem[0] == 404 else None, code=code
+            )
+        req = _images_request(body, style)
+        status, result = await _submit(state, cfg, req)
+        if status != 200:
+            metrics.observe(status, None, style_of(be, req))
+            return openai_error(status, result, code="overloaded" if status == 503 else "timeout")
+        pngs = await asyncio.to_thread(_encode_pngs, result, provenance(req, be))
+        metrics.observe(200, time.perf_counter() - t0, style_of(be, req))
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(p).decode()} for p in pngs],
+        }
+
+
+def _on_sighup(state: dict[str, Any]) -> None:
+    """SIGHUP re-reads a swappable export's styles (where the loop runs in the main thread)."""
+    import signal
+    import sys
+
+    if state["backend"].reload is None or not hasattr(signal, "SIGHUP"):
+        return
+
+    def hup() -> None:
+        async def go() -> None:
+            res = await reload_styles(state)
+            msg = res.body.decode() if hasattr(res, "body") else f"styles {', '.join(res['styles'])}"
+            print(f"serve: SIGHUP reload: {msg}", file=sys.stderr, flush=True)
+
+        asyncio.ensure_future(go())
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (e.g. embedded)
+        pass
+
+
 def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     """Build the FastAPI app. `backend` may be given (tests); otherwise the export is loaded at start-up."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import JSONResponse, Response
 
     state: dict[str, Any] = {"ready": False, "draining": False, "in_flight": 0}
     metrics = Metrics()
@@ -376,16 +640,24 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
         return _model_info(state["backend"], cfg)
 
     @app.get("/metrics")
-    async def prom() -> PlainTextResponse:
+    async def prom() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         b: Batcher | None = state.get("batcher")
-        return PlainTextResponse(
-            metrics.render(b.depth() if b else 0, state["in_flight"]), media_type="text/plain; version=0.0.4"
+        return Response(
+            metrics.render(b.depth() if b else 0, state["in_flight"]), media_type=CONTENT_TYPE_LATEST
         )
+
+    async def submit(req: GenerationRequest) -> tuple[int, Any]:
+        return await _submit(state, cfg, req)
+
+    def not_ready() -> bool:
+        return state["draining"] or not state["ready"]
 
     @app.post("/v1/generate")
     async def generate_ep(body: GenerateBody):
         t0 = time.perf_counter()
-        if state["draining"] or not state["ready"]:
+        if not_ready():
             metrics.observe(503, None)
             return JSONResponse(
                 {"detail": "server is not ready or is shutting down"},
@@ -395,31 +667,20 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
         be: Backend = state["backend"]
         problem = _request_problem(body, be, cfg)
         if problem:
-            metrics.observe(422, None)
-            return JSONResponse({"detail": problem}, status_code=422)
+            metrics.observe(problem[0], None)
+            detail: Any = problem[1]
+            if problem[0] == 404 and be.kv is not None:
+                detail = {"message": problem[1], "styles": be.styles}
+            return JSONResponse({"detail": detail}, status_code=problem[0])
         req = _to_request(body)
-        batcher: Batcher = state["batcher"]
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            batcher.queue.put_nowait(Job(req, fut, time.monotonic()))
-        except asyncio.QueueFull:
-            metrics.observe(503, None)
-            return JSONResponse(
-                {"detail": f"queue full ({cfg.queue_size} waiting); retry later"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-        state["in_flight"] += 1
-        try:
-            images = await asyncio.wait_for(fut, cfg.timeout_s)
-        except asyncio.TimeoutError:
-            metrics.observe(504, None)
-            return JSONResponse({"detail": f"timed out after {cfg.timeout_s:g} s"}, status_code=504)
-        finally:
-            state["in_flight"] -= 1
+        status, result = await submit(req)
+        if status != 200:
+            metrics.observe(status, None, style_of(be, req))
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return JSONResponse({"detail": result}, status_code=status, headers=headers)
         # PNG encoding takes tens of ms at 512 px: off the event loop, which keeps serving
-        pngs = await asyncio.to_thread(_encode_pngs, images, provenance(req, be))
-        metrics.observe(200, time.perf_counter() - t0)
+        pngs = await asyncio.to_thread(_encode_pngs, result, provenance(req, be))
+        metrics.observe(200, time.perf_counter() - t0, style_of(be, req))
         if body.response_format == "png" and len(pngs) == 1:
             return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(req.seed)})
         return {
@@ -427,6 +688,9 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
             "seed": req.seed,
             "seconds": time.perf_counter() - t0,
         }
+
+    _add_openai_routes(app, state, cfg, metrics)
+    _add_admin(app, state)
 
     app.state.finestyle = state
     app.state.metrics = metrics

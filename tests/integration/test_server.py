@@ -121,9 +121,13 @@ def test_good_request_bad_requests_and_metrics(export_dir):
         info = httpx.get(s.url + "/v1/model").json()
         assert info["base_model"] == "builtin:tiny-sd" and len(info["manifest_sha256"]) == 64
         m = httpx.get(s.url + "/metrics").text
-        assert 'finestyle_requests_total{status="200"} 5' in m
-        assert 'finestyle_requests_total{status="422"}' in m and "finestyle_queue_depth 0" in m
-        assert "finestyle_images_total 6" in m
+        assert 'finestyle_requests_total{status="200"} 5.0' in m
+        assert 'finestyle_requests_total{status="422"}' in m and "finestyle_queue_depth 0.0" in m
+        assert "finestyle_images_total 6.0" in m
+        assert (
+            'finestyle_request_seconds_bucket{le="+Inf"} 5.0' in m
+            and "finestyle_request_seconds_count 5.0" in m
+        )
 
 
 def test_dynamic_batching_groups_concurrent_requests(export_dir):
@@ -160,7 +164,7 @@ def test_flood_beyond_queue_gets_503_and_server_stays_up(export_dir):
         assert all(r.headers.get("retry-after") for r in rs if r.status_code == 503)
         assert httpx.get(s.url + "/healthz").status_code == 200
         m = httpx.get(s.url + "/metrics").text
-        assert f'finestyle_requests_total{{status="503"}} {codes.count(503)}' in m
+        assert f'finestyle_requests_total{{status="503"}} {codes.count(503)}.0' in m
 
 
 def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
