@@ -8,13 +8,17 @@ from typing import Any
 import torch
 
 from finestyle.artifacts.dataset import load_training_rows
+from finestyle.artifacts.styles import KV_UNET, load_base_kv, load_style
 from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
 from finestyle.core.env import cpu_name
+from finestyle.core.kv import project_kv
 from finestyle.core.models import load_captioner, load_sd_pipeline, pick_device, save_builtin
 from finestyle.core.onnxrt import ort_providers
 from finestyle.export.steps import onnx_export, ort_session, run_export
+from finestyle.export.swappable import run_swappable_export
 from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
 from finestyle.prepare.stage import run_prepare
+from finestyle.runtime.generate import load_backend
 from finestyle.train.loop import (
     add_lora,
     bucket_of,
@@ -817,7 +821,13 @@ class _ServerProcess:
 
 
 def _load_level(
-    url: str, concurrency: int, n_requests: int, steps: int, time_limit: float, size: int | None = None
+    url: str,
+    concurrency: int,
+    n_requests: int,
+    steps: int,
+    time_limit: float,
+    size: int | None = None,
+    styles: list[str] | None = None,
 ) -> dict[str, Any]:
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -835,7 +845,9 @@ def _load_level(
             return
         t = time.perf_counter()
         try:
-            body = {"prompt": f"a red boat {i}", "steps": steps, "seed": i}
+            body: dict[str, Any] = {"prompt": f"a red boat {i}", "steps": steps, "seed": i}
+            if styles:
+                body["style"] = styles[i % len(styles)]
             if size:
                 body.update(width=size, height=size)
             if not hasattr(local, "client"):
@@ -933,4 +945,116 @@ def bench_serve(
             "server_alive": alive,
             "only_503_beyond_queue": set(flood["codes"]) <= {200, 503},
         }
+    return out
+
+
+def _dir_bytes(p: Any) -> int:
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
+
+
+def _median_interleaved(fns: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions taking turns round by round."""
+    import statistics
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_styles(
+    n_styles: int = 4,
+    model: str = "builtin:tiny-sd",
+    requests: int = 48,
+    steps: int = 4,
+    concurrency: int = 8,
+    time_limit: float = 60.0,
+    rounds: int = 7,
+) -> dict[str, Any]:
+    """Many styles, one server: N adapters as one swappable export against one merged export.
+
+    - UNet step: the shared graph with K/V inputs vs the merged UNet graph (onnxruntime, batch 2,
+      interleaved medians), plus the per-request K/V projection;
+    - serving at `concurrency`: every request in one style vs requests cycling through all styles
+      (dynamic batching on, so mixed-style batches form);
+    - disk: the swappable export with N styles vs N merged exports (one measured, times N).
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        ds = _bench_dataset(f"{d}/ds", 64)
+        adapters = []
+        for i in range(n_styles):
+            cfg = TrainConfig(
+                dataset=ds,
+                base=model,
+                out=f"{d}/run{i}",
+                steps=2,
+                lr=1e-2,
+                resolution=64,
+                rank=8,
+                samples=False,
+                seed=i,
+            )
+            adapters.append(run_train(cfg, log=lambda m: None)["adapter"])
+        names = [f"style{i}" for i in range(n_styles)]
+        swx, merged = f"{d}/swappable", f"{d}/merged"
+        run_swappable_export(model, adapters, names, swx, log=lambda m: None)
+        run_export(
+            ExportConfig(base=model, adapter=adapters[0], out=merged, device="cpu"), log=lambda m: None
+        )
+        be = load_backend(swx)
+        layers = be.manifest["swappable"]["layers"]
+        base_kv = load_base_kv(Path(swx))
+        st = load_style(Path(swx), names[0], be.manifest)
+        merged_sess = ort_session(Path(merged) / "onnx/unet/model.onnx")
+        kv_sess = ort_session(Path(swx) / KV_UNET)
+        unet_cfg = be.latent_channels, be.native_size
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, unet_cfg[0], unet_cfg[1], unet_cfg[1], generator=g)
+        emb = torch.randn(2, 77, base_kv[f"{layers[0]}.to_k.weight"].shape[1], generator=g)
+        kv = project_kv(emb, layers, base_kv, [st, st])
+        t = np.array(500.0, np.float32)
+        f_merged = {"sample": x.numpy(), "timestep": t, "encoder_hidden_states": emb.numpy()}
+        f_kv = {"sample": x.numpy(), "timestep": t, **{f"kv_{i}": k.numpy() for i, k in enumerate(kv)}}
+        med = _median_interleaved(
+            {
+                "merged": lambda: merged_sess.run(None, f_merged),
+                "kv_inputs": lambda: kv_sess.run(None, f_kv),
+                "project_kv": lambda: project_kv(emb, layers, base_kv, [st, st]),
+            },
+            rounds,
+        )
+        out: dict[str, Any] = {
+            "model": model,
+            "styles": n_styles,
+            "cpu": cpu_name(),
+            "unet_step_merged_s": med["merged"],
+            "unet_step_kv_s": med["kv_inputs"],
+            "kv_step_vs_merged": med["kv_inputs"] / med["merged"],
+            "project_kv_per_request_s": med["project_kv"],
+            "disk_swappable_bytes": _dir_bytes(swx),
+            "disk_one_style_bytes": _dir_bytes(Path(swx) / "styles" / names[0]),
+            "disk_one_merged_export_bytes": _dir_bytes(merged),
+        }
+        out["disk_n_merged_bytes_computed"] = out["disk_one_merged_export_bytes"] * n_styles
+        with _ServerProcess(swx, ["--max-batch", "8", "--queue-size", "64"]) as s:
+            _load_level(s.url, 1, 2, steps, time_limit, styles=names[:1])  # warm-up
+            single = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names[:1])
+            mixed = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names)
+            single2 = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names[:1])
+        out["serve_single_style"] = [single, single2]
+        out["serve_mixed_styles"] = mixed
+        base_rate = (single["img_per_s"] + single2["img_per_s"]) / 2
+        out["mixed_vs_single_throughput"] = mixed["img_per_s"] / base_rate if base_rate else float("nan")
     return out

@@ -405,6 +405,7 @@ def generate(
     height: Optional[int] = typer.Option(None, help="Height (multiple of 8)."),
     seed: Optional[int] = typer.Option(None, help="Seed [0]."),
     num_images: Optional[int] = typer.Option(None, help="Images [1]."),
+    style: Optional[str] = typer.Option(None, help="A swappable export's style [its default]."),
     scheduler: Optional[str] = typer.Option(
         None, help="ddim | pndm | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | unipc | ddpm [the model's]."
     ),
@@ -428,6 +429,7 @@ def generate(
         height=height,
         seed=seed,
         num_images=num_images,
+        style=style,
         scheduler=scheduler,
     )
     cfg = stage_from_sources(GenerateConfig, "generate", None, values)
@@ -805,11 +807,19 @@ def bench_serve_cmd(
     size: Optional[int] = typer.Option(None, help="Image side in pixels [the model's native size]."),
     max_wait_ms: float = typer.Option(60.0, help="Server's batching wait (--max-wait-ms)."),
     runtime: str = typer.Option("onnxruntime", help="Server's runtime: onnxruntime | openvino | torch."),
+    styles: int = typer.Option(
+        0, help="N > 0: many styles, one server (N adapters as one swappable export vs merged)."
+    ),
+    model: str = typer.Option("builtin:tiny-sd", help="--styles: the base model."),
+    concurrency: int = typer.Option(8, help="--styles: clients."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
-    from finestyle.bench.suite import bench_serve
+    from finestyle.bench.suite import bench_serve, bench_styles
 
+    if styles > 0:
+        _print_styles(bench_styles(styles, model, requests, steps, concurrency, time_limit), json_out)
+        return
     r = bench_serve(
         export_dir,
         requests_per_level=requests,
@@ -836,6 +846,30 @@ def bench_serve_cmd(
         f"batching throughput ratio at the highest concurrency: {r['batching_ratio_at_max_concurrency']:.2f}x"
     )
     typer.echo(f"overload (queue 4, 24 concurrent): {r['overload']}")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
+def _print_styles(r: dict[str, Any], json_out: Path | None) -> None:
+    mb = 1e6
+    typer.echo(f"{r['model']}, {r['styles']} styles | {r['cpu']}")
+    typer.echo(
+        f"  UNet step, batch 2 (interleaved medians): merged {r['unet_step_merged_s'] * 1e3:.2f} ms | "
+        f"K/V inputs {r['unet_step_kv_s'] * 1e3:.2f} ms = {r['kv_step_vs_merged']:.3f}x the merged step "
+        f"(goal <= 1.05x) | K/V projection once per request {r['project_kv_per_request_s'] * 1e3:.2f} ms"
+    )
+    s1, s2 = r["serve_single_style"]
+    m = r["serve_mixed_styles"]
+    typer.echo(
+        f"  serving at concurrency {m['concurrency']}: one style {s1['img_per_s']:.2f} / {s2['img_per_s']:.2f} img/s "
+        f"(before/after) | styles mixed {m['img_per_s']:.2f} img/s = {r['mixed_vs_single_throughput']:.2f}x "
+        f"(goal >= 0.9x) | errors {s1['errors'] + s2['errors'] + m['errors']}"
+    )
+    typer.echo(
+        f"  disk: swappable with {r['styles']} styles {r['disk_swappable_bytes'] / mb:.1f} MB (one style "
+        f"{r['disk_one_style_bytes'] / 1e3:.1f} kB) | {r['styles']} merged exports "
+        f"{r['disk_n_merged_bytes_computed'] / mb:.1f} MB (computed: one measured x {r['styles']})"
+    )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
 

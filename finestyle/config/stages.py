@@ -485,6 +485,8 @@ class GenerateConfig:
     """Images per prompt."""
     scheduler: str | None = None
     """Sampler: ddim | pndm | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | unipc | ddpm (None: the model's)."""
+    style: str | None = None
+    """A swappable export's style (None: its default style)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -720,6 +720,7 @@ def provenance(req: GenerationRequest, backend: Backend) -> dict[str, str]:
         "finestyle:runtime": backend.name,
         "finestyle:manifest_sha256": backend.manifest_sha256 or "none",
         "finestyle:base_model": str(backend.manifest.get("base_model", "")),
+        **({"finestyle:style": req.style or backend.default_style or ""} if backend.kv is not None else {}),
     }
 
 
@@ -754,6 +755,7 @@ def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
         seed=cfg.seed,
         num_images=cfg.num_images,
         scheduler=cfg.scheduler,
+        style=cfg.style,
     )
     images = generate(backend, req)
     out = Path(cfg.out)

@@ -30,3 +30,19 @@ def test_bench_serve_reports_both_modes_and_survives_the_flood(tmp_path):
         flood["server_alive"] and flood["only_503_beyond_queue"] and 503 in {int(k) for k in flood["codes"]}
     )
     assert res["batching_ratio_at_max_concurrency"] > 0
+
+
+@pytest.mark.slow
+def test_bench_serve_styles_reports_the_step_ratio_mixed_batches_and_disk(tmp_path):
+    out = tmp_path / "styles.json"
+    args = [sys.executable, "-m", "finestyle.cli", "bench", "serve", "--styles", "2", "--requests", "8"]
+    args += ["--steps", "1", "--concurrency", "4", "--time-limit", "30", "--json", str(out)]
+    env = dict(os.environ, FINESTYLE_HOME=str(tmp_path / "state"))
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x the merged step (goal <= 1.05x)" in r.stdout and "styles mixed" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["unet_step_kv_s"] > 0 and res["unet_step_merged_s"] > 0 and res["project_kv_per_request_s"] > 0
+    assert res["serve_mixed_styles"]["errors"] == 0 and res["serve_mixed_styles"]["ok"] == 8
+    assert res["disk_n_merged_bytes_computed"] == 2 * res["disk_one_merged_export_bytes"]
+    assert res["disk_one_style_bytes"] < res["disk_swappable_bytes"] / 100

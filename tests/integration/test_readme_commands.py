@@ -101,3 +101,46 @@ def test_openvino_commands(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OpenVINO fp32 (the same ONNX)" in p.stdout and "whole image (64 px" in p.stdout
+
+
+def test_many_styles_commands(tmp_path, monkeypatch):
+    from finestyle.config import ServeConfig, TrainConfig
+    from finestyle.train.loop import run_train
+    from tests.conftest import prepare_small_dataset
+    from tests.integration.test_server import Server
+
+    ds = prepare_small_dataset(tmp_path / "data")
+    for i, name in enumerate(("ink", "chalk")):
+        cfg = TrainConfig(
+            dataset=str(ds),
+            base="builtin:tiny-sd",
+            out=str(tmp_path / "runs" / name),
+            steps=2,
+            resolution=64,
+            rank=4,
+            samples=False,
+            seed=i,
+        )
+        run_train(cfg, log=lambda m: None)
+    export, add, gen, remove = readme_commands("## Many styles, one server")
+    for argv in (export, add, [*gen, "--steps", "2"]):
+        p = run([TINY.get(a, a) for a in argv], tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "boat.png").text["finestyle:style"] == "chalk"
+    styles = json.loads((tmp_path / "exports/studio/manifest.json").read_text())["swappable"]["styles"]
+    assert sorted(styles) == ["chalk", "ink"]
+    # the README's Python client snippet, against a live server of that export
+    text = (REPO / "README.md").read_text().split("## Many styles, one server", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    with Server(ServeConfig(export=str(tmp_path / "exports/studio"), max_steps=20, max_size=512)) as s:
+        code = snippet.replace("http://127.0.0.1:8000", s.url).replace('"512x512"', '"64x64"')
+        code = code.replace('"steps": 20', '"steps": 2')
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)
+        assert len(scope["img"].data) == 1 and scope["img"].data[0].b64_json
+    p = run(remove, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    styles = json.loads((tmp_path / "exports/studio/manifest.json").read_text())["swappable"]["styles"]
+    assert sorted(styles) == ["ink"] and not (tmp_path / "exports/studio/styles/chalk").exists()
