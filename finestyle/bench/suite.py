@@ -976,7 +976,7 @@ def bench_styles(
     steps: int = 4,
     concurrency: int = 8,
     time_limit: float = 60.0,
-    rounds: int = 7,
+    rounds: int = 40,
 ) -> dict[str, Any]:
     """Many styles, one server: N adapters as one swappable export against one merged export.
 
