@@ -288,27 +288,38 @@ def unet_parity(
     """ORT vs torch UNet on fixed inputs at several timesteps and batch sizes."""
     ref = unet_outputs(unet)  # before the session exists: the two need not share memory
     sess = ort_session(onnx_path, providers)
-    worst = 0.0
-    per = {}
-    out_dtype = np.float32
+
+    def feeds(x: torch.Tensor, c: torch.Tensor, t: int) -> dict[str, np.ndarray]:
+        return _cast_feeds(
+            sess,
+            {
+                "sample": x.numpy().astype(np.float32),
+                "timestep": np.array(t, dtype=np.float32),
+                "encoder_hidden_states": c.numpy().astype(np.float32),
+            },
+        )
+
+    return probe_parity(sess, feeds, ref, unet, atol, "ONNX UNet", "PyTorch")
+
+
+def probe_parity(
+    sess: Any, feeds: Any, ref: dict[str, torch.Tensor], unet: Any, atol: float, what: str, against: str
+) -> dict[str, Any]:
+    """`sess` on `feeds(x, c, t)` for every probe input vs the reference outputs `ref` (from
+    `unet_outputs`); a NaN/inf or a difference past `atol` raises VerificationError."""
+    worst, per = 0.0, {}
     for b in PARITY_BATCHES:
         x, c = unet_probe_inputs(unet, b)
         for t in PARITY_TIMESTEPS:
-            feeds = {
-                "sample": x.numpy().astype(out_dtype),
-                "timestep": np.array(t, dtype=np.float32),
-                "encoder_hidden_states": c.numpy().astype(out_dtype),
-            }
-            feeds = _cast_feeds(sess, feeds)
-            got = sess.run(None, feeds)[0].astype(np.float32)
+            got = sess.run(None, feeds(x, c, t))[0].astype(np.float32)
             if not np.isfinite(got).all():
-                raise VerificationError(f"ONNX UNet produced NaN/inf at batch {b}, timestep {t}")
+                raise VerificationError(f"{what} produced NaN/inf at batch {b}, timestep {t}")
             d = float(np.abs(got - ref[f"b{b}_t{t}"].numpy()).max())
             per[f"b{b}_t{t}"] = d
             worst = max(worst, d)
     if not worst <= atol:
         raise VerificationError(
-            f"ONNX UNet differs from PyTorch by {worst:.3g} max abs (> {atol:g}); per input: {per}"
+            f"{what} differs from {against} by {worst:.3g} max abs (> {atol:g}); per input: {per}"
         )
     return {"max_abs_diff": worst, "atol": atol, "per_input": per}
 

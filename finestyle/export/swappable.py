@@ -43,12 +43,11 @@ from finestyle.core.kv import KVUNet, StyleKV, base_kv_weights, cross_attention_
 from finestyle.core.models import load_sd_pipeline, model_fingerprint, quiet_hf_logs
 from finestyle.core.onnxrt import ort_session
 from finestyle.export.steps import (
-    PARITY_BATCHES,
-    PARITY_TIMESTEPS,
     begin_export,
     export_versions,
     merge_adapter,
     onnx_export,
+    probe_parity,
     release_memory,
     unet_outputs,
     unet_probe_inputs,
@@ -151,23 +150,14 @@ def kv_unet_parity(
     atol: float,
 ) -> dict[str, Any]:
     """The shared graph with `style`'s K/V vs the merged UNet's outputs `ref` (same probe inputs)."""
-    worst, per = 0.0, {}
-    for b in PARITY_BATCHES:
-        x, c = unet_probe_inputs(probe_unet, b)
-        kv = project_kv(c, layers, base, [style] * b)
-        for t in PARITY_TIMESTEPS:
-            feeds = {"sample": x.numpy(), "timestep": np.array(t, dtype=np.float32), **_kv_feeds(kv)}
-            got = sess.run(None, feeds)[0]
-            if not np.isfinite(got).all():
-                raise VerificationError(f"style {style.name}: the K/V UNet produced NaN/inf")
-            d = float(np.abs(got - ref[f"b{b}_t{t}"].numpy()).max())
-            per[f"b{b}_t{t}"] = d
-            worst = max(worst, d)
-    if not worst <= atol:
-        raise VerificationError(
-            f"style {style.name}: the K/V UNet differs from its merged UNet by {worst:.3g} max abs (> {atol:g})"
-        )
-    return {"max_abs_diff": worst, "atol": atol, "per_input": per}
+
+    def feeds(x: torch.Tensor, c: torch.Tensor, t: int) -> dict[str, np.ndarray]:
+        kv = project_kv(c, layers, base, [style] * x.shape[0])
+        return {"sample": x.numpy(), "timestep": np.array(t, dtype=np.float32), **_kv_feeds(kv)}
+
+    return probe_parity(
+        sess, feeds, ref, probe_unet, atol, f"style {style.name}: the K/V UNet", "its merged UNet"
+    )
 
 
 def image_parity_style(
