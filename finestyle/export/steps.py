@@ -65,7 +65,9 @@ def quiet_export_warnings():
     # The TorchScript exporter (dynamo=False) is chosen on purpose: it traces diffusers' UNet as
     # optimum does, and the project's parity checks prove its graphs.
     warnings.filterwarnings(
-        "ignore", category=DeprecationWarning, message="You are using the legacy TorchScript-based ONNX export"
+        "ignore",
+        category=DeprecationWarning,
+        message="You are using the legacy TorchScript-based ONNX export",
     )
     return ctx
 
