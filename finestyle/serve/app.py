@@ -216,6 +216,13 @@ def _encode_pngs(images: list[Any], meta: dict[str, str]) -> list[bytes]:
     return out
 
 
+def _known_scheduler(cls: Any, v: str | None) -> str | None:
+    """A request's `scheduler` field: a SCHEDULERS name or None (both request bodies)."""
+    if v is not None and v not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {v!r}; use one of: {', '.join(SCHEDULERS)}")
+    return v
+
+
 def request_model(cfg: ServeConfig) -> Any:
     """The pydantic model of POST /v1/generate, with the server's limits as field bounds."""
     from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -235,12 +242,7 @@ def request_model(cfg: ServeConfig) -> Any:
         scheduler: str | None = Field(None, description="one of " + ", ".join(SCHEDULERS))
         style: str | None = Field(None, max_length=64, description="a style of a swappable export")
 
-        @field_validator("scheduler")
-        @classmethod
-        def known_scheduler(cls, v: str | None) -> str | None:
-            if v is not None and v not in SCHEDULERS:
-                raise ValueError(f"unknown scheduler {v!r}; use one of: {', '.join(SCHEDULERS)}")
-            return v
+        known_scheduler = field_validator("scheduler")(classmethod(_known_scheduler))
 
         @field_validator("width", "height")
         @classmethod
@@ -352,12 +354,7 @@ def images_model(cfg: ServeConfig) -> Any:
                 raise ValueError(f"size {v}: each side a multiple of 8, at most {cfg.max_size}")
             return v
 
-        @field_validator("scheduler")
-        @classmethod
-        def known_scheduler(cls, v: str | None) -> str | None:
-            if v is not None and v not in SCHEDULERS:
-                raise ValueError(f"unknown scheduler {v!r}; use one of: {', '.join(SCHEDULERS)}")
-            return v
+        known_scheduler = field_validator("scheduler")(classmethod(_known_scheduler))
 
     return ImagesBody
 

@@ -23,21 +23,15 @@ from finestyle.runtime.generate import GenerationRequest, generate, load_backend
 from finestyle.runtime.openvino import OV_IMAGE_MEAN_ATOL, hardware_precision
 from tests.conftest import prepare_small_dataset
 from tests.integration.test_export import adapter  # noqa: F401  (module fixture reuse)
+from tests.integration.test_runtime import export_with_base  # noqa: F401  (module fixture reuse)
 from tests.integration.test_server import Server
 
 pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
-def export(adapter, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("ov") / "e"
-    run_export(
-        ExportConfig(
-            base="builtin:tiny-sd", adapter=str(adapter), out=str(out), device="cpu", with_base_unet=True
-        ),
-        log=lambda m: None,
-    )
-    return out
+def export(export_with_base):  # noqa: F811  (the runtime tests' export: an adapter and the base UNet)
+    return export_with_base
 
 
 def _arr(imgs):
