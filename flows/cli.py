@@ -38,6 +38,9 @@ def run(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Work folder for the demo run."),
     steps: int = typer.Option(60, help="Training steps."),
+    base: str = typer.Option(
+        "builtin:tiny-sd", "--base", help="Base model: builtin:tiny-sd, builtin:tiny-sdxl, or any SD/SDXL."
+    ),
     force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
 ) -> None:
     """The whole DAG on builtin models and data/examples, offline, in minutes on a CPU."""
@@ -48,9 +51,10 @@ def demo(
         examples = Path("data/examples")
     cfg = PipelineConfig(
         workdir=str(out),
-        prepare=PrepareConfig(images=[str(examples)], resolution=64, batch_size=8, num_beams=1),
+        prepare=PrepareConfig(images=[str(examples)], base=base, resolution=64, batch_size=8, num_beams=1),
+        # the training resolution follows the base model (64 px for the tiny builtins)
         train=TrainConfig(
-            steps=steps, resolution=64, checkpoint_every=max(steps // 2, 1), sample_steps=10, lr=1e-3
+            base=base, steps=steps, checkpoint_every=max(steps // 2, 1), sample_steps=10, lr=1e-3
         ),
         generate_prompt="a lighthouse on a cliff, in flat pastel paper-cut illustration style",
     )

@@ -8,11 +8,14 @@ from typing import Any
 
 from finestyle.core.errors import UserError
 from finestyle.core.fs import read_json, sha256_file
+from finestyle.core.sd import SDXL, unet_family
 
 MANIFEST = "manifest.json"
 """Written last by `finestyle export`: a folder without it is not an export."""
 ONNX_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 """optimum's Stable Diffusion layout under onnx/."""
+ONNX_COMPONENTS_SDXL = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+"""optimum's SDXL layout under onnx/ (what ORTStableDiffusionXLPipeline loads)."""
 
 
 def external_data_paths(onnx_path: Path) -> list[str]:
@@ -81,11 +84,25 @@ def export_layout(onnx_dir: Path) -> dict[str, Any]:
     )
     unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
     vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
-    return {
+    index_path = onnx_dir / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    family = unet_family(unet_cfg)
+    layout = {
         "tokenizer": tok_cls.from_pretrained(tok_dir),
         "scheduler_config": json.loads((onnx_dir / "scheduler" / "scheduler_config.json").read_text()),
         "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
         "vae_scale": 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
         "latent_channels": int(unet_cfg.get("in_channels", 4)),
         "native_size": int(unet_cfg.get("sample_size", 64)),
+        "family": family,
+        "unet_config": unet_cfg,
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", family == SDXL)),
     }
+    if family == SDXL:
+        layout["tokenizer_2"] = CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer_2")
+    return layout
+
+
+def onnx_components(family: str) -> tuple[str, ...]:
+    """optimum's layout under onnx/ for a model family."""
+    return ONNX_COMPONENTS_SDXL if family == SDXL else ONNX_COMPONENTS

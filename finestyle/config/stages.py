@@ -218,8 +218,9 @@ class TrainConfig:
     """Images per step (per device)."""
     grad_accum: int = 1
     """Gradient accumulation micro-steps per optimizer step."""
-    resolution: int = 512
-    """Training resolution (pixel area ~ resolution², aspect buckets in multiples of 64)."""
+    resolution: int | None = None
+    """Training resolution (pixel area ~ resolution², aspect buckets in multiples of 64); default:
+    the base model's native size (UNet sample_size x VAE factor: 512 for SD 1.5, 1024 for SDXL)."""
     buckets: bool = True
     """Use the dataset's aspect buckets; off: centre-crop every image to a square."""
     flip: bool = False
@@ -279,7 +280,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
         _check(
-            self.resolution % 8 == 0 and self.resolution >= 32,
+            self.resolution is None or (self.resolution % 8 == 0 and self.resolution >= 32),
             "train.resolution",
             self.resolution,
             "must be a multiple of 8, >= 32",

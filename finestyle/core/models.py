@@ -22,6 +22,7 @@ import torch
 
 from finestyle.core.errors import ModelLoadError, UserError
 from finestyle.core.fs import hash_json, hash_tree, staging_dir
+from finestyle.core.sd import SD, SDXL, family_of_class, folder_family
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -289,6 +290,162 @@ def _sd15_random_components() -> dict[str, Any]:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
+def _sdxl_text_encoders(tokenizer: Any, specs: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """SDXL's two text encoders: a CLIPTextModel and a CLIPTextModelWithProjection (the pooled one)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=77,
+    )
+    return CLIPTextModel(CLIPTextConfig(**ids, **specs[0])), CLIPTextModelWithProjection(
+        CLIPTextConfig(**ids, **specs[1])
+    )
+
+
+def _sdxl_scheduler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def _tiny_sdxl_components() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    # Sizes follow diffusers' own SDXL tests: both text encoders, text_time conditioning,
+    # linear projections and two transformer depths, as SDXL has.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,  # 32x32 latents = 64x64 images
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + text_encoder_2's pooled width
+        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        write_byte_clip_tokenizer(Path(d))
+        tokenizer = CLIPTokenizer.from_pretrained(d)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(d)
+    small = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        hidden_act="gelu",
+    )
+    te, te2 = _sdxl_text_encoders(tokenizer, [small, small])
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        text_encoder_2=te2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=_sdxl_scheduler(),
+    )
+
+
+def _sdxl_random_components() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    # The published stable-diffusion-xl-base-1.0 configs (unet/, vae/, text_encoder*/config.json).
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=32,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        write_byte_clip_tokenizer(Path(d))
+        tokenizer = CLIPTokenizer.from_pretrained(d)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(d)
+    vit_l = dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    )
+    big_g = dict(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        hidden_act="gelu",
+        projection_dim=1280,
+    )
+    te, te2 = _sdxl_text_encoders(tokenizer, [vit_l, big_g])
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        text_encoder_2=te2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=_sdxl_scheduler(),
+    )
+
+
 def small_blip(
     tok: Any,
     hidden: int,
@@ -388,6 +545,7 @@ class Builtin:
     description: str
     build: Callable[[], Any] | None = None
     folder: str = ""  # trained builtins: folder under WEIGHTS_DIR, with its SHA256SUMS
+    family: str = SD  # text-to-image builtins: `sd` or `sdxl` (finestyle.core.sd)
 
 
 # Trained builtins ship here, each folder in its ordinary save_pretrained layout plus SHA256SUMS.
@@ -454,6 +612,22 @@ BUILTINS: dict[str, Builtin] = {
             _sd15_random_components,
         ),
         Builtin(
+            "builtin:tiny-sdxl",
+            "text-to-image",
+            "tiny SDXL (two CLIP text encoders, text_time conditioning, UNet 32/64 ch, VAE, Euler); "
+            "random weights, CPU-fast",
+            _tiny_sdxl_components,
+            family=SDXL,
+        ),
+        Builtin(
+            "builtin:sdxl-random",
+            "text-to-image",
+            "SDXL base architecture (2.6B UNet, CLIP ViT-L + OpenCLIP bigG text, VAE) with random "
+            "weights, for benchmarks and memory figures",
+            _sdxl_random_components,
+            family=SDXL,
+        ),
+        Builtin(
             "builtin:tiny-blip",
             "captioner",
             "tiny BLIP captioner (ViT 64 px + 2-layer BERT decoder) with its processor",
@@ -509,24 +683,71 @@ def _get_builtin(name: str, kind: str) -> Builtin:
     return b
 
 
-def build_builtin_pipeline(name: str) -> Any:
-    """Build a builtin text-to-image preset as a `StableDiffusionPipeline` (fp32, CPU, seeded)."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(family: str) -> Any:
+    """The diffusers pipeline class of a family."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+
+
+def _pipeline_extras(family: str) -> dict[str, Any]:
+    """Constructor arguments beyond the components: no safety checker (sd), no watermarker (sdxl)."""
+    if family == SDXL:
+        return dict(add_watermarker=False)
+    return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_builtin_pipeline(name: str) -> Any:
+    """Build a builtin text-to-image preset as its family's pipeline (fp32, CPU, seeded)."""
     b = _get_builtin(name, "text-to-image")
+    cls = pipeline_class(b.family)
     if b.folder:
-        return StableDiffusionPipeline.from_pretrained(
-            builtin_folder(name),
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return cls.from_pretrained(builtin_folder(name), use_safetensors=True, **_pipeline_extras(b.family))
     with _seeded(0):
         comps = b.build()
-    return StableDiffusionPipeline(
-        **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    return cls(**comps, **_pipeline_extras(b.family))
+
+
+def model_family(name: str) -> str:
+    """`sd` or `sdxl` for a model argument, read from the model itself (builtin, folder, file or hub id)."""
+    name = str(name)
+    if is_builtin(name):
+        return _get_builtin(name, "text-to-image").family
+    p = Path(name).expanduser()
+    if p.is_file():
+        return _single_file_family(p)
+    if p.is_dir():
+        fam = folder_family(p)
+        if fam is None:
+            raise ModelLoadError(
+                f"cannot load model {name!r}: the local folder lacks the files a model needs (no "
+                "model_index.json or unet/config.json); pass a diffusers folder saved with save_pretrained, "
+                "a single-file .safetensors checkpoint, or a builtin (`finestyle models`)"
+            )
+        return fam
+    from diffusers import DiffusionPipeline
+
+    index = _guarded_load(name, lambda: DiffusionPipeline.load_config(name))
+    return family_of_class(index.get("_class_name", ""))
+
+
+def _single_file_family(path: Path) -> str:
+    """The family of a single-file checkpoint, from its tensor names (SDXL has a second text encoder)."""
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"cannot load model {str(path)!r}: single-file checkpoints are read as .safetensors only "
+            "(pickled .ckpt/.bin files can run code); convert it, or pass a diffusers folder"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {str(path)!r} as safetensors: {exc}") from exc
+    if any(k.startswith(("conditioner.embedders.1.", "text_encoder_2.")) for k in keys):
+        return SDXL
+    return SD
 
 
 def load_clip(name: str, device: str | torch.device | None = None) -> tuple[Any, Any]:
@@ -627,32 +848,33 @@ def _guarded_load(name: str, load: Callable[[], Any]) -> Any:
 def load_sd_pipeline(
     name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> Any:
-    """Load a Stable Diffusion pipeline from a hub id, local folder or builtin name.
+    """Load a Stable Diffusion (1.x/2.x or XL) pipeline from a hub id, local folder, single file or builtin.
+
+    The family comes from the model itself (`model_family`): an SDXL base loads as
+    `StableDiffusionXLPipeline`, anything else as `StableDiffusionPipeline`.
 
     Args:
-        name: `org/name` on the hub, a local diffusers folder, or `builtin:tiny-sd` etc.
+        name: `org/name` on the hub, a local diffusers folder, a single-file `.safetensors`
+            checkpoint, or `builtin:tiny-sd` etc.
         device: where to put it; default: cuda > mps > cpu.
         dtype: torch dtype or a name (fp32/fp16/bf16); default: fp32 on CPU, fp16 on GPU.
     """
-    from diffusers import StableDiffusionPipeline
-
     dev = device if isinstance(device, torch.device) else pick_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dev, dtype)
     name = str(name)
     if is_builtin(name):
         pipe = build_builtin_pipeline(name)
     else:
-        pipe = _guarded_load(
-            name,
-            lambda: StableDiffusionPipeline.from_pretrained(
-                name,
-                use_safetensors=True,
-                torch_dtype=dt,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            ),
-        )
+        family = model_family(name)
+        cls, extras = pipeline_class(family), _pipeline_extras(family)
+        if Path(name).expanduser().is_file():
+            pipe = _guarded_load(
+                name, lambda: cls.from_single_file(str(Path(name).expanduser()), torch_dtype=dt, **extras)
+            )
+        else:
+            pipe = _guarded_load(
+                name, lambda: cls.from_pretrained(name, use_safetensors=True, torch_dtype=dt, **extras)
+            )
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dt:
         pipe.to(dtype=dt)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from finestyle.core.errors import UserError
 from finestyle.core.geometry import fit_size
+from finestyle.core.sd import encode_texts, pack_cond, unet_kwargs
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1/y1 exclusive), pixels
 
@@ -432,10 +433,10 @@ def attention_heatmaps(
     noise = torch.randn(latents.shape, generator=g).to(device=device, dtype=latents.dtype)
     t = torch.tensor([timestep], device=device, dtype=torch.long)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
-    ids = tok(
-        prompt, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
-    ).input_ids.to(device)
-    text = pipe.text_encoder(ids)[0]
+    hidden, pooled = encode_texts(pipe, [prompt], device)
+    # SDXL: both encoders' hidden states side by side (the token positions are shared), plus the
+    # pooled embedding and the uncropped image's time ids
+    cond_kw = unet_kwargs(unet.config, pack_cond(hidden, pooled).to(dtype), (ph, pw))
     store: dict[str, torch.Tensor] = {}
     original = dict(unet.attn_processors)
     procs = {
@@ -444,7 +445,7 @@ def attention_heatmaps(
     }
     try:
         unet.set_attn_processor(procs)
-        unet(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype))
+        unet(noisy.to(dtype), t, **cond_kw)
     finally:
         unet.set_attn_processor(original)
     lh, lw = latents.shape[-2:]

@@ -31,6 +31,16 @@ from finestyle.core.errors import UserError
 from finestyle.core.fs import sha256_file
 from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
 from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
+from finestyle.core.sd import (
+    SD,
+    SDXL,
+    encode_texts,
+    onnx_cond_feeds,
+    pack_cond,
+    pipe_family,
+    tokenize,
+    unet_kwargs,
+)
 from finestyle.runtime.openvino import backend_parts as openvino_parts
 from finestyle.runtime.openvino import resolve_precision
 from finestyle.runtime.tensorrt import TrtEngine
@@ -81,6 +91,10 @@ class Backend:
     styles: list[str] = field(default_factory=list)
     default_style: str | None = None
     reload: Any | None = None  # () -> styles: re-read a swappable export's styles (hot add/remove)
+    family: str = SD
+    # (texts, negative) -> conditioning rows; when set it replaces tokenizer + encode_text. SDXL
+    # backends set it: two tokenizers, and the pooled embedding packed into the rows (core.sd).
+    encode_prompts: Any | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,42 +185,52 @@ def ort_backend(
     bind = on_cuda if io_binding is None else io_binding
     dev = "cuda" if on_cuda else "cpu"
 
+    layout = export_layout(onnx_dir)
+    unet_cfg, vae_scale = layout["unet_config"], layout["vae_scale"]
+
     def unet_call(s: Any) -> Any:
         out_name = s.get_outputs()[0].name
-        held: dict[str, Any] = {}  # the text embedding of the current loop, already on the device
+        held: dict[str, Any] = {}  # the conditioning of the current loop, already on the device
 
         def run(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
             feeds = {
                 "sample": lat.numpy().astype(fdt),
                 "timestep": np.array(float(t), dtype=np.float32),
             }
+            size_hw = (lat.shape[-2] * vae_scale, lat.shape[-1] * vae_scale)
             if not bind:
-                feeds["encoder_hidden_states"] = emb.numpy().astype(fdt)
+                cond = onnx_cond_feeds(unet_cfg, emb, size_hw)
+                feeds |= _cast_cond(s, cond, fdt)
                 return torch.from_numpy(s.run(None, feeds)[0].astype(np.float32))
-            # IO binding: the latents and timestep go to the device once per call, the embedding
+            # IO binding: the latents and timestep go to the device once per call, the conditioning
             # once per denoising loop (the same tensor object every step; holding it keeps the
             # identity check sound), the output is allocated on the device by onnxruntime and read
             # back once. The tests run it on the CPU device; on CUDA it is not yet run on a GPU.
-            pair = held.get("emb")  # (tensor, OrtValue), read once: safe if threads share the backend
-            if pair is None or pair[0] is not emb:
-                pair = (emb, ort.OrtValue.ortvalue_from_numpy(emb.numpy().astype(fdt), dev, 0))
-                held["emb"] = pair
+            held_now = held.get("cond")  # (tensor, size, OrtValues), read once: safe across threads
+            if held_now is None or held_now[0] is not emb or held_now[1] != size_hw:
+                cond = _cast_cond(s, onnx_cond_feeds(unet_cfg, emb, size_hw), fdt)
+                values = {k: ort.OrtValue.ortvalue_from_numpy(v, dev, 0) for k, v in cond.items()}
+                held_now = (emb, size_hw, values)
+                held["cond"] = held_now
             binding = s.io_binding()
             for name, arr in feeds.items():
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, dev, 0))
-            binding.bind_ortvalue_input("encoder_hidden_states", pair[1])
+            for name, value in held_now[2].items():
+                binding.bind_ortvalue_input(name, value)
             binding.bind_output(out_name, dev)
             s.run_with_iobinding(binding)
             return torch.from_numpy(binding.copy_outputs_to_cpu()[0].astype(np.float32))
 
         return run
 
+    te2 = sess("text_encoder_2") if layout["family"] == SDXL else None
     return Backend(
         name=f"onnxruntime[{provs[0]}]",
-        **export_layout(onnx_dir),
+        **backend_layout(layout),
         encode_text=lambda ids: torch.from_numpy(
             te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
         ),
+        encode_prompts=None if te2 is None else _ort_sdxl_encoder(layout, te, te2),
         unet=unet_call(un),
         unet_base=unet_call(ub) if ub is not None else None,
         decode=lambda z: torch.from_numpy(
@@ -215,6 +239,69 @@ def ort_backend(
         manifest=manifest,
         manifest_sha256=sha256_file(export_dir / "manifest.json") if verified else None,
     )
+
+
+def _cast_cond(sess: Any, cond: dict[str, np.ndarray], fdt: Any) -> dict[str, np.ndarray]:
+    """Conditioning feeds in the graph's float type (time_ids and text_embeds follow it too)."""
+    types = {i.name: i.type for i in sess.get_inputs()}
+    return {
+        k: v.astype(np.float16 if types.get(k) == "tensor(float16)" else np.float32) for k, v in cond.items()
+    }
+
+
+def sd_only(layout: dict[str, Any], what: str) -> dict[str, Any]:
+    """Refuse an SDXL export on a path that is built for SD 1.x/2.x only."""
+    if layout["family"] != SD:
+        raise UserError(f"{what} does not run SDXL exports yet; use --runtime onnxruntime or --runtime torch")
+    return layout
+
+
+def backend_layout(layout: dict[str, Any]) -> dict[str, Any]:
+    """The Backend fields of an `export_layout` (the rest, e.g. configs, stays with the caller)."""
+    keys = (
+        "tokenizer",
+        "scheduler_config",
+        "scaling_factor",
+        "vae_scale",
+        "latent_channels",
+        "native_size",
+        "family",
+    )
+    return {k: layout[k] for k in keys}
+
+
+def _ort_sdxl_encoder(layout: dict[str, Any], te: Any, te2: Any) -> Any:
+    """(texts, negative) -> packed SDXL conditioning from the two ONNX text encoders: penultimate
+    hidden states of both, side by side, and text_encoder_2's `text_embeds` (diffusers' encode_prompt)."""
+
+    def penultimate(sess: Any) -> str:
+        hs = sorted(
+            (o.name for o in sess.get_outputs() if o.name.startswith("hidden_states.")),
+            key=lambda n: int(n.rsplit(".", 1)[1]),
+        )
+        if len(hs) < 2:
+            raise UserError("this SDXL export's text encoders lack hidden_states outputs; re-export it")
+        return hs[-2]
+
+    names = (penultimate(te), penultimate(te2))
+    zero_negative = bool(layout["force_zeros_for_empty_prompt"])
+
+    def encode(texts: list[str], negative: bool) -> torch.Tensor:
+        hidden = []
+        for tok, sess, name in zip(
+            (layout["tokenizer"], layout["tokenizer_2"]), (te, te2), names, strict=True
+        ):
+            ids = tokenize(tok, texts).numpy().astype(np.int64)
+            outs = sess.run([name] + (["text_embeds"] if sess is te2 else []), {"input_ids": ids})
+            hidden.append(torch.from_numpy(outs[0].astype(np.float32)))
+            if sess is te2:
+                pooled = torch.from_numpy(outs[1].astype(np.float32))
+        cond = pack_cond(torch.cat(hidden, dim=-1), pooled)
+        if negative and zero_negative:
+            cond[[k for k, t in enumerate(texts) if not t]] = 0.0
+        return cond
+
+    return encode
 
 
 def _trt_backend(export_dir: Path) -> Backend:
@@ -230,7 +317,7 @@ def _trt_backend(export_dir: Path) -> Backend:
 
     return Backend(
         name="tensorrt",
-        **export_layout(onnx_dir),
+        **backend_layout(sd_only(export_layout(onnx_dir), "--runtime tensorrt")),
         encode_text=lambda ids: te(input_ids=ids.to(torch.int64))[0].cpu(),
         unet=unet_fn,
         decode=lambda z: vd(latent_sample=z)[0].cpu(),
@@ -252,11 +339,12 @@ def openvino_backend(
     if manifest is None:
         manifest = verify_export(export_dir)
         msha = sha256_file(export_dir / "manifest.json")
+    layout = sd_only(export_layout(export_dir / "onnx"), "--runtime openvino")
     parts = openvino_parts(export_dir / "onnx", manifest["files"] if files is None else files, precision)
     comps = parts.pop("components")
     return Backend(
         name=f"openvino[CPU,{precision}]",
-        **export_layout(export_dir / "onnx"),
+        **backend_layout(layout),
         **parts,
         manifest=manifest,
         manifest_sha256=msha,
@@ -277,7 +365,7 @@ def _kv_unet_backend(
     from finestyle.artifacts.styles import KV_UNET
     from finestyle.core.kv import KVUNet
 
-    layout = export_layout(export_dir / "onnx")
+    layout = sd_only(export_layout(export_dir / "onnx"), "a swappable export")
     if runtime == "torch":
         pipe = load_sd_pipeline(str(export_dir / "merged"), device="cpu", dtype=torch.float32)
         be = _torch_backend(pipe, manifest, msha, None, False)
@@ -334,7 +422,7 @@ def _kv_unet_backend(
 
         be = Backend(
             name=name,
-            **layout,
+            **backend_layout(layout),
             encode_text=parts["encode_text"],
             unet=unet_fn,
             decode=parts["decode"],
@@ -445,13 +533,17 @@ def _torch_backend(
         fmt = torch.channels_last
         pipe.unet.to(memory_format=fmt)
 
+    vae_scale = pipe.vae_scale_factor
+
+    def cond_kw(unet: Any, lat: torch.Tensor, emb: torch.Tensor) -> dict[str, Any]:
+        size_hw = (lat.shape[-2] * vae_scale, lat.shape[-1] * vae_scale)
+        return unet_kwargs(unet.config, emb.to(dev, dt), size_hw)
+
     @torch.no_grad()
     def unet_fn(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return (
             pipe.unet(
-                lat.to(dev, dt).contiguous(memory_format=fmt),
-                t.to(dev),
-                encoder_hidden_states=emb.to(dev, dt),
+                lat.to(dev, dt).contiguous(memory_format=fmt), t.to(dev), **cond_kw(pipe.unet, lat, emb)
             )
             .sample.float()
             .cpu()
@@ -475,11 +567,23 @@ def _torch_backend(
             if "unet" not in state:  # loaded on first use: style guidance is opt-in
                 state["unet"] = load_sd_pipeline(base_for_style, device=dev, dtype=dt).unet
             u = state["unet"]
-            return u(lat.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float().cpu()
+            return u(lat.to(dev, dt), t.to(dev), **cond_kw(u, lat, emb)).sample.float().cpu()
 
     @torch.no_grad()
     def enc(ids: torch.Tensor) -> torch.Tensor:
         return pipe.text_encoder(ids.to(dev))[0].float().cpu()
+
+    family = pipe_family(pipe)
+    zero_negative = family == SDXL and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+
+    @torch.no_grad()
+    def enc_prompts(texts: list[str], negative: bool) -> torch.Tensor:
+        hidden, pooled = encode_texts(pipe, texts, dev)
+        cond = pack_cond(hidden, pooled).float().cpu()
+        if negative and zero_negative:
+            # SDXL pipelines use zeros, not the encoded "", for an empty negative prompt
+            cond[[k for k, t in enumerate(texts) if not t]] = 0.0
+        return cond
 
     @torch.no_grad()
     def dec(z: torch.Tensor) -> torch.Tensor:
@@ -488,7 +592,7 @@ def _torch_backend(
     return Backend(
         name=f"torch[{dev.type},{str(pipe.unet.dtype).removeprefix('torch.')}]",
         tokenizer=pipe.tokenizer,
-        scheduler_config=dict(pipe.scheduler.config),
+        scheduler_config={**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__},
         scaling_factor=pipe.vae.config.scaling_factor,
         vae_scale=pipe.vae_scale_factor,
         latent_channels=pipe.unet.config.in_channels,
@@ -499,6 +603,8 @@ def _torch_backend(
         decode=dec,
         manifest=manifest,
         manifest_sha256=msha,
+        family=family,
+        encode_prompts=enc_prompts if family == SDXL else None,
     )
 
 
@@ -584,7 +690,9 @@ def _scheduler(cfg: dict[str, Any], name: str | None = None) -> Any:
     return cls.from_config(cfg)
 
 
-def _encode(backend: Backend, texts: list[str]) -> torch.Tensor:
+def _encode(backend: Backend, texts: list[str], negative: bool = False) -> torch.Tensor:
+    if backend.encode_prompts is not None:
+        return backend.encode_prompts(texts, negative)
     tok = backend.tokenizer
     ids = tok(
         texts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
@@ -661,7 +769,7 @@ def decoded_batch(backend: Backend, reqs: list[GenerationRequest]) -> torch.Tens
     counts = [r.num_images for r in reqs]
     # 1. text embeddings, one row per image: uncond rows then cond rows
     cond_u = _encode(backend, [r.prompt for r in reqs])
-    neg_u = _encode(backend, [r.negative_prompt for r in reqs])
+    neg_u = _encode(backend, [r.negative_prompt for r in reqs], negative=True)
     rep = torch.tensor(counts)
     cond = cond_u.repeat_interleave(rep, dim=0)
     neg = neg_u.repeat_interleave(rep, dim=0)

@@ -36,7 +36,17 @@ from finestyle.config import TrainConfig, to_dict
 from finestyle.core.errors import FineStyleError, UserError
 from finestyle.core.fs import hash_json, read_json, staging_dir, write_json
 from finestyle.core.geometry import fit_size
-from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
+from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device, pipeline_class
+from finestyle.core.sd import (
+    SDXL,
+    encode_texts,
+    native_size,
+    pack_cond,
+    sgm_module_name,
+    text_encoders,
+    unet_family,
+    unet_kwargs,
+)
 
 SWAP_OBJECTS = ("a sneaker", "a teapot", "a bicycle", "an owl")
 
@@ -58,16 +68,27 @@ class Example:
     text_id: int
     size: tuple[int, int]  # (w, h) of the training bucket
     latent_ids: tuple[int, ...]  # cache ids: (plain,) or (plain, flipped)
+    # SDXL's micro-conditioning: (original h, w, crop top, left, target h, w); unused by SD 1.x/2.x
+    time_ids: tuple[int, ...] = ()
 
 
-def bucket_of(image_size: tuple[int, int], cfg: TrainConfig) -> tuple[int, int]:
+def bucket_of(
+    image_size: tuple[int, int], cfg: TrainConfig, resolution: int | None = None
+) -> tuple[int, int]:
+    """The (w, h) training bucket of an image; `resolution` overrides cfg's (the model's native size
+    when cfg leaves it unset)."""
+    res = resolution or cfg.resolution or 512
     if not cfg.buckets:
-        return (cfg.resolution, cfg.resolution)
-    return fit_size(image_size, cfg.resolution, 64)
+        return (res, res)
+    return fit_size(image_size, res, 64)
 
 
-def resize_to_bucket(image: Any, size: tuple[int, int]) -> Any:
-    """Resize to cover `size` keeping the aspect ratio, then centre-crop to it."""
+def crop_to_bucket(image: Any, size: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
+    """Resize to cover `size` keeping the aspect ratio, then centre-crop to it.
+
+    Returns the crop and its top-left corner (top, left) in the resized image: SDXL's crop
+    conditioning.
+    """
     from PIL import Image
 
     w, h = size
@@ -76,7 +97,12 @@ def resize_to_bucket(image: Any, size: tuple[int, int]) -> Any:
         (max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC
     )
     left, top = (im.width - w) // 2, (im.height - h) // 2
-    return im.crop((left, top, left + w, top + h))
+    return im.crop((left, top, left + w, top + h)), (top, left)
+
+
+def resize_to_bucket(image: Any, size: tuple[int, int]) -> Any:
+    """Resize to cover `size` keeping the aspect ratio, then centre-crop to it."""
+    return crop_to_bucket(image, size)[0]
 
 
 def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -96,32 +122,34 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
 
 @torch.no_grad()
 def build_caches(
-    pipe: Any, rows: list[dict[str, Any]], cfg: TrainConfig, device: torch.device, dtype: torch.dtype
+    pipe: Any,
+    rows: list[dict[str, Any]],
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    resolution: int | None = None,
 ) -> tuple[list[Example], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Encode every crop once (mean, std of the VAE posterior) and every unique text once.
 
-    Returns (examples, latent cache [(mean, std)], text embeddings [n_texts, seq, dim]; index 0 is "").
+    Returns (examples, latent cache [(mean, std)], text conditioning [n_texts, seq, dim]; index 0
+    is ""). For SDXL the conditioning rows hold both encoders' hidden states and the pooled
+    embedding (`core.sd.pack_cond`), and each example carries its own time ids.
     """
     texts = [""] + sorted({r["text"] for r in rows})
     text_index = {t: i for i, t in enumerate(texts)}
-    tok = pipe.tokenizer
     embs = []
     for k in range(0, len(texts), 16):
-        ids = tok(
-            texts[k : k + 16],
-            padding="max_length",
-            truncation=True,
-            max_length=tok.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        embs.append(pipe.text_encoder(ids)[0].to(dtype).cpu())
+        hidden, pooled = encode_texts(pipe, texts[k : k + 16], device)
+        embs.append(pack_cond(hidden, pooled).to(dtype).cpu())
     text_emb = torch.cat(embs)
     latents: list[tuple[torch.Tensor, torch.Tensor]] = []
     examples: list[Example] = []
     vae = pipe.vae
     for r in rows:
-        size = bucket_of(r["image"].size, cfg)
-        img = resize_to_bucket(r["image"], size)
+        size = bucket_of(r["image"].size, cfg, resolution)
+        img, top_left = crop_to_bucket(r["image"], size)
+        ow, oh = r["image"].size
+        tids = (oh, ow, *top_left, size[1], size[0])
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         variants = [arr, arr.flip(-1)] if cfg.flip else [arr]
         ids = []
@@ -129,7 +157,7 @@ def build_caches(
             dist = vae.encode(v[None].to(device, vae.dtype)).latent_dist
             latents.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
             ids.append(len(latents) - 1)
-        examples.append(Example(text_index[r["text"]], size, tuple(ids)))
+        examples.append(Example(text_index[r["text"]], size, tuple(ids), tids))
     return examples, latents, text_emb
 
 
@@ -184,20 +212,27 @@ def load_lora_state(unet: Any, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_adapter(folder: Path, unet: Any, lcfg: Any, meta: dict[str, Any]) -> None:
-    """diffusers LoRA format (+ adapter metadata so alpha survives reload), kohya copy, config."""
-    from diffusers import StableDiffusionPipeline
+    """diffusers LoRA format (+ adapter metadata so alpha survives reload), kohya copy, config.
+
+    The kohya copy uses the family's own module names: diffusers' names for SD 1.x/2.x (which is
+    what kohya's SD 1.5 LoRAs use) and the original SGM names (`input_blocks_4_1_...`) for SDXL.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
+    family = unet_family(unet.config)
     peft_sd = lora_state_dict(unet)
     diff_sd = convert_state_dict_to_diffusers(peft_sd)
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline_class(family).save_lora_weights(
         folder,
         unet_lora_layers=diff_sd,
         weight_name=ADAPTER_WEIGHTS,
         safe_serialization=True,
         unet_lora_adapter_metadata=lcfg.to_dict(),
     )
+    if family == SDXL:
+        lpb = int(unet.config.layers_per_block)
+        peft_sd = {sgm_module_name(k, lpb): v for k, v in peft_sd.items()}
     # kohya / A1111 / ComfyUI naming: lora_unet_..., with alpha tensors per module
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
     for k in list(kohya):
@@ -210,7 +245,7 @@ def save_adapter(folder: Path, unet: Any, lcfg: Any, meta: dict[str, Any]) -> No
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(lcfg.r),
             "ss_network_alpha": str(lcfg.lora_alpha),
-            "ss_base_model_version": "sd_v1",
+            "ss_base_model_version": "sdxl_base_v1-0" if family == SDXL else "sd_v1",
             "finestyle_targets": str(meta.get("targets")),
         },
     )
@@ -488,6 +523,7 @@ class TrainState:
     prompts: list[str] = field(default_factory=list)
     cache_s: float = 0.0
     t_start: float = 0.0
+    resolution: int = 512  # the training resolution: cfg's, else the base model's native size
 
     @property
     def unet(self) -> Any:
@@ -561,12 +597,16 @@ def _load_and_cache(st: TrainState) -> None:
     st.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     st.frozen_dtype = pipe.unet.dtype
     t_cache = time.perf_counter()
-    st.examples, st.latent_cache, st.text_emb = build_caches(pipe, st.rows, cfg, device, st.frozen_dtype)
+    st.resolution = cfg.resolution or native_size(pipe)
+    st.examples, st.latent_cache, st.text_emb = build_caches(
+        pipe, st.rows, cfg, device, st.frozen_dtype, st.resolution
+    )
     if cfg.cache == "disk":
         st.latent_cache, st.text_emb = _through_disk(st.out, cfg, st.latent_cache, st.text_emb)
     st.cache_s = time.perf_counter() - t_cache
     pipe.vae.to("cpu")
-    pipe.text_encoder.to("cpu")
+    for _, enc in text_encoders(pipe):
+        enc.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     st.scaling = pipe.vae.config.scaling_factor
@@ -685,8 +725,11 @@ def _micro_step(st: TrainState, batch: list[Example]) -> float:
     latents, noise, t, cond = latents.to(device), noise.to(device), t.to(device), cond.to(device)
     noisy = st.noise_sched.add_noise(latents, noise, t)
     target = diffusion_target(st.noise_sched, latents, noise, t)
+    tids = torch.tensor([ex.time_ids for ex in batch], dtype=torch.float32)
+    size_hw = (batch[0].size[1], batch[0].size[0])
+    cond_kw = unet_kwargs(st.unet.config, cond.to(st.frozen_dtype), size_hw, tids)
     with torch.autocast(device.type, dtype=st.amp, enabled=st.amp is not None):
-        pred = st.model(noisy.to(st.frozen_dtype), t, encoder_hidden_states=cond.to(st.frozen_dtype)).sample
+        pred = st.model(noisy.to(st.frozen_dtype), t, **cond_kw).sample
     loss = diffusion_loss(pred, target, t, st.noise_sched, cfg.snr_gamma) / cfg.grad_accum
     if not torch.isfinite(loss):
         last = latest_checkpoint(st.out / "checkpoints")
@@ -895,14 +938,16 @@ def _write_samples(
     was_training = pipe.unet.training
     pipe.unet.eval()
     pipe.vae.to(device)
-    pipe.text_encoder.to(device)
+    for _, enc in text_encoders(pipe):
+        enc.to(device)
     try:
         low = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
         with torch.autocast(device.type, dtype=low, enabled=low is not None):  # bf16/fp16 UNet, fp32 VAE/text
             grid = sample_grid(pipe, prompts, cfg.sample_steps, cfg.sample_resolution, seed=cfg.seed)
     finally:
         pipe.vae.to("cpu")
-        pipe.text_encoder.to("cpu")
+        for _, enc in text_encoders(pipe):
+            enc.to("cpu")
         if was_training:
             pipe.unet.train()
     (out / "samples").mkdir(exist_ok=True)
