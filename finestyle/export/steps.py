@@ -34,6 +34,7 @@ from finestyle.core.fs import (
     publish_dir,
     write_json,
 )
+from finestyle.core.memory import check_fits
 from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
 from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
 from finestyle.core.sd import (
@@ -509,7 +510,14 @@ def check_reuse(cfg: ExportConfig, log=_log) -> dict[str, Any] | None:
 
 
 def begin_export(cfg: ExportConfig) -> str:
-    """Create the temporary sibling folder the export is built in (published by `publish_export`)."""
+    """Create the temporary sibling folder the export is built in (published by `publish_export`).
+
+    First refuses, with one line, a model whose export clearly cannot fit in this machine's memory."""
+    check_fits(
+        "export",
+        cfg.base,
+        "the ONNX export runs in fp32 whatever the final precision; run it on a machine with more memory",
+    )
     out = Path(cfg.out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent, out.name)

@@ -29,6 +29,7 @@ from finestyle.core.fs import (
     write_json,
 )
 from finestyle.core.geometry import fit_size
+from finestyle.core.memory import check_fits
 from finestyle.core.models import load_captioner, load_sd_pipeline, model_fingerprint, pick_device
 from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
 from finestyle.prepare.concepts import (
@@ -91,6 +92,9 @@ def get_base(cfg: PrepareConfig) -> Any:
     dev = pick_device(cfg.device)
     key = (str(cfg.base), str(dev), "fp32" if dev.type == "cpu" else "fp16")
     if key not in _MODELS:
+        check_fits(
+            "prepare", str(cfg.base), "use --concepts grid (no base model) or a machine with more memory"
+        )
         _MODELS[key] = load_sd_pipeline(str(cfg.base), device=dev)
     return _MODELS[key]
 

@@ -36,6 +36,7 @@ from finestyle.config import TrainConfig, to_dict
 from finestyle.core.errors import FineStyleError, UserError
 from finestyle.core.fs import hash_json, read_json, staging_dir, write_json
 from finestyle.core.geometry import fit_size
+from finestyle.core.memory import check_fits
 from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device, pipeline_class
 from finestyle.core.sd import (
     SDXL,
@@ -592,6 +593,7 @@ def _load_and_cache(st: TrainState) -> None:
     cfg, device = st.cfg, st.device
     st.rows = load_training_rows(cfg.dataset)
     st.fingerprint = dataset_fingerprint(cfg.dataset)
+    check_fits("train", cfg.base, "train on a machine with more memory (or a GPU)")
     # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
     pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
     st.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -882,6 +884,8 @@ def _train_report(st: TrainState, loop_s: float, key: str) -> dict[str, Any]:
         "cache_key": key,
         "config": to_dict(cfg),
         "base_model": cfg.base,
+        "family": unet_family(st.unet.config),
+        "resolution": st.resolution,
         "dataset_fingerprint": st.fingerprint,
         "device": str(device),
         "autocast": str(st.amp) if st.amp else "fp32",
