@@ -12,8 +12,26 @@ from finestyle.artifacts.styles import KV_UNET, load_base_kv, load_style
 from finestyle.config import ExportConfig, PrepareConfig, TrainConfig
 from finestyle.core.env import cpu_name
 from finestyle.core.kv import project_kv
-from finestyle.core.models import load_captioner, load_sd_pipeline, pick_device, save_builtin
+from finestyle.core.models import (
+    BUILTINS,
+    builtin_folder,
+    is_builtin,
+    load_captioner,
+    load_sd_pipeline,
+    model_family,
+    pick_device,
+    save_builtin,
+)
 from finestyle.core.onnxrt import ort_providers
+from finestyle.core.sd import (
+    SDXL,
+    encode_texts,
+    native_size,
+    pack_cond,
+    pooled_dim,
+    text_encoders,
+    unet_kwargs,
+)
 from finestyle.export.steps import onnx_export, ort_session, run_export
 from finestyle.export.swappable import run_swappable_export
 from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
@@ -155,6 +173,7 @@ def train_worker(
     warmup: int,
     out: str,
     device: str = "cpu",
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """One benchmark variant in its own process (so its peak RSS / VRAM is its own).
 
@@ -177,7 +196,9 @@ def train_worker(
         caption_dropout=0.0,
         device=device,
         mixed_precision="bf16" if variant.endswith("-bf16") else "no",
+        gradient_checkpointing=gradient_checkpointing,
     )
+    t_load = time.perf_counter()
     if variant.startswith("cached"):
         import json
         from pathlib import Path
@@ -194,6 +215,7 @@ def train_worker(
         "steps_per_s": len(secs) / sum(secs),
         "seconds_per_step": sum(secs) / len(secs),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "wall_seconds": time.perf_counter() - t_load,  # load + cache + every step
         "losses": losses,
     }
     if cuda:
@@ -202,22 +224,43 @@ def train_worker(
     return res
 
 
+def meta_unet(base: str) -> tuple[Any, int]:
+    """The base model's UNet with its parameters on the meta device (its shapes, no memory), and the
+    VAE's downsampling factor."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if is_builtin(base) and not BUILTINS[base].folder:
+        with init_empty_weights():
+            comps = BUILTINS[base].build()
+        return comps["unet"].to("meta"), 2 ** (len(comps["vae"].config.block_out_channels) - 1)
+    folder = str(builtin_folder(base) if is_builtin(base) else base)
+    cfg = UNet2DConditionModel.load_config(folder, subfolder="unet")
+    vae_cfg = AutoencoderKL.load_config(folder, subfolder="vae")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg).to("meta")
+    return unet, 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+
+
 def unet_train_step_gflop(base: str, resolution: int, device: str = "cpu") -> float:
     """FLOPs of one UNet forward + backward with the K/V LoRA (what every variant runs per step), counted
-    by torch's FLOP counter at `resolution` (VAE and text encoder excluded)."""
+    by torch's FLOP counter at `resolution` (VAE and text encoder excluded). The UNet runs on the meta
+    device: shapes only, so SDXL's 2.6B UNet is counted without allocating it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    pipe = load_sd_pipeline(base, device=device)
-    unet = pipe.unet
+    unet, vae_scale = meta_unet(base)
     unet.requires_grad_(False)
     add_lora(unet, TrainConfig(dataset="", base=base))
-    side = resolution // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    x = torch.randn(1, unet.config.in_channels, side, side, device=device)
-    c = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
+    unet.to("meta")
+    side = resolution // vae_scale
+    x = torch.randn(1, unet.config.in_channels, side, side, device="meta")
+    c = torch.randn(1, 77, unet.config.cross_attention_dim, device="meta")
+    pdim = pooled_dim(unet.config)
+    if pdim:
+        c = pack_cond(c, torch.randn(1, pdim, device="meta"))
+    kw = unet_kwargs(unet.config, c, (resolution, resolution))
     with FlopCounterMode(display=False) as fc:
-        unet(x, torch.tensor([500], device=device), encoder_hidden_states=c).sample.float().pow(
-            2
-        ).mean().backward()
+        unet(x, torch.tensor([500], device="meta"), **kw).sample.float().pow(2).mean().backward()
     return fc.get_total_flops() / 1e9
 
 
@@ -252,45 +295,49 @@ def _baseline_loop(cfg: Any, warmup: int) -> tuple[list[float], list[float]]:
 
     rows = load_training_rows(cfg.dataset)
     dev = torch.device(cfg.device)
+    bf16 = cfg.mixed_precision == "bf16"
     pipe = load_sd_pipeline(cfg.base, device=dev)
-    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae = pipe.unet, pipe.vae
+    encoders = [enc for _, enc in text_encoders(pipe)]
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     vae.requires_grad_(False)
-    te.requires_grad_(False)
+    for enc in encoders:
+        enc.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     unet.requires_grad_(False)
+    if bf16:  # as the reference script with --mixed_precision bf16: frozen weights in bf16
+        for m in (unet, vae, *encoders):
+            m.to(torch.bfloat16)
     add_lora(unet, cfg)
     params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # the LoRA weights train in fp32, as in this project's trainer
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     g = torch.Generator(dev).manual_seed(cfg.seed)
-    bf16 = cfg.mixed_precision == "bf16"
-    if bf16:  # as the reference script with --mixed_precision bf16: frozen weights in bf16
-        vae.to(torch.bfloat16)
-        te.to(torch.bfloat16)
+    resolution = cfg.resolution or native_size(pipe)
     secs, losses = [], []
     for step in range(cfg.steps):
         _sync(dev)
         t0 = time.perf_counter()
         r = rows[step % len(rows)]
-        img = resize_to_bucket(r["image"], bucket_of(r["image"].size, cfg))
+        size = bucket_of(r["image"].size, cfg, resolution)
+        img = resize_to_bucket(r["image"], size)
         px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(dev)
         px = px.to(vae.dtype)
         latents = (vae.encode(px).latent_dist.sample(generator=g) * vae.config.scaling_factor).float()
-        ids = tok(
-            [r["text"]],
-            padding="max_length",
-            truncation=True,
-            max_length=tok.model_max_length,
-            return_tensors="pt",
-        ).input_ids.to(dev)
-        emb = te(ids)[0].float()
+        hidden, pooled = encode_texts(pipe, [r["text"]], dev)
+        cond = pack_cond(hidden, pooled).to(unet.dtype)
         noise = torch.randn(latents.shape, generator=g, device=dev)
         t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g, device=dev)
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with amp:
-            pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
+            noisy = sched.add_noise(latents, noise, t).to(unet.dtype)
+            pred = unet(noisy, t, **unet_kwargs(unet.config, cond, (size[1], size[0]))).sample
         loss = diffusion_loss(pred.float(), diffusion_target(sched, latents, noise, t), t, sched, None)
         loss.backward()
         opt.step()
@@ -314,6 +361,7 @@ def bench_train(
     warmup: int = 1,
     variants: tuple[str, ...] | None = None,
     device: str = "cpu",
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Trainer steps/s and peak memory against the uncached baseline, each in its own process.
 
@@ -330,7 +378,9 @@ def bench_train(
     device = str(pick_device(device))
     cuda = device.startswith("cuda")
     if variants is None:
-        variants = ("baseline-bf16", "cached-bf16") if cuda else ("baseline", "cached", "cached-bf16")
+        # SDXL in fp32 needs 14 GB of weights before any activation: bf16 only, as its users train it
+        big = model_family(base) == SDXL
+        variants = ("baseline-bf16", "cached-bf16") if cuda or big else ("baseline", "cached", "cached-bf16")
     with tempfile.TemporaryDirectory() as d:
         ds = _bench_dataset(f"{d}/ds", resolution)
         res = {}
@@ -338,7 +388,7 @@ def bench_train(
             code = (
                 "import json,sys; from finestyle.bench.suite import train_worker; "
                 f"print('RESULT'+json.dumps(train_worker({v!r}, {ds!r}, {base!r}, {resolution}, {steps}, {warmup}, "
-                f"{d + '/' + v!r}, {device!r})))"
+                f"{d + '/' + v!r}, {device!r}, {gradient_checkpointing!r})))"
             )
             p = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy()
@@ -360,6 +410,8 @@ def bench_train(
         "resolution": resolution,
         "batch": 1,
         "device": device,
+        "cpu": cpu_name(),
+        "gradient_checkpointing": gradient_checkpointing,
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "measured_steps": steps,
         "warmup": warmup,

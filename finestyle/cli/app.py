@@ -686,13 +686,23 @@ def bench_train_cmd(
     steps: int = typer.Option(3, help="Measured steps per variant (after warm-up)."),
     warmup: int = typer.Option(1, help="Warm-up steps per variant."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto (CUDA: bf16 variants, peak VRAM, MFU)."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Checkpoint the UNet's activations in every variant."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
-    """Trainer steps/s + peak memory vs a baseline that re-encodes VAE latents and text every step."""
+    """Trainer steps/s + peak memory vs a baseline that re-encodes VAE latents and text every step.
+
+    SDXL bases run the bf16 variants only (their fp32 weights alone are 14 GB)."""
     from finestyle.bench.suite import bench_train
 
-    r = bench_train(base, resolution, steps, warmup, device=device)
-    typer.echo(f"{r['base']} at {r['resolution']} px on {r['gpu'] or r['device']}")
+    r = bench_train(
+        base, resolution, steps, warmup, device=device, gradient_checkpointing=gradient_checkpointing
+    )
+    typer.echo(
+        f"{r['base']} at {r['resolution']} px on {r['gpu'] or r['device']} ({r['cpu']})"
+        + (", gradient checkpointing" if gradient_checkpointing else "")
+    )
     for name, v in r["results"].items():
         mem = (
             f"peak VRAM {v['peak_vram_gib']:.2f} GiB"
