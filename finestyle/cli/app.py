@@ -718,6 +718,31 @@ def bench_train_cmd(
         json_out.write_text(json.dumps(r, indent=2))
 
 
+@bench_app.command("stages")
+@command
+def bench_stages_cmd(
+    base: str = typer.Option("builtin:sdxl-random", help="Text-to-image model."),
+    resolution: int = typer.Option(512, help="Training resolution."),
+    steps: int = typer.Option(2, help="Training steps (bf16)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Peak RSS and time of prepare, a few bf16 training steps and the export of every component but
+    the UNet, each in its own process, next to the memory guard's estimates."""
+    from finestyle.bench.suite import bench_stages
+
+    r = bench_stages(base, resolution, steps)
+    host = f"{r['host_memory_gib']:.1f} GiB" if r["host_memory_gib"] else "unknown"
+    typer.echo(f"{r['base']} on {r['cpu']}, host memory {host}; parameters (M): {r['params_millions']}")
+    for name, v in r["stages"].items():
+        est = r["estimates_gib"].get(name if name != "export-parts" else "", None)
+        guard = f"  (guard's estimate {est:.1f} GiB)" if est else ""
+        typer.echo(f"{name:13s} {v['seconds']:8.1f} s  peak RSS {v['peak_rss_gib']:6.2f} GiB{guard}")
+    if r["estimates_gib"]:
+        typer.echo(f"full export: the guard's estimate {r['estimates_gib']['export']:.1f} GiB")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
 @bench_app.command("export")
 @command
 def bench_export_cmd(

@@ -31,6 +31,11 @@ TARGET_PRESETS = {
     "qkvo": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
     # diffusers' train_text_to_image_lora.py default: self- and cross-attention.
     "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    # FineStyle on a subset, for SDXL: K/V of the first up level's transformer blocks, where B-LoRA
+    # and InstantStyle locate style (up_blocks.0 has no attention in SD 1.x/2.x: nothing to train).
+    "kv-up0": r".*up_blocks\.0\.attentions\.\d+\..*attn2\.(to_k|to_v)$",
+    # ... and only its second attention block: B-LoRA's style block, InstantStyle's style injection.
+    "kv-up0.1": r".*up_blocks\.0\.attentions\.1\..*attn2\.(to_k|to_v)$",
 }
 
 
@@ -200,7 +205,8 @@ class TrainConfig:
     out: str = "runs/train"
     """Output folder: adapter/, checkpoints/, samples/, loss.png, report.json."""
     targets: str = "kv"
-    """kv (attn2 K/V, FineStyle) | qkvo (attn2 q,k,v,out) | attn (self+cross) | a regex."""
+    """kv (attn2 K/V, FineStyle) | qkvo (attn2 q,k,v,out) | attn (self+cross) | kv-up0, kv-up0.1 (SDXL:
+    K/V of up_blocks.0 only, or its style block) | a regex."""
     rank: int = 8
     """LoRA rank."""
     alpha: float | None = None
@@ -375,8 +381,8 @@ class ExportConfig:
     """TensorRT: build refittable engines (swap adapters without a rebuild)."""
     trt_batch: int = 1
     """TensorRT profile: images per request (UNet batch is 2x for guidance)."""
-    trt_size: int = 512
-    """TensorRT profile: image side in pixels."""
+    trt_size: int | None = None
+    """TensorRT profile: image side in pixels; default: the model's native size (512 SD 1.5, 1024 SDXL)."""
     force: bool = False
     """Re-export even if an identical export is there."""
 
@@ -386,7 +392,12 @@ class ExportConfig:
         for name in ("unet_atol", "image_atol", "merge_atol"):
             _check(getattr(self, name) > 0, f"export.{name}", getattr(self, name), "must be > 0")
         _check(self.parity_steps >= 1, "export.parity_steps", self.parity_steps, "must be >= 1")
-        _check(self.trt_size % 8 == 0, "export.trt_size", self.trt_size, "must be a multiple of 8")
+        _check(
+            self.trt_size is None or self.trt_size % 8 == 0,
+            "export.trt_size",
+            self.trt_size,
+            "must be a multiple of 8",
+        )
 
 
 @dataclass

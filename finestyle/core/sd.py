@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from finestyle.core.errors import UserError
+
 SD, SDXL = "sd", "sdxl"
 FAMILIES = (SD, SDXL)
 
@@ -192,3 +194,58 @@ def onnx_cond_feeds(unet_config: Any, cond: torch.Tensor, size_hw: tuple[int, in
     kw = unet_kwargs(unet_config, cond.float(), size_hw)
     feeds = {"encoder_hidden_states": kw["encoder_hidden_states"]} | kw.get("added_cond_kwargs", {})
     return {k: v.detach().cpu().float().numpy() for k, v in feeds.items()}
+
+
+def unet_input_shapes(
+    unet_config: dict[str, Any], vae_scale: int, size: int, batch: int
+) -> dict[str, tuple[int, ...]]:
+    """The UNet's ONNX input shapes for `batch` rows of `size`-pixel square images (engine profiles)."""
+    lat = size // vae_scale
+    shapes: dict[str, tuple[int, ...]] = {
+        "sample": (batch, int(unet_config.get("in_channels", 4)), lat, lat),
+        "encoder_hidden_states": (batch, 77, int(unet_config.get("cross_attention_dim", 768))),
+    }
+    pdim = pooled_dim(unet_config)
+    if pdim:
+        shapes["text_embeds"] = (batch, pdim)
+        shapes["time_ids"] = (batch, 6)
+    return shapes
+
+
+def penultimate_output(names: list[str]) -> str:
+    """The penultimate `hidden_states.N` output of an exported text encoder (SDXL conditions on it)."""
+    hs = sorted((n for n in names if n.startswith("hidden_states.")), key=lambda n: int(n.rsplit(".", 1)[1]))
+    if len(hs) < 2:
+        raise UserError("this SDXL export's text encoders lack hidden_states outputs; re-export it")
+    return hs[-2]
+
+
+def sdxl_prompt_encoder(
+    tokenizers: list[Any], encoders: list[tuple[Any, list[str]]], zero_negative: bool
+) -> Any:
+    """(texts, negative) -> packed SDXL conditioning from two exported text encoders, on any runtime.
+
+    `encoders`: per encoder, (run(input_ids int64 array, output names) -> arrays, its output names).
+    Both encoders' penultimate hidden states side by side, and the second one's `text_embeds`
+    (diffusers' encode_prompt); an empty negative prompt is zeros when `zero_negative`, as in
+    diffusers' SDXL pipelines (`force_zeros_for_empty_prompt`).
+    """
+    import numpy as np
+
+    names = [penultimate_output(outs) for _, outs in encoders]
+
+    def encode(texts: list[str], negative: bool) -> torch.Tensor:
+        hidden, pooled = [], None
+        for k, (tok, (run, _), name) in enumerate(zip(tokenizers, encoders, names, strict=True)):
+            ids = tokenize(tok, texts).numpy().astype(np.int64)
+            last = k == len(encoders) - 1
+            outs = run(ids, [name, "text_embeds"] if last else [name])
+            hidden.append(torch.from_numpy(np.asarray(outs[0], dtype=np.float32)))
+            if last:
+                pooled = torch.from_numpy(np.asarray(outs[1], dtype=np.float32))
+        cond = pack_cond(torch.cat(hidden, dim=-1), pooled)
+        if negative and zero_negative:
+            cond[[k for k, t in enumerate(texts) if not t]] = 0.0
+        return cond
+
+    return encode

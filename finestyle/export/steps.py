@@ -39,7 +39,6 @@ from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_devi
 from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
 from finestyle.core.sd import (
     SDXL,
-    folder_family,
     onnx_cond_feeds,
     pack_cond,
     pipe_family,
@@ -692,9 +691,6 @@ def step_openvino(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | Non
     except ImportError:
         log("export: OpenVINO not installed; no OpenVINO check recorded")
         return None
-    if folder_family(Path(tmp) / "merged") == SDXL:
-        log("export: the OpenVINO runtime does not run SDXL exports yet; no OpenVINO check recorded")
-        return {"checks": {}, "unsupported": "SDXL exports are not yet supported by the OpenVINO runtime"}
     precision = hardware_precision()
     try:
         rep = openvino_image_check(

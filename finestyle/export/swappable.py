@@ -40,8 +40,9 @@ from finestyle.artifacts.styles import (
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.fs import hash_json, hash_tree, publish_dir, write_json
 from finestyle.core.kv import KVUNet, StyleKV, base_kv_weights, cross_attention_layers, project_kv
-from finestyle.core.models import load_sd_pipeline, model_fingerprint, quiet_hf_logs
+from finestyle.core.models import load_sd_pipeline, model_family, model_fingerprint, quiet_hf_logs
 from finestyle.core.onnxrt import ort_session
+from finestyle.core.sd import SDXL
 from finestyle.export.steps import (
     begin_export,
     export_versions,
@@ -274,6 +275,11 @@ def run_swappable_export(
     log=_log,
 ) -> dict[str, Any]:
     """Build a swappable export of `base` with one style per adapter; publish it with its manifest."""
+    if model_family(base) == SDXL:
+        raise UserError(
+            f"--swappable: {base} is an SDXL model; swappable exports support SD 1.x/2.x bases so far. "
+            "Export each SDXL style on its own (finestyle export --adapter ...)"
+        )
     names = [check_name(n) for n in (names or [style_slug(adapter_info(a).get("style")) for a in adapters])]
     if len(names) != len(adapters) or len(set(names)) != len(names):
         raise UserError("--name: give one distinct name per --adapter (or none: each style's text as a slug)")
@@ -282,7 +288,7 @@ def run_swappable_export(
     base_fp = model_fingerprint(base)
     for a in adapters:
         _base_check(a, base_fp)
-    tmp = Path(begin_export(ExportConfig(out=out, adapter=None)))
+    tmp = Path(begin_export(ExportConfig(base=base, out=out, adapter=None)))
     try:
         pipe = load_sd_pipeline(base, device="cpu", dtype=torch.float32)
         pipe.save_pretrained(tmp / "merged", safe_serialization=True)

@@ -11,23 +11,37 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finestyle.artifacts.manifest import ONNX_COMPONENTS_SDXL
 from finestyle.core.errors import UserError
 from finestyle.core.fs import write_json
 from finestyle.core.onnxrt import require_tensorrt
+from finestyle.core.sd import unet_input_shapes
 from finestyle.runtime.tensorrt import ort_trt_provider_options
 
 
+def unet_shapes(onnx_dir: Path, cfg: Any) -> tuple[dict[str, tuple[int, ...]], int]:
+    """The UNet's input shapes for the profile: 2 x trt_batch rows (guidance) at trt_size, which
+    defaults to the model's native size; SDXL's text_embeds and time_ids included. Also returns the
+    VAE's downsampling factor."""
+    unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    size = cfg.trt_size or int(unet_cfg.get("sample_size", 64)) * vae_scale
+    return unet_input_shapes(unet_cfg, vae_scale, size, 2 * cfg.trt_batch), vae_scale
+
+
 def _profiles(
-    component: str, cfg: Any, hidden: int = 768
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    component: str, cfg: Any, unet: dict[str, tuple[int, ...]], vae_scale: int
+) -> dict[str, tuple[tuple[int, ...], ...]]:
     """(min, opt, max) shapes per input. Static by default (min = opt = max), which runs faster."""
     b = cfg.trt_batch
-    lat = cfg.trt_size // 8
+    lat = unet["sample"][-2:]
     shapes = {
         "text_encoder": {"input_ids": (b * 2, 77)},
-        "unet": {"sample": (2 * b, 4, lat, lat), "encoder_hidden_states": (2 * b, 77, hidden)},
-        "vae_decoder": {"latent_sample": (b, 4, lat, lat)},
-        "vae_encoder": {"sample": (b, 3, cfg.trt_size, cfg.trt_size)},
+        "text_encoder_2": {"input_ids": (b * 2, 77)},
+        "unet": unet,
+        "vae_decoder": {"latent_sample": (b, unet["sample"][1], *lat)},
+        "vae_encoder": {"sample": (b, 3, lat[0] * vae_scale, lat[1] * vae_scale)},
     }[component]
     prof = {}
     for name, opt in shapes.items():
@@ -50,8 +64,9 @@ def build_engines(onnx_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = out_dir / "timing.cache"
     report: dict[str, Any] = {"engines": {}, "static": cfg.trt_static, "refit": cfg.trt_refit}
-    hidden = int(json.loads((onnx_dir / "unet" / "config.json").read_text()).get("cross_attention_dim", 768))
-    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+    unet, vae_scale = unet_shapes(onnx_dir, cfg)
+    comps = [c for c in ONNX_COMPONENTS_SDXL if (onnx_dir / c / "model.onnx").is_file()]
+    for comp in comps:
         onnx_path = onnx_dir / comp / "model.onnx"
         builder = trt.Builder(logger)
         network = builder.create_network(0)
@@ -68,7 +83,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
         config.set_timing_cache(cache, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-        for name, (lo, opt, hi) in _profiles(comp, cfg, hidden).items():
+        for name, (lo, opt, hi) in _profiles(comp, cfg, unet, vae_scale).items():
             if name in inputs:
                 profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
@@ -78,5 +93,5 @@ def build_engines(onnx_dir: Path, out_dir: Path, cfg: Any) -> dict[str, Any]:
         (out_dir / f"{comp}.plan").write_bytes(bytes(engine))
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
         report["engines"][comp] = f"{comp}.plan"
-    write_json(out_dir / "ort_tensorrt_provider.json", ort_trt_provider_options(out_dir, cfg, hidden))
+    write_json(out_dir / "ort_tensorrt_provider.json", ort_trt_provider_options(out_dir, cfg, unet))
     return report

@@ -38,7 +38,7 @@ from finestyle.core.sd import (
     onnx_cond_feeds,
     pack_cond,
     pipe_family,
-    tokenize,
+    sdxl_prompt_encoder,
     unet_kwargs,
 )
 from finestyle.runtime.openvino import backend_parts as openvino_parts
@@ -271,37 +271,16 @@ def backend_layout(layout: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ort_sdxl_encoder(layout: dict[str, Any], te: Any, te2: Any) -> Any:
-    """(texts, negative) -> packed SDXL conditioning from the two ONNX text encoders: penultimate
-    hidden states of both, side by side, and text_encoder_2's `text_embeds` (diffusers' encode_prompt)."""
+    """SDXL's packed prompt conditioning from the two ONNX text encoders in onnxruntime."""
 
-    def penultimate(sess: Any) -> str:
-        hs = sorted(
-            (o.name for o in sess.get_outputs() if o.name.startswith("hidden_states.")),
-            key=lambda n: int(n.rsplit(".", 1)[1]),
-        )
-        if len(hs) < 2:
-            raise UserError("this SDXL export's text encoders lack hidden_states outputs; re-export it")
-        return hs[-2]
+    def runner(sess: Any) -> tuple[Any, list[str]]:
+        return (lambda ids, names: sess.run(names, {"input_ids": ids})), [o.name for o in sess.get_outputs()]
 
-    names = (penultimate(te), penultimate(te2))
-    zero_negative = bool(layout["force_zeros_for_empty_prompt"])
-
-    def encode(texts: list[str], negative: bool) -> torch.Tensor:
-        hidden = []
-        for tok, sess, name in zip(
-            (layout["tokenizer"], layout["tokenizer_2"]), (te, te2), names, strict=True
-        ):
-            ids = tokenize(tok, texts).numpy().astype(np.int64)
-            outs = sess.run([name] + (["text_embeds"] if sess is te2 else []), {"input_ids": ids})
-            hidden.append(torch.from_numpy(outs[0].astype(np.float32)))
-            if sess is te2:
-                pooled = torch.from_numpy(outs[1].astype(np.float32))
-        cond = pack_cond(torch.cat(hidden, dim=-1), pooled)
-        if negative and zero_negative:
-            cond[[k for k, t in enumerate(texts) if not t]] = 0.0
-        return cond
-
-    return encode
+    return sdxl_prompt_encoder(
+        [layout["tokenizer"], layout["tokenizer_2"]],
+        [runner(te), runner(te2)],
+        bool(layout["force_zeros_for_empty_prompt"]),
+    )
 
 
 def _trt_backend(export_dir: Path) -> Backend:
@@ -339,8 +318,10 @@ def openvino_backend(
     if manifest is None:
         manifest = verify_export(export_dir)
         msha = sha256_file(export_dir / "manifest.json")
-    layout = sd_only(export_layout(export_dir / "onnx"), "--runtime openvino")
-    parts = openvino_parts(export_dir / "onnx", manifest["files"] if files is None else files, precision)
+    layout = export_layout(export_dir / "onnx")
+    parts = openvino_parts(
+        export_dir / "onnx", manifest["files"] if files is None else files, precision, layout
+    )
     comps = parts.pop("components")
     return Backend(
         name=f"openvino[CPU,{precision}]",
@@ -385,7 +366,7 @@ def _kv_unet_backend(
             comp = OvComponent(
                 core, export_dir / KV_UNET, prec, component_key(manifest.get("files", {}), "unet_kv", prec)
             )
-            parts = openvino_parts(export_dir / "onnx", manifest.get("files", {}), prec)
+            parts = openvino_parts(export_dir / "onnx", manifest.get("files", {}), prec, layout)
             parts.pop("components")
 
             def run(feeds: dict[str, np.ndarray]) -> np.ndarray:

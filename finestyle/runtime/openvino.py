@@ -24,6 +24,7 @@ import torch
 from finestyle.core.env import BF16_CPU_FLAGS, cpu_flags
 from finestyle.core.errors import UserError
 from finestyle.core.fs import hash_json
+from finestyle.core.sd import onnx_cond_feeds, sdxl_prompt_encoder
 
 OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 """--dtype name -> OpenVINO's INFERENCE_PRECISION_HINT."""
@@ -129,11 +130,20 @@ class OvComponent:
         return cm
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        return self.outputs(None, **feeds)[0]
+
+    def output_names(self) -> list[str]:
+        return [o.get_any_name() for o in self.model.outputs]
+
+    def outputs(self, names: list[str] | None, **feeds: np.ndarray) -> list[np.ndarray]:
+        """The named outputs (None: the first) of one inference, as fp32 arrays."""
         # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make the timestep shape (1,))
         feeds = {k: np.require(v, self.input_types[k], "C") for k, v in feeds.items()}
         req = self._compiled(feeds).create_infer_request()
         req.infer(feeds)
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32)
+        if names is None:
+            return [np.array(req.get_output_tensor(0).data, dtype=np.float32)]
+        return [np.array(req.get_tensor(n).data, dtype=np.float32) for n in names]
 
 
 def component_key(files: dict[str, str], comp: str, precision: str) -> str:
@@ -147,7 +157,7 @@ def openvino_components(
 ) -> dict[str, OvComponent]:
     ov = require_openvino()
     core = ov.Core()
-    comps = ("text_encoder", "unet", "vae_decoder", "unet_base")
+    comps = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "unet_base")
     return {
         c: OvComponent(core, onnx_dir / c / "model.onnx", precision, component_key(files, c, precision), hint)
         for c in comps
@@ -155,26 +165,42 @@ def openvino_components(
     }
 
 
-def unet_fn(comp: OvComponent) -> Any:
+def unet_fn(comp: OvComponent, unet_cfg: dict[str, Any], vae_scale: int) -> Any:
     def run(lat: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        size_hw = (lat.shape[-2] * vae_scale, lat.shape[-1] * vae_scale)
         out = comp(
             sample=lat.numpy(),
             timestep=np.array(float(t), dtype=np.float32),
-            encoder_hidden_states=emb.numpy(),
+            **onnx_cond_feeds(unet_cfg, emb, size_hw),
         )
         return torch.from_numpy(out)
 
     return run
 
 
-def backend_parts(onnx_dir: Path, files: dict[str, str], precision: str) -> dict[str, Any]:
-    """encode_text / unet / unet_base / decode callables for the runtime's Backend."""
+def backend_parts(
+    onnx_dir: Path, files: dict[str, str], precision: str, layout: dict[str, Any]
+) -> dict[str, Any]:
+    """encode_text / encode_prompts / unet / unet_base / decode callables for the runtime's Backend;
+    `layout` is the export's (`artifacts.manifest.export_layout`)."""
     comps = openvino_components(onnx_dir, files, precision)
     te, vd = comps["text_encoder"], comps["vae_decoder"]
-    return {
+    cfg, scale = layout["unet_config"], layout["vae_scale"]
+    parts = {
         "encode_text": lambda ids: torch.from_numpy(te(input_ids=ids.numpy().astype(np.int64))),
-        "unet": unet_fn(comps["unet"]),
-        "unet_base": unet_fn(comps["unet_base"]) if "unet_base" in comps else None,
+        "unet": unet_fn(comps["unet"], cfg, scale),
+        "unet_base": unet_fn(comps["unet_base"], cfg, scale) if "unet_base" in comps else None,
         "decode": lambda z: torch.from_numpy(vd(latent_sample=z.numpy())),
         "components": comps,
     }
+    if "text_encoder_2" in comps:
+
+        def runner(comp: OvComponent) -> tuple[Any, list[str]]:
+            return (lambda ids, names: comp.outputs(names, input_ids=ids)), comp.output_names()
+
+        parts["encode_prompts"] = sdxl_prompt_encoder(
+            [layout["tokenizer"], layout["tokenizer_2"]],
+            [runner(te), runner(comps["text_encoder_2"])],
+            bool(layout["force_zeros_for_empty_prompt"]),
+        )
+    return parts

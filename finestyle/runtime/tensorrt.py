@@ -13,11 +13,12 @@ from finestyle.core.errors import UserError
 from finestyle.core.onnxrt import require_tensorrt
 
 
-def ort_trt_provider_options(cache_dir: Path, cfg: Any, hidden: int = 768) -> dict[str, Any]:
-    """onnxruntime TensorRT execution-provider settings that load the same ONNX files."""
-    lat = cfg.trt_size // 8
-    b = 2 * cfg.trt_batch
-    shape = f"sample:{b}x4x{lat}x{lat},encoder_hidden_states:{b}x77x{hidden}"
+def ort_trt_provider_options(
+    cache_dir: Path, cfg: Any, unet_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """onnxruntime TensorRT execution-provider settings that load the same ONNX files; `unet_shapes`
+    from `core.sd.unet_input_shapes` (SDXL adds text_embeds and time_ids)."""
+    shape = ",".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in unet_shapes.items())
     return {
         "trt_fp16_enable": bool(cfg.fp16),
         "trt_engine_cache_enable": True,

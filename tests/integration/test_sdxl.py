@@ -257,3 +257,9 @@ def test_export_is_optimums_sdxl_layout_and_runtimes_agree(sdxl_run, sdxl_dir, t
         assert (a - b).abs().max() / 2 <= 2e-3
     wide = GenerationRequest("a red boat", steps=2, guidance=5.0, seed=1, width=64, height=32)
     assert decoded_batch(ort_be, [wide]).shape == (1, 3, 32, 64)
+    pytest.importorskip("openvino")
+    ov_be = load_backend(str(out), runtime="openvino", dtype="fp32")
+    for r in (*reqs, wide):
+        assert (decoded_batch(ov_be, [r]) - decoded_batch(torch_be, [r])).abs().max() / 2 <= 2e-3
+    # the export recorded OpenVINO's check at the precision `--dtype auto` picks on this CPU
+    assert all(c["pass"] for c in manifest["openvino"]["checks"].values())

@@ -139,3 +139,60 @@ def test_impossible_export_is_refused_with_one_line(tmp_path, monkeypatch):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "needs about" in r.stderr and "GB" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_tensorrt_profiles_follow_the_model(tmp_path):
+    """SDXL's engine profiles: native 1024 px (128² latents), text_embeds and time_ids, both text encoders."""
+    from finestyle.config import ExportConfig
+    from finestyle.export.tensorrt import _profiles, unet_shapes
+    from finestyle.runtime.tensorrt import ort_trt_provider_options
+
+    onnx = tmp_path / "onnx"
+    for comp, cfg in {
+        "unet": {
+            "sample_size": 128,
+            "in_channels": 4,
+            "cross_attention_dim": 2048,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        "vae_decoder": {"block_out_channels": [128, 256, 512, 512]},
+    }.items():
+        (onnx / comp).mkdir(parents=True)
+        (onnx / comp / "config.json").write_text(json.dumps(cfg))
+    shapes, scale = unet_shapes(onnx, ExportConfig())
+    assert scale == 8 and shapes["sample"] == (2, 4, 128, 128)
+    assert shapes["text_embeds"] == (2, 1280) and shapes["time_ids"] == (2, 6)
+    assert shapes["encoder_hidden_states"] == (2, 77, 2048)
+    cfg = ExportConfig(trt_static=False)
+    assert _profiles("text_encoder_2", cfg, shapes, scale)["input_ids"][1] == (2, 77)
+    assert _profiles("vae_encoder", cfg, shapes, scale)["sample"][1] == (1, 3, 1024, 1024)
+    opts = ort_trt_provider_options(tmp_path, ExportConfig(), shapes)
+    assert (
+        "text_embeds:2x1280" in opts["trt_profile_opt_shapes"]
+        and "time_ids:2x6" in opts["trt_profile_opt_shapes"]
+    )
+    small, _ = unet_shapes(onnx, ExportConfig(trt_size=512, trt_batch=2))
+    assert small["sample"] == (4, 4, 64, 64)
+
+
+def test_swappable_export_of_sdxl_is_refused_with_one_line(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finestyle.cli",
+            "export",
+            "--swappable",
+            "--base",
+            "builtin:tiny-sdxl",
+            "--adapter",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "SDXL" in r.stderr and r.stderr.strip().count("\n") == 0
