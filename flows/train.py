@@ -9,14 +9,15 @@ from typing import Any
 from prefect import flow, task
 
 from finestyle.config import TrainConfig, from_dict, to_dict
-from finestyle.train.loop import run_train
+from finestyle.eval.checkpoints import train_with_eval
 from flows.common import RETRY, markdown, table
 
 
 @task(**RETRY)
 def train_task(config: dict[str, Any]) -> dict[str, Any]:
-    """Train (or reuse an identical finished run; resume from a checkpoint after a crash)."""
-    return run_train(from_dict(TrainConfig, config))
+    """Train (or reuse an identical finished run; resume from a checkpoint after a crash); with
+    eval_every, score the checkpoints and select adapter/ (`select`)."""
+    return train_with_eval(from_dict(TrainConfig, config))
 
 
 @task
@@ -38,6 +39,12 @@ def publish_train_artifacts(result: dict[str, Any]) -> None:
             f"- trainable parameters: {rep['trainable_params']:,} ({100 * rep['trainable_share']:.3f}% of the UNet)\n"
             f"- final loss: {rep['final_loss']:.4f}; peak memory {rep['peak_memory_gib']:.2f} GiB\n"
             f"- loss curve: `{result['out']}/loss.png`; report: `{result['out']}/report.json`\n"
+            + (
+                f"- adapter/ holds step {rep['selection']['step']} ({rep['selection']['mode']}): "
+                f"{rep['selection']['figures']}; `{result['out']}/eval.png`\n"
+                if "selection" in rep
+                else ""
+            )
             + "".join(f"- sample: `{s}`\n" for s in samples)
         ),
         "FineStyle training summary",

@@ -165,12 +165,16 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank [8]."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha [= rank]."),
-    targets: Optional[str] = typer.Option(None, help="kv (FineStyle) | qkvo | attn | a regex [kv]."),
+    targets: Optional[str] = typer.Option(
+        None, help="kv (FineStyle) | qkvo | attn | kv-up0 | kv-up0.1 (SDXL subsets) | a regex [kv]."
+    ),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps [500]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [1e-4]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [1]."),
     grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation [1]."),
-    resolution: Optional[int] = typer.Option(None, help="Training resolution [512]."),
+    resolution: Optional[int] = typer.Option(
+        None, help="Training resolution [the base model's native size: 512 SD 1.5, 1024 SDXL]."
+    ),
     seed: Optional[int] = typer.Option(None, help="Seed [0]."),
     mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16 | auto."),
     gradient_checkpointing: Optional[bool] = typer.Option(
@@ -185,6 +189,16 @@ def train(
     sample_prompt: Optional[list[str]] = typer.Option(None, help="Validation prompt (repeatable)."),
     sample_steps: Optional[int] = typer.Option(None, help="Denoising steps for samples [20]."),
     device: Optional[str] = typer.Option(None, help="cuda | mps | cpu | auto."),
+    eval_every: Optional[int] = typer.Option(
+        None, help="Score style, prompt fidelity and leakage every N steps (eval.png) [off]."
+    ),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Judge of those scores: world | clip:MODEL."),
+    select: Optional[str] = typer.Option(
+        None, help="adapter/ = last | best (least leakage within 0.05 of the best style) [last]."
+    ),
+    eval_prompts: Optional[int] = typer.Option(None, help="Prompts of the checkpoint evaluation [6]."),
+    eval_seeds: Optional[int] = typer.Option(None, help="Seeds per prompt [2]."),
+    eval_steps: Optional[int] = typer.Option(None, help="Denoising steps of the checkpoint evaluation [20]."),
     config: Optional[Path] = typer.Option(None, help="YAML file (its `train:` section)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Retrain even if an identical finished run exists."),
@@ -216,26 +230,36 @@ def train(
         sample_prompts=sample_prompt or None,
         sample_steps=sample_steps,
         device=device,
+        eval_every=eval_every,
+        eval_judge=judge,
+        select=select,
+        eval_prompts=eval_prompts,
+        eval_seeds=eval_seeds,
+        eval_steps=eval_steps,
         resume=resume or None,
         force=force or None,
     )
     cfg = stage_from_sources(TrainConfig, "train", str(config) if config else None, values)
-    from finestyle.train.loop import run_train
+    from finestyle.eval.checkpoints import train_with_eval
 
-    r = run_train(cfg)
+    r = train_with_eval(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     if r.get("rank", 0) != 0:  # data-parallel worker: rank 0 reports
         return
-    print_summary(
-        "train: done" + (" (reused)" if r.get("reused") else ""),
-        {
-            "adapter": r["adapter"],
-            "steps": r["steps"],
-            "steps/s": f"{r['steps_per_s']:.2f}",
-            "final loss": f"{r['final_loss']:.4f}",
-            "trainable params": r["trainable_params"],
-            "samples": r["samples_dir"],
-        },
-    )
+    summary = {
+        "adapter": r["adapter"],
+        "steps": r["steps"],
+        "steps/s": f"{r['steps_per_s']:.2f}",
+        "final loss": f"{r['final_loss']:.4f}",
+        "trainable params": r["trainable_params"],
+        "samples": r["samples_dir"],
+    }
+    if "selected_step" in r:
+        f = r["selection"]
+        summary["selected"] = (
+            f"step {r['selected_step']} ({cfg.select}): leakage {f['leakage']:+.3f}, style "
+            f"{f['style_fidelity']:.3f}, prompt {f['prompt_fidelity']:.3f} ({r['out']}/eval.png)"
+        )
+    print_summary("train: done" + (" (reused)" if r.get("reused") else ""), summary)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -273,8 +273,32 @@ class TrainConfig:
     """cuda | mps | cpu | auto."""
     force: bool = False
     """Retrain even if `out` holds a finished run with the same content key."""
+    eval_every: int = 0
+    """Score style, prompt fidelity and leakage every N steps (and at the end); 0: off."""
+    eval_judge: str = "world"
+    """Judge of those scores: world | world:FOLDER | clip:MODEL (as `finestyle eval --judge`)."""
+    eval_prompts: int = 6
+    """Prompts of the checkpoint evaluation (disjoint from those a final `finestyle eval` uses)."""
+    eval_seeds: int = 2
+    """Seeds per prompt (disjoint from the final evaluation's)."""
+    eval_steps: int = 20
+    """Denoising steps of the checkpoint evaluation."""
+    select: str = "last"
+    """Which weights become adapter/: last, or best (the least leakage among the evaluated steps whose
+    style fidelity is within 0.05 of the best); best needs eval_every."""
 
     def __post_init__(self) -> None:
+        _check(self.select in ("last", "best"), "train.select", self.select, "use last or best")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
+        _check(
+            self.select == "last" or self.eval_every > 0,
+            "train.select",
+            self.select,
+            "best picks among evaluated steps: give eval_every (e.g. --eval-every 100)",
+        )
+        _check(
+            self.eval_prompts >= 1 and self.eval_seeds >= 1, "train.eval_prompts", self.eval_prompts, ">= 1"
+        )
         if isinstance(self.sample_prompts, str):
             self.sample_prompts = [self.sample_prompts]
         _check(self.rank >= 1, "train.rank", self.rank, "must be >= 1")

@@ -39,6 +39,7 @@ from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_devi
 from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
 from finestyle.core.sd import (
     SDXL,
+    folder_family,
     onnx_cond_feeds,
     pack_cond,
     pipe_family,
@@ -763,6 +764,8 @@ def publish_export(
         "has_base_unet": cfg.with_base_unet,
         "cpu_bf16": reduced,
         "openvino": ov_rep,
+        "family": folder_family(Path(tmp) / "merged"),
+        "eval": adapter_eval(cfg.adapter),
         "style": info.get("style"),
         "concepts": info.get("concepts", []),
         "precision": "fp16" if cfg.fp16 else "fp32",
@@ -779,6 +782,27 @@ def publish_export(
             "" if chk["pass"] else ": FAILED, marked unusable"
         )
     return {"out": str(cfg.out), "reused": False, "parity": summary, "cache_key": key}
+
+
+def adapter_eval(adapter: str | None) -> dict[str, Any] | None:
+    """The evaluation the adapter's training run recorded (`train --eval-every`), for the manifest:
+    the step adapter/ holds, how it was chosen, and its style, prompt and leakage figures."""
+    if not adapter:
+        return None
+    report = Path(adapter).parent / "report.json"
+    try:
+        sel = json.loads(report.read_text()).get("selection") if report.is_file() else None
+    except ValueError:
+        return None
+    if not sel:
+        return None
+    return {
+        "source": "train --eval-every",
+        "step": sel["step"],
+        "select": sel["mode"],
+        "judge": sel["judge"],
+        **sel["figures"],
+    }
 
 
 def run_export(cfg: ExportConfig, log=_log) -> dict[str, Any]:

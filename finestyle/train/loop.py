@@ -442,9 +442,14 @@ def _dataset_style(folder: str) -> str | None:
     return None
 
 
-def train_cache_key(cfg: TrainConfig) -> str:
-    """Content key of a training run: dataset fingerprint + base + every option that changes weights."""
+EVAL_FIELDS = ("eval_every", "eval_judge", "eval_prompts", "eval_seeds", "eval_steps")
 
+
+def train_cache_key(cfg: TrainConfig) -> str:
+    """Content key of a training run: dataset fingerprint + base + every option that changes weights.
+
+    Checkpoint evaluation changes adapter/ only when it selects the weights (`select=best`)."""
+    skip_eval = EVAL_FIELDS if cfg.select == "last" else ()
     conf = {
         k: v
         for k, v in to_dict(cfg).items()
@@ -462,6 +467,7 @@ def train_cache_key(cfg: TrainConfig) -> str:
             "dataset",
             "base",
             "cache",
+            *skip_eval,
         )
     }
     return hash_json(
@@ -819,7 +825,7 @@ def finish(st: TrainState, loop_s: float, log=_log) -> dict[str, Any]:
     if not st.main_proc:
         _barrier(st.world)
         return {"adapter": str(out / "adapter"), "out": str(out), "steps": st.step, "rank": st.rank}
-    meta = _adapter_meta(st)
+    meta = adapter_meta(st)
     adapter_dir = out / "adapter"
     with staging_dir(adapter_dir) as tmp:
         save_adapter(tmp, st.unet, st.lcfg, meta)
@@ -848,7 +854,8 @@ def finish(st: TrainState, loop_s: float, log=_log) -> dict[str, Any]:
     }
 
 
-def _adapter_meta(st: TrainState) -> dict[str, Any]:
+def adapter_meta(st: TrainState) -> dict[str, Any]:
+    """What finestyle_adapter.json records about the adapter the run holds now."""
     cfg = st.cfg
     return {
         "base_model": cfg.base,
@@ -865,6 +872,7 @@ def _adapter_meta(st: TrainState) -> dict[str, Any]:
         # concept words the crops taught (whole-image rows carry a caption, not one concept)
         "concepts": sorted({r["concept"] for r in st.rows if r.get("concept") and r.get("method") != "full"}),
         "train_config": to_dict(cfg),
+        "step": st.step,
         "cache_key": train_cache_key(cfg),
         "finestyle": __version__,
     }
