@@ -9,6 +9,9 @@
 #                                                     run beforehand where the index is reachable: fetches
 #                                                     exactly those wheels (about 25 MB) for the target Python
 #   scripts/gpu-check.sh --dry-run OUT_DIR            the same steps on the CPU with the tiny builtins (CI)
+#   scripts/gpu-check.sh --only sdxl,sdxl-export OUT_DIR
+#                                                     only these steps (install always runs); the others
+#                                                     are recorded as "skipped: not selected (--only)"
 #
 # OUT_DIR receives results.json and results.md (a table: step, status, seconds, figures, goals),
 # each step's log and JSON figures. Exit status: 0 when every step ran or was skipped with a reason,
@@ -27,10 +30,11 @@ OFFLINE_WHEELS=(
   annotated-types==0.8.0 typing-inspection==0.4.5 h11==0.16.0
 )
 
-DRY=0 WHEELS="" DOWNLOAD="" PYVER="3.12" OUT=""
+DRY=0 WHEELS="" DOWNLOAD="" PYVER="3.12" OUT="" ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --only) ONLY=",${2:?--only needs a comma-separated list of steps},"; shift ;;
     --wheels) WHEELS="${2:?--wheels needs a folder}"; shift ;;
     --download-wheels) DOWNLOAD="${2:?--download-wheels needs a folder}"; shift ;;
     --python-version) PYVER="${2:?--python-version needs a version, e.g. 3.12}"; shift ;;
@@ -71,6 +75,10 @@ PY="python3"
 run_step() {
   local name="$1" limit="$2"; shift 2
   local t0 rc status
+  if [[ -n "$ONLY" && "$name" != install && "$ONLY" != *",$name,"* ]]; then
+    skip "$name" "not selected (--only)"
+    return 0
+  fi
   echo "== $name (at most ${limit} s)"
   t0=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -155,10 +163,10 @@ FS=("$PY" -m finestyle.cli)
 
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu SD=builtin:tiny-sd RES=64 LATENT=8 SIZE=32 STEPS=2 ITERS=2 REQS=2 PREC=--fp32
-  SDXL=builtin:tiny-sdxl SDXL_RES=64
+  SDXL=builtin:tiny-sdxl SDXL_RES=64 SDXL_LATENT=8
 elif has_cuda; then
   DEVICE=cuda SD=builtin:sd15-random RES=512 LATENT=64 SIZE=512 STEPS=10 ITERS=10 REQS=16 PREC=--fp16
-  SDXL=builtin:sdxl-random SDXL_RES=1024
+  SDXL=builtin:sdxl-random SDXL_RES=1024 SDXL_LATENT=128
 else
   DEVICE=none
 fi
@@ -168,7 +176,7 @@ run_step pytest-gpu 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue
   tests/unit tests/integration
 
 if [[ $DEVICE == none ]]; then
-  for s in bench-train export bench-export serve sdxl; do skip "$s" "torch sees no CUDA device"; done
+  for s in bench-train export bench-export serve sdxl sdxl-export; do skip "$s" "torch sees no CUDA device"; done
 else
   # 3. training at 512 px in bf16: steps/s, peak VRAM, MFU, against the re-encode baseline -----------
   run_step bench-train 300 "${FS[@]}" bench train --base "$SD" --resolution "$RES" --steps "$STEPS" \
@@ -199,6 +207,10 @@ else
   # 7. SDXL at 1024 px, bs 1, bf16, gradient checkpointing: peak VRAM (goal <= 12 GB) and steps/s
   run_step sdxl 300 "${FS[@]}" bench train --base "$SDXL" --resolution "$SDXL_RES" --steps "$STEPS" \
     --warmup 1 --device "$DEVICE" --gradient-checkpointing --json "$OUT/sdxl.json"
+
+  # 8. SDXL's UNet step at 1024 px: the fp16 export on ORT CUDA (IO binding) vs PyTorch eager fp16
+  run_step sdxl-export 600 "${FS[@]}" bench export --model "$SDXL" --latent "$SDXL_LATENT" --iters "$ITERS" \
+    --device "$DEVICE" --bound --json "$OUT/sdxl-export.json"
 fi
 
 "$PY" "$REPO/scripts/gpu_check_report.py" "$OUT" || exit 1

@@ -26,6 +26,22 @@ def _load(path: Path) -> Any:
         return None
 
 
+def _export_figures(r: dict[str, Any]) -> dict[str, Any]:
+    """One `bench export --bound` result: eager vs ORT (and TensorRT) step times and parity."""
+    f = {"torch_eager_ms": r["torch_eager_s"] * 1e3, "dtype": r["dtype"], "ort": r["ort"]["status"]}
+    if r["ort"]["status"] == "ran":
+        f.update(ort_ms=r["ort"]["step_s"] * 1e3, ort_vs_torch=r["ort_vs_torch"])
+        f["ort_max_abs_diff"] = r["ort"]["max_abs_diff_vs_torch"]
+    f["trt"] = r["trt"]["status"]
+    if r["trt"]["status"] == "ran":
+        f.update(
+            trt_ms=r["trt"]["step_s"] * 1e3,
+            trt_engine_build_s=r["trt"]["session_and_first_run_s"],
+            trt_max_abs_diff=r["trt"]["max_abs_diff_vs_torch"],
+        )
+    return f
+
+
 def _figures(out: Path) -> dict[str, dict[str, Any]]:
     """Per step: the figures worth a line in the table."""
     fig: dict[str, dict[str, Any]] = {}
@@ -44,21 +60,11 @@ def _figures(out: Path) -> dict[str, dict[str, Any]]:
             f["train_peak_vram_gb"] = best["peak_vram_gib"] * 2**30 / 1e9
             f["baseline_peak_vram_gb"] = base.get("peak_vram_gib", 0) * 2**30 / 1e9
         fig["bench-train"] = f
-    exp = _load(out / "bench-export.json")
-    if exp:
-        r = exp[0]
-        f = {"torch_eager_ms": r["torch_eager_s"] * 1e3, "dtype": r["dtype"], "ort": r["ort"]["status"]}
-        if r["ort"]["status"] == "ran":
-            f.update(ort_ms=r["ort"]["step_s"] * 1e3, ort_vs_torch=r["ort_vs_torch"])
-            f["ort_max_abs_diff"] = r["ort"]["max_abs_diff_vs_torch"]
-        f["trt"] = r["trt"]["status"]
-        if r["trt"]["status"] == "ran":
-            f.update(
-                trt_ms=r["trt"]["step_s"] * 1e3,
-                trt_engine_build_s=r["trt"]["session_and_first_run_s"],
-                trt_max_abs_diff=r["trt"]["max_abs_diff_vs_torch"],
-            )
-        fig["bench-export"] = f
+    for name in ("bench-export", "sdxl-export"):
+        exp = _load(out / f"{name}.json")
+        if exp:
+            fig[name] = _export_figures(exp[0])
+
     manifest = _load(out / "export" / "manifest.json")
     if manifest:
         parity = manifest.get("parity", {})

@@ -103,6 +103,20 @@ def export_layout(onnx_dir: Path) -> dict[str, Any]:
     return layout
 
 
+def export_native_size(folder: str | Path) -> int | None:
+    """The image side the export's model was trained at (UNet sample_size x VAE factor), from its
+    configs alone; None when the folder has none."""
+    onnx_dir = Path(folder) / "onnx"
+    try:
+        unet_cfg = json.loads((onnx_dir / "unet" / "config.json").read_text())
+        vae_cfg = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return int(unet_cfg.get("sample_size", 64)) * 2 ** (
+        len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1
+    )
+
+
 def onnx_components(family: str) -> tuple[str, ...]:
     """optimum's layout under onnx/ for a model family."""
     return ONNX_COMPONENTS_SDXL if family == SDXL else ONNX_COMPONENTS

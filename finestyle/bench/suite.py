@@ -702,12 +702,21 @@ def bench_unet_step_device(
         unet = pipe.unet.eval()
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g).to(dev)
-        c = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(dev)
+        c = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
+        pdim = pooled_dim(unet.config)
+        if pdim:  # SDXL: the pooled embedding and the time ids too
+            c = pack_cond(c, torch.randn(batch, pdim, generator=g))
+        size = latent * pipe.vae_scale_factor
+        kw = unet_kwargs(unet.config, c.to(dev), (size, size))
+        cond = {"encoder_hidden_states": kw["encoder_hidden_states"], **kw.get("added_cond_kwargs", {})}
+        cast = {k: v.to(dtype) for k, v in kw.items() if k == "encoder_hidden_states"}
+        if "added_cond_kwargs" in kw:
+            cast["added_cond_kwargs"] = {k: v.to(dtype) for k, v in kw["added_cond_kwargs"].items()}
         t = torch.tensor(500.0, device=dev)
 
         def eager() -> torch.Tensor:
             with torch.no_grad():
-                return unet(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
+                return unet(x.to(dtype), t, **cast).sample.float()
 
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             ref = eager()
@@ -724,7 +733,7 @@ def bench_unet_step_device(
         onnx_export(src, Path(d) / "onnx", fp16=cuda, opset=None)
         path = Path(d) / "onnx" / "unet" / "model.onnx"
         provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
-        res["ort"] = _ort_bound_step(ort, path, provider, x, c, ref, iters, dev)
+        res["ort"] = _ort_bound_step(ort, path, provider, x, cond, ref, iters, dev)
         res["ort_vs_torch"] = res["torch_eager_s"] / res["ort"]["step_s"]
         if not trt:
             res["trt"] = {"status": "skipped: not asked for"}
@@ -734,7 +743,7 @@ def bench_unet_step_device(
             res["trt"] = {"status": "skipped: TensorRT is not installed (pip install 'finestyle[tensorrt]')"}
         else:
             try:
-                res["trt"] = _ort_bound_step(ort, path, "TensorrtExecutionProvider", x, c, ref, iters, dev)
+                res["trt"] = _ort_bound_step(ort, path, "TensorrtExecutionProvider", x, cond, ref, iters, dev)
                 res["trt_vs_torch"] = res["torch_eager_s"] / res["trt"]["step_s"]
             except Exception as exc:  # noqa: BLE001 - recorded, the other figures stand
                 res["trt"] = {"status": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
@@ -767,13 +776,14 @@ def _ort_bound_step(
     path: Any,
     provider: str,
     x: torch.Tensor,
-    c: torch.Tensor,
+    cond: dict[str, torch.Tensor],
     ref: torch.Tensor,
     iters: int,
     dev: Any,
 ) -> dict[str, Any]:
     """Session creation (the engine build, for TensorRT), then the step with IO binding: the inputs are
-    bound from the torch tensors' device memory and the output to a preallocated device tensor."""
+    bound from the torch tensors' device memory and the output to a preallocated device tensor.
+    `cond`: the UNet's conditioning inputs by ONNX name (SDXL: text_embeds and time_ids too)."""
     import numpy as np
 
     so = ort.SessionOptions()
@@ -786,7 +796,7 @@ def _ort_bound_step(
     inputs = {
         "sample": x.float().contiguous(),
         "timestep": torch.tensor(500.0, device=dev),
-        "encoder_hidden_states": c.float().contiguous(),
+        **{k: v.float().contiguous() for k, v in cond.items()},
     }
     out = torch.empty(ref.shape, dtype=torch.float32, device=dev)
     io = sess.io_binding()

@@ -254,12 +254,16 @@ def train(
         "samples": r["samples_dir"],
     }
     if "selected_step" in r:
-        f = r["selection"]
-        summary["selected"] = (
-            f"step {r['selected_step']} ({cfg.select}): leakage {f['leakage']:+.3f}, style "
-            f"{f['style_fidelity']:.3f}, prompt {f['prompt_fidelity']:.3f} ({r['out']}/eval.png)"
-        )
+        summary["selected"] = _selection_line(r, cfg.select)
     print_summary("train: done" + (" (reused)" if r.get("reused") else ""), summary)
+
+
+def _selection_line(r: dict[str, Any], mode: str) -> str:
+    f = r["selection"]
+    return (
+        f"step {r['selected_step']} ({mode}): leakage {f['leakage']:+.3f}, style "
+        f"{f['style_fidelity']:.3f}, prompt {f['prompt_fidelity']:.3f} ({r['out']}/eval.png)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,7 +506,9 @@ def serve(
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt in tokens [77]."),
     min_steps: Optional[int] = typer.Option(None, help="Fewest denoising steps accepted [1]."),
     max_steps: Optional[int] = typer.Option(None, help="Most denoising steps accepted [50]."),
-    max_size: Optional[int] = typer.Option(None, help="Largest width/height accepted [1024]."),
+    max_size: Optional[int] = typer.Option(
+        None, help="Largest width/height accepted [twice the model's native size]."
+    ),
     max_images: Optional[int] = typer.Option(None, help="Most images per request [4]."),
     max_body_bytes: Optional[int] = typer.Option(None, help="Largest request body; 413 beyond [16384]."),
     timeout_s: Optional[float] = typer.Option(None, help="Per-request timeout in seconds; 504 beyond [120]."),

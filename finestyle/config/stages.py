@@ -576,8 +576,9 @@ class ServeConfig:
     """Fewest denoising steps accepted."""
     max_steps: int = 50
     """Most denoising steps accepted."""
-    max_size: int = 1024
-    """Largest width/height accepted (multiples of 8)."""
+    max_size: int | None = None
+    """Largest width/height accepted (multiples of 8); default: twice the model's native size (1024 for
+    SD 1.5, 2048 for SDXL)."""
     max_images: int = 4
     """Most images per request."""
     max_body_bytes: int = 16_384
@@ -614,7 +615,10 @@ class ServeConfig:
             "need 1 <= min_steps <= max_steps",
         )
         _check(
-            self.max_size >= 8 and self.max_size % 8 == 0, "serve.max_size", self.max_size, "multiple of 8"
+            self.max_size is None or (self.max_size >= 8 and self.max_size % 8 == 0),
+            "serve.max_size",
+            self.max_size,
+            "multiple of 8",
         )
         for name in ("max_images", "max_body_bytes", "queue_size", "max_batch", "max_prompt_tokens"):
             _check(getattr(self, name) >= 1, f"serve.{name}", getattr(self, name), "must be >= 1")

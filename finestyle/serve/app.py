@@ -15,6 +15,7 @@ Scaling out = more replicas behind a balancer (README).
 
 import asyncio
 import base64
+import dataclasses
 import io
 import secrets
 import time
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from finestyle.artifacts.manifest import verify_export
+from finestyle.artifacts.manifest import export_native_size, verify_export
 from finestyle.config import ServeConfig
 from finestyle.runtime.generate import (
     SCHEDULERS,
@@ -615,6 +616,9 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
 
     state: dict[str, Any] = {"ready": False, "draining": False, "in_flight": 0}
     metrics = Metrics()
+    if cfg.max_size is None:  # the size limit follows the model: twice its native size
+        native = backend.native_size * backend.vae_scale if backend else export_native_size(cfg.export)
+        cfg = dataclasses.replace(cfg, max_size=2 * native if native else 1024)
 
     GenerateBody = request_model(cfg)
 

@@ -274,3 +274,41 @@ def test_pipeline_eval_section_evaluates_the_export_and_publishes_artifacts(refs
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"eval-axes", "eval-summary"} <= keys
+
+
+def test_publish_style_creates_adds_and_reloads_a_running_server(tmp_path, monkeypatch):
+    import httpx
+
+    from finestyle.config import ServeConfig, TrainConfig
+    from finestyle.train.loop import run_train
+    from flows.styles import publish_style
+    from tests.conftest import prepare_small_dataset
+    from tests.integration.test_server import Server
+
+    ds = prepare_small_dataset(tmp_path / "data")
+    adapters = {}
+    for i, name in enumerate(("ink", "chalk")):
+        cfg = TrainConfig(
+            dataset=str(ds),
+            base="builtin:tiny-sd",
+            out=str(tmp_path / name),
+            steps=2,
+            resolution=64,
+            rank=4,
+            samples=False,
+            seed=i,
+        )
+        adapters[name] = run_train(cfg, log=lambda m: None)["adapter"]
+    export = str(tmp_path / "studio")
+    first = publish_style(export_dir=export, adapter=adapters["ink"], name="ink")  # creates the export
+    assert first["styles"] == ["ink"] and first["served"] is None
+    monkeypatch.setenv("FINESTYLE_ADMIN_TOKEN", "t0ken")
+    with Server(ServeConfig(export=export, max_steps=4, max_size=128)) as s:
+        res = publish_style(export_dir=export, adapter=adapters["chalk"], name="chalk", server=s.url)
+        assert res["styles"] == ["chalk", "ink"] and res["served"] == ["base", "chalk", "ink"]
+        assert [d["id"] for d in httpx.get(s.url + "/v1/models").json()["data"]] == ["base", "chalk", "ink"]
+    monkeypatch.setenv("FINESTYLE_ADMIN_TOKEN", "wrong")
+    with Server(ServeConfig(export=export, max_steps=4, max_size=128)) as s:
+        monkeypatch.setenv("FINESTYLE_ADMIN_TOKEN", "other")
+        with pytest.raises(Exception, match="refused the admin token"):
+            publish_style(export_dir=export, adapter=adapters["chalk"], name="chalk2", server=s.url)

@@ -19,8 +19,9 @@ def test_dry_run_executes_every_step_and_writes_the_results(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     status = {s["step"]: s["status"] for s in res["steps"]}
-    assert list(status) == ["install", "pytest-gpu", "bench-train", "export", "bench-export", "serve", "sdxl"]
-    for step in ("install", "pytest-gpu", "bench-train", "export", "bench-export", "serve", "sdxl"):
+    steps = ["install", "pytest-gpu", "bench-train", "export", "bench-export", "serve", "sdxl", "sdxl-export"]
+    assert list(status) == steps
+    for step in steps:
         assert status[step] == "ran", (step, (out / f"{step}.log").read_text()[-2000:])
     figs = res["figures"]
     assert figs["bench-train"]["steps_per_s"] > 0 and figs["bench-train"]["ratio_vs_baseline"] > 0
@@ -29,6 +30,7 @@ def test_dry_run_executes_every_step_and_writes_the_results(tmp_path):
     assert figs["bench-export"]["trt"].startswith("skipped: ")
     assert figs["serve"]["img_per_s_batching_on"] > 0
     assert figs["sdxl"]["steps_per_s"] > 0 and figs["sdxl"]["ratio_vs_baseline"] > 0
+    assert figs["sdxl-export"]["ort"] == "ran" and figs["sdxl-export"]["ort_max_abs_diff"] < 1e-3
     assert res["versions"]["torch"] and res["versions"]["gpu"] is None
     md = (out / "results.md").read_text()
     assert "| bench-export | ran |" in md and "dry run on the CPU" in md
@@ -60,3 +62,16 @@ def test_a_failed_step_is_recorded_and_fails_the_report(tmp_path):
     )
     assert p.returncode == 1 and "bench-train" in p.stderr
     assert "| bench-train | timeout |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_only_runs_the_selected_steps(tmp_path):
+    out = tmp_path / "gpu-check"
+    p = subprocess.run(
+        [str(SCRIPT), "--dry-run", "--only", "sdxl", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    steps = {s["step"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
+    assert steps["install"]["status"] == "ran" and steps["sdxl"]["status"] == "ran"
+    for name in ("pytest-gpu", "bench-train", "export", "bench-export", "sdxl-export"):
+        assert steps[name]["status"] == "skipped" and "not selected" in steps[name]["detail"]

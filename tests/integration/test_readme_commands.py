@@ -86,6 +86,17 @@ def test_eval_commands(tmp_path):
     rep = json.loads((tmp_path / "runs/eval/watercolor/report.json").read_text())
     assert [s["style_guidance"] for s in rep["sweep"]] == [0.0, 0.5, 1.0, 2.0]
     assert (tmp_path / "runs/eval/watercolor/guidance.png").is_file()
+    # the leakage-aware checkpoints command, on the same dataset
+    (train,) = readme_commands("## Evaluation: style, prompt and leakage", block=1)
+    argv = [TINY.get(a, a) for a in train]
+    argv[argv.index("data/prepared/watercolor")] = "runs/compare/datasets/attention"
+    for flag, value in (("--steps", "4"), ("--checkpoint-every", "2"), ("--eval-every", "2")):
+        argv[argv.index(flag) + 1] = value
+    p = run([*argv, "--eval-steps", "2", "--eval-prompts", "2", "--eval-seeds", "1"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads((tmp_path / "runs/watercolor-best/report.json").read_text())
+    assert [h["step"] for h in rep["selection"]["history"]] == [2, 4] and rep["selection"]["mode"] == "best"
+    assert (tmp_path / "runs/watercolor-best/eval.png").is_file()
 
 
 def test_openvino_commands(tmp_path):

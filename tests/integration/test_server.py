@@ -251,3 +251,13 @@ def test_cli_serve_applies_every_limit_flag(export_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_size_limit_follows_the_model(export_dir):
+    """No --max-size: twice the model's native size (the tiny builtin's 64 px gives 128)."""
+    with Server(ServeConfig(export=str(export_dir), max_steps=4)) as s:
+        assert httpx.get(s.url + "/v1/model").json()["limits"]["max_size"] == 128
+        r = httpx.post(s.url + "/v1/generate", json={"prompt": "x", "steps": 1, "width": 256}, timeout=60)
+        assert r.status_code == 422
+        r = httpx.post(s.url + "/v1/generate", json={"prompt": "x", "steps": 1, "width": 128}, timeout=60)
+        assert r.status_code == 200

@@ -203,3 +203,46 @@ def test_the_admin_endpoint_does_not_exist_without_a_token(swx, monkeypatch):
         assert (
             httpx.post(s.url + "/v1/admin/reload", headers={"Authorization": "Bearer x"}).status_code == 404
         )
+
+
+def test_sighup_reloads_the_styles_of_a_running_server(swx, adapters, tmp_path):
+    """`finestyle serve` as users run it (its own process, the event loop in the main thread): a style
+    added to its folder serves after SIGHUP, without a restart."""
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.integration.test_server import wait_ready
+
+    work = tmp_path / "e"
+    shutil.copytree(swx, work)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finestyle.cli", "serve", str(work), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(url, 120)
+        assert [d["id"] for d in httpx.get(url + "/v1/models").json()["data"]] == ["base", "ink"]
+        add_style(str(work), str(adapters["chalk"]), "chalk", **Q)
+        proc.send_signal(signal.SIGHUP)
+        t_end, ids = time.time() + 60, []
+        while time.time() < t_end:
+            ids = [d["id"] for d in httpx.get(url + "/v1/models").json()["data"]]
+            if "chalk" in ids:
+                break
+            time.sleep(0.5)
+        assert ids == ["base", "chalk", "ink"]
+        assert proc.poll() is None  # SIGHUP reloads; it does not stop the server
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "SIGHUP reload: styles base, chalk, ink" in err
