@@ -349,6 +349,22 @@ def _baseline_loop(cfg: Any, warmup: int) -> tuple[list[float], list[float]]:
     return secs, losses
 
 
+def run_worker(call: str, what: str) -> dict[str, Any]:
+    """Run `call` (a finestyle.bench.suite function call returning JSON-able data) in a fresh
+    process, so that its peak RSS and VRAM are its own; returns its result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = f"import json; from finestyle.bench import suite; print('RESULT' + json.dumps(suite.{call}))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    if p.returncode or not line:
+        raise RuntimeError(f"bench {what} failed: {p.stderr[-2000:]}")
+    return json.loads(line[0][6:])
+
+
 def _sync(dev: Any) -> None:
     if torch.device(dev).type == "cuda":
         torch.cuda.synchronize()
@@ -369,10 +385,6 @@ def bench_train(
     cached bf16 (peak VRAM from `torch.cuda.max_memory_allocated`), plus the achieved TFLOP/s of the
     UNet forward+backward and its share of the card's bf16 peak (MFU).
     """
-    import json
-    import os
-    import subprocess
-    import sys
     import tempfile
 
     device = str(pick_device(device))
@@ -385,18 +397,11 @@ def bench_train(
         ds = _bench_dataset(f"{d}/ds", resolution)
         res = {}
         for v in variants:
-            code = (
-                "import json,sys; from finestyle.bench.suite import train_worker; "
-                f"print('RESULT'+json.dumps(train_worker({v!r}, {ds!r}, {base!r}, {resolution}, {steps}, {warmup}, "
-                f"{d + '/' + v!r}, {device!r}, {gradient_checkpointing!r})))"
+            res[v] = run_worker(
+                f"train_worker({v!r}, {ds!r}, {base!r}, {resolution}, {steps}, {warmup}, "
+                f"{d + '/' + v!r}, {device!r}, {gradient_checkpointing!r})",
+                f"variant {v}",
             )
-            p = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy()
-            )
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
-            if p.returncode or not line:
-                raise RuntimeError(f"bench variant {v} failed: {p.stderr[-2000:]}")
-            res[v] = json.loads(line[0][6:])
     baseline = "baseline-bf16" if "baseline-bf16" in res else "baseline"
     base_sps = res[baseline]["steps_per_s"] if baseline in res else None
     gflop = unet_train_step_gflop(base, resolution, device)
@@ -1133,12 +1138,15 @@ def stage_worker(stage: str, base: str, work: str, resolution: int, steps: int) 
     - `train`: `steps` cached bf16 training steps at `resolution` (latents and text cached first).
     - `export-parts`: optimum's ONNX export of the text encoder(s) and the VAE, read from `base`
       saved as a folder: every component of an export but the UNet.
+    - `save`: build a builtin and write it as that folder.
     """
     import resource
     from pathlib import Path
 
     t0 = time.perf_counter()
-    if stage == "prepare":
+    if stage == "save":
+        save_builtin(base, f"{work}/model")
+    elif stage == "prepare":
         run_prepare(
             PrepareConfig(
                 images=[str(p) for p in sorted(Path(f"{work}/images").iterdir())[:2]],
@@ -1230,10 +1238,7 @@ def bench_stages(
 ) -> dict[str, Any]:
     """Peak RSS and time of prepare, `steps` training steps (bf16, `resolution`) and the export of
     every component but the UNet, each in its own process; plus the memory guard's estimates."""
-    import json
     import os
-    import subprocess
-    import sys
     import tempfile
 
     from finestyle.core.memory import GB, component_params, estimate_bytes, host_memory_bytes
@@ -1252,24 +1257,20 @@ def bench_stages(
             ),
             log=lambda m: None,
         )
-        t = time.perf_counter()
-        save_builtin(base, f"{d}/model") if is_builtin(base) else os.symlink(
-            os.path.abspath(base), f"{d}/model"
+        if not is_builtin(base):
+            os.symlink(os.path.abspath(base), f"{d}/model")
+        # a builtin is built and saved in a process of its own, so that its memory is not held here
+        stages = (
+            ("save", "prepare", "train", "export-parts")
+            if is_builtin(base)
+            else ("prepare", "train", "export-parts")
         )
-        save_s = time.perf_counter() - t
-        res = {}
-        for stage in ("prepare", "train", "export-parts"):
-            code = (
-                "import json; from finestyle.bench.suite import stage_worker; "
-                f"print('RESULT'+json.dumps(stage_worker({stage!r}, {base!r}, {d!r}, {resolution}, {steps})))"
+        res = {
+            stage: run_worker(
+                f"stage_worker({stage!r}, {base!r}, {d!r}, {resolution}, {steps})", f"stage {stage}"
             )
-            p = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy()
-            )
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
-            if p.returncode or not line:
-                raise RuntimeError(f"bench stage {stage} failed: {p.stderr[-2000:]}")
-            res[stage] = json.loads(line[0][6:])
+            for stage in stages
+        }
     host = host_memory_bytes()
     return {
         "base": base,
@@ -1278,7 +1279,6 @@ def bench_stages(
         "cpu": cpu_name(),
         "host_memory_gib": host / 2**30 if host else None,
         "params_millions": {k: round(v / 1e6, 1) for k, v in params.items()},
-        "save_seconds": save_s,
         "estimates_gib": {s: estimate_bytes(s, params) / GB for s in ("prepare", "train", "export")}
         if params
         else {},

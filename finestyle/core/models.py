@@ -175,8 +175,41 @@ def blip_text_ids(tok: Any) -> dict[str, int]:
 # builtin presets
 
 
+def _tiny_vae() -> Any:
+    """The tiny builtins' VAE: two levels (2x downsampling), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+    )
+
+
+def _sd_vae(**config: Any) -> Any:
+    """Stable Diffusion's VAE architecture (8x downsampling, 84M parameters), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=32,
+        **config,
+    )
+
+
 def _tiny_sd_components() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # Sizes follow diffusers' own tests (tests/pipelines/stable_diffusion): small, but every block
@@ -193,16 +226,7 @@ def _tiny_sd_components() -> dict[str, Any]:
         attention_head_dim=(2, 4),
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=64,
-        norm_num_groups=32,
-    )
+    vae = _tiny_vae()
     with tempfile.TemporaryDirectory() as d:
         write_byte_clip_tokenizer(Path(d))
         tokenizer = CLIPTokenizer.from_pretrained(d)
@@ -234,7 +258,7 @@ def _tiny_sd_components() -> dict[str, Any]:
 
 
 def _sd15_random_components() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # The published stable-diffusion-v1-5 configs (unet/, vae/, text_encoder/config.json).
@@ -250,17 +274,7 @@ def _sd15_random_components() -> dict[str, Any]:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        norm_num_groups=32,
-    )
+    vae = _sd_vae(sample_size=512)
     with tempfile.TemporaryDirectory() as d:
         write_byte_clip_tokenizer(Path(d))
         tokenizer = CLIPTokenizer.from_pretrained(d)
@@ -320,7 +334,7 @@ def _sdxl_scheduler() -> Any:
 
 
 def _tiny_sdxl_components() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     # Sizes follow diffusers' own SDXL tests: both text encoders, text_time conditioning,
@@ -342,16 +356,7 @@ def _tiny_sdxl_components() -> dict[str, Any]:
         cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=64,
-        norm_num_groups=32,
-    )
+    vae = _tiny_vae()
     with tempfile.TemporaryDirectory() as d:
         write_byte_clip_tokenizer(Path(d))
         tokenizer = CLIPTokenizer.from_pretrained(d)
@@ -378,7 +383,7 @@ def _tiny_sdxl_components() -> dict[str, Any]:
 
 
 def _sdxl_random_components() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     # The published stable-diffusion-xl-base-1.0 configs (unet/, vae/, text_encoder*/config.json).
@@ -399,19 +404,7 @@ def _sdxl_random_components() -> dict[str, Any]:
         projection_class_embeddings_input_dim=2816,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        norm_num_groups=32,
-    )
+    vae = _sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SDXL's own VAE config
     with tempfile.TemporaryDirectory() as d:
         write_byte_clip_tokenizer(Path(d))
         tokenizer = CLIPTokenizer.from_pretrained(d)
