@@ -162,7 +162,7 @@ fi
 FS=("$PY" -m finestyle.cli)
 
 if [[ $DRY == 1 ]]; then
-  DEVICE=cpu SD=builtin:tiny-sd RES=64 LATENT=8 SIZE=32 STEPS=2 ITERS=2 REQS=2 PREC=--fp32
+  DEVICE=cpu SD=builtin:tiny-sd RES=64 LATENT=8 SIZE=32 STEPS=1 ITERS=1 REQS=2 PREC=--fp32
   SDXL=builtin:tiny-sdxl SDXL_RES=64 SDXL_LATENT=8
 elif has_cuda; then
   DEVICE=cuda SD=builtin:sd15-random RES=512 LATENT=64 SIZE=512 STEPS=10 ITERS=10 REQS=16 PREC=--fp16

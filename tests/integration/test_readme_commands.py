@@ -169,6 +169,7 @@ def test_sdxl_commands(tmp_path):
     assert "onnx/text_encoder_2/model.onnx" in manifest["files"]
     argv = [a.replace("builtin:sdxl-random", "builtin:tiny-sdxl") for a in stages]
     argv[argv.index("--resolution") + 1] = "64"
+    argv[argv.index("--steps") + 1] = "1"
     p = run(argv, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert all(s in p.stdout for s in ("prepare", "train", "export-parts", "peak RSS"))
