@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from finestyle.core.errors import ModelLoadError, UserError
-from finestyle.core.fs import hash_json, hash_tree, staging_dir
+from finestyle.core.fs import hash_json, hash_tree, sha256_file, staging_dir
 from finestyle.core.sd import SD, SDXL, family_of_class, folder_family
 
 BUILTIN_PREFIX = "builtin:"
@@ -838,6 +838,28 @@ def _guarded_load(name: str, load: Callable[[], Any]) -> Any:
         raise
 
 
+SINGLE_FILE_CONFIG_ENV = "FINESTYLE_SINGLE_FILE_CONFIG"
+"""A diffusers folder or hub id whose configs and tokenizers fit a single-file checkpoint; unset,
+diffusers picks the published base of the checkpoint's family (which must then be in the HF cache
+on a machine without network)."""
+
+
+def _load_single_file(cls: Any, path: Path, dtype: torch.dtype, extras: dict[str, Any]) -> Any:
+    """A single-file (original-layout) checkpoint through diffusers' `from_single_file`."""
+    config = os.environ.get(SINGLE_FILE_CONFIG_ENV)
+    kw = {"config": config} if config else {}
+    try:
+        with quiet_hf_logs():
+            return cls.from_single_file(str(path), torch_dtype=dtype, **kw, **extras)
+    except Exception as exc:  # diffusers/hub errors of every kind: one line that says what to do
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(
+            f"cannot load the single-file checkpoint {str(path)!r} ({first}); diffusers reads it with the "
+            f"configs and tokenizers of its base model: set {SINGLE_FILE_CONFIG_ENV} to a diffusers "
+            "folder (or a cached hub id) of the same architecture, or convert it to a diffusers folder"
+        ) from exc
+
+
 def load_sd_pipeline(
     name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> Any:
@@ -861,9 +883,7 @@ def load_sd_pipeline(
         family = model_family(name)
         cls, extras = pipeline_class(family), _pipeline_extras(family)
         if Path(name).expanduser().is_file():
-            pipe = _guarded_load(
-                name, lambda: cls.from_single_file(str(Path(name).expanduser()), torch_dtype=dt, **extras)
-            )
+            pipe = _load_single_file(cls, Path(name).expanduser(), dt, extras)
         else:
             pipe = _guarded_load(
                 name, lambda: cls.from_pretrained(name, use_safetensors=True, torch_dtype=dt, **extras)
@@ -921,6 +941,10 @@ def model_fingerprint(name: str | None) -> str | None:
         return hash_json({"name": name, "sums": sums.read_text() if sums.is_file() else ""})
     if is_builtin(name) or not p.exists():
         return name
+    if p.is_file():  # a single-file checkpoint (and the configs it is read with)
+        st = p.stat()
+        ident = sha256_file(p) if st.st_size < 50_000_000 else f"{st.st_size}:{st.st_mtime_ns}"
+        return hash_json({"file": ident, "config": os.environ.get(SINGLE_FILE_CONFIG_ENV)})
     files = (
         hash_tree(p)
         if sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) < 50_000_000

@@ -38,12 +38,12 @@ def _custom_sdxl(folder: Path) -> Path:
     write_byte_clip_tokenizer(folder / "_tok")
     tok = CLIPTokenizer.from_pretrained(folder / "_tok")
 
-    def te_cfg(width: int, proj: int) -> CLIPTextConfig:
+    def te_cfg(width: int, proj: int, layers: int) -> CLIPTextConfig:
         return CLIPTextConfig(
             hidden_size=width,
             intermediate_size=2 * width,
             num_attention_heads=4,
-            num_hidden_layers=3,
+            num_hidden_layers=layers,
             vocab_size=len(tok),
             projection_dim=proj,
             max_position_embeddings=77,
@@ -75,8 +75,9 @@ def _custom_sdxl(folder: Path) -> Path:
     )
     pipe = StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(te_cfg(16, 16)),
-        text_encoder_2=CLIPTextModelWithProjection(te_cfg(48, 24)),
+        text_encoder=CLIPTextModel(te_cfg(16, 16, 3)),
+        # 10 layers: diffusers recognises an SGM-layout SDXL file by its second encoder's 10th block
+        text_encoder_2=CLIPTextModelWithProjection(te_cfg(48, 24, 10)),
         tokenizer=tok,
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "_tok"),
         unet=unet,
@@ -263,3 +264,52 @@ def test_export_is_optimums_sdxl_layout_and_runtimes_agree(sdxl_run, sdxl_dir, t
         assert (decoded_batch(ov_be, [r]) - decoded_batch(torch_be, [r])).abs().max() / 2 <= 2e-3
     # the export recorded OpenVINO's check at the precision `--dtype auto` picks on this CPU
     assert all(c["pass"] for c in manifest["openvino"]["checks"].values())
+
+
+def test_a_single_file_checkpoint_is_a_base(sdxl_dir, sdxl_dataset, tmp_path, monkeypatch):
+    """An original-layout (SGM) SDXL .safetensors, as most shared SDXL models come, goes through
+    loading, training and the export, read by diffusers' `from_single_file`."""
+    from finestyle.config import ExportConfig, TrainConfig
+    from finestyle.core.errors import ModelLoadError
+    from finestyle.core.models import SINGLE_FILE_CONFIG_ENV, load_sd_pipeline, model_family
+    from finestyle.export.steps import run_export
+    from finestyle.train.loop import run_train
+    from tests.sgm_checkpoint import write_sgm_checkpoint
+
+    folder_pipe = load_sd_pipeline(str(sdxl_dir), device="cpu")
+    single = write_sgm_checkpoint(folder_pipe, tmp_path / "custom-xl.safetensors")
+    assert model_family(str(single)) == SDXL
+    # offline, without the base's configs: one line that says what to set
+    monkeypatch.delenv(SINGLE_FILE_CONFIG_ENV, raising=False)
+    with pytest.raises(ModelLoadError, match=SINGLE_FILE_CONFIG_ENV):
+        load_sd_pipeline(str(single), device="cpu")
+    monkeypatch.setenv(SINGLE_FILE_CONFIG_ENV, str(sdxl_dir))
+    pipe = load_sd_pipeline(str(single), device="cpu")
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(folder_pipe, comp).state_dict(), getattr(pipe, comp).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
+    run = run_train(
+        TrainConfig(
+            dataset=str(sdxl_dataset),
+            base=str(single),
+            out=str(tmp_path / "run"),
+            steps=2,
+            rank=4,
+            samples=False,
+        ),
+        log=lambda m: None,
+    )
+    run_export(
+        ExportConfig(
+            base=str(single),
+            adapter=run["adapter"],
+            out=str(tmp_path / "exp"),
+            parity_steps=2,
+            check_bf16=False,
+            check_openvino=False,
+        ),
+        log=lambda m: None,
+    )
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["base_model"] == str(single) and manifest["family"] == SDXL
+    assert manifest["parity"]["unet"]["max_abs_diff"] <= 1e-4
