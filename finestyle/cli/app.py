@@ -359,14 +359,14 @@ def _export_swappable(
 ) -> None:
     from finestyle.export.swappable import run_swappable_export
 
-    if fp16:
-        raise UserError("--swappable exports fp32 graphs; --fp16 is for plain exports")
     if not adapters or any(a.lower() == "none" for a in adapters):
         raise UserError("--swappable needs at least one --adapter RUN/adapter (the base is always a style)")
     for a in adapters:
         if not Path(a).is_dir():
             raise UserError(f"adapter folder {a!r} does not exist; pass RUN/adapter from `finestyle train`")
-    r = run_swappable_export(base, adapters, names, str(out), lora_scale if lora_scale is not None else 1.0)
+    r = run_swappable_export(
+        base, adapters, names, str(out), lora_scale if lora_scale is not None else 1.0, fp16=bool(fp16)
+    )
     print_summary(
         "export: done (swappable)",
         {

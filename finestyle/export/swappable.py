@@ -44,12 +44,15 @@ from finestyle.core.models import load_sd_pipeline, model_family, model_fingerpr
 from finestyle.core.onnxrt import ort_session
 from finestyle.core.sd import SDXL
 from finestyle.export.steps import (
+    FP16_IMAGE_ATOL,
+    FP16_UNET_ATOL,
     begin_export,
     export_versions,
     merge_adapter,
     onnx_export,
     probe_parity,
     release_memory,
+    to_fp16,
     unet_outputs,
     unet_probe_inputs,
 )
@@ -270,11 +273,18 @@ def run_swappable_export(
     out: str,
     lora_scale: float = 1.0,
     parity_steps: int = 4,
-    unet_atol: float = 1e-4,
-    image_atol: float = 2e-3,
+    unet_atol: float | None = None,
+    image_atol: float | None = None,
     log=_log,
+    fp16: bool = False,
 ) -> dict[str, Any]:
-    """Build a swappable export of `base` with one style per adapter; publish it with its manifest."""
+    """Build a swappable export of `base` with one style per adapter; publish it with its manifest.
+
+    `fp16`: the K/V UNet and the text encoder in half precision with fp32 inputs and outputs (the
+    style K/V stay fp32 and are cast at the graph's edge), the VAE only if it passes the fp16 probe;
+    parity then uses the stated fp16 thresholds. Default thresholds: 1e-4 / 2e-3 (fp32)."""
+    unet_atol = unet_atol or (FP16_UNET_ATOL if fp16 else 1e-4)
+    image_atol = image_atol or (FP16_IMAGE_ATOL if fp16 else 2e-3)
     if model_family(base) == SDXL:
         raise UserError(
             f"--swappable: {base} is an SDXL model; swappable exports support SD 1.x/2.x bases so far. "
@@ -307,6 +317,7 @@ def run_swappable_export(
             layers,
             tmp / KV_UNET,
         )
+        half = to_fp16(tmp / "onnx", components=("text_encoder", Path(KV_UNET).parent.name)) if fp16 else None
         manifest: dict[str, Any] = {
             "format": "finestyle-export",
             "version": 1,
@@ -314,7 +325,8 @@ def run_swappable_export(
             "base_model": base,
             "base_fingerprint": base_fp,
             "swappable": {"layers": layers, "styles": {}},
-            "precision": "fp32",
+            "precision": "fp16" if fp16 else "fp32",
+            "fp16": half,
             "thresholds": {"unet_atol": unet_atol, "image_atol": image_atol},
         }
         sess = ort_session(tmp / KV_UNET)

@@ -246,3 +246,40 @@ def test_sighup_reloads_the_styles_of_a_running_server(swx, adapters, tmp_path):
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     assert "SIGHUP reload: styles base, chalk, ink" in err
+
+
+def test_fp16_swappable_export_keeps_fp32_io_and_states_its_thresholds(adapters, tmp_path):
+    import onnx
+
+    from finestyle.runtime.generate import GenerationRequest, decoded_batch, load_backend
+
+    out = tmp_path / "e16"
+    r = _cli(
+        "export",
+        "--swappable",
+        "--fp16",
+        "--base",
+        "builtin:tiny-sd",
+        "--adapter",
+        str(adapters["ink"]),
+        "--name",
+        "ink",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "fp16" and {"text_encoder", "unet_kv"} <= set(m["fp16"]["converted"])
+    assert m["thresholds"] == {"unet_atol": 2e-2, "image_atol": 3e-2}
+    assert all(v["max_abs_diff"] <= v["atol"] for v in m["parity"].values())
+    g = onnx.load(str(out / "onnx/unet_kv/model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.graph.initializer)
+    assert all(
+        i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        for i in g.graph.input
+        if i.name.startswith("kv_")
+    )
+    add_style(str(out), str(adapters["chalk"]), "chalk", **Q)  # proven at the export's own thresholds
+    be = load_backend(str(out))
+    img = decoded_batch(be, [GenerationRequest("a red boat", steps=2, seed=1, style="chalk")])
+    assert np.isfinite(img.numpy()).all() and sorted(be.styles) == ["base", "chalk", "ink"]
