@@ -187,3 +187,50 @@ def test_sdxl_commands(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads((tmp_path / "runs/watercolor-xl/report.json").read_text())
     assert rep["family"] == "sdxl" and rep["resolution"] == 64  # the tiny model's own size
+
+
+def test_real_model_commands(tmp_path):
+    """The README's real-model walk-through with the tiny builtins in place of the hub models; the
+    server is started, answers one request, and is stopped."""
+    import signal
+
+    import httpx
+
+    from tests.integration.test_server import wait_ready
+
+    prepare, train, export, generate, serve = readme_commands("## Real models on a GPU machine")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(2):
+        make_scene((128, 96), seed=i).save(refs / f"s{i}.png")
+    argv = [TINY.get(a, a) for a in train]
+    argv[argv.index("--steps") + 1] = "2"
+    argv[argv.index("--resolution") + 1] = "64"
+    argv[argv.index("--checkpoint-every") + 1] = "1"
+    for cmd in (
+        [TINY.get(a, a) for a in prepare],
+        argv,
+        [TINY.get(a, a) for a in export],
+        [*generate, "--steps", "2"],
+    ):
+        p = run(cmd, tmp_path)
+        assert p.returncode == 0, (cmd, p.stderr[-3000:])
+    m = json.loads((tmp_path / "exports/watercolor/manifest.json").read_text())
+    assert m["has_base_unet"] and m["optimize"] and (tmp_path / "sneaker.png").is_file()
+    port = str(8000 + os.getpid() % 1000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *serve[1:], "--port", port],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 120)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a boat", "steps": 1}, timeout=60
+        )
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
