@@ -217,7 +217,11 @@ def test_real_model_commands(tmp_path):
         assert p.returncode == 0, (cmd, p.stderr[-3000:])
     m = json.loads((tmp_path / "exports/watercolor/manifest.json").read_text())
     assert m["has_base_unet"] and m["optimize"] and (tmp_path / "sneaker.png").is_file()
-    port = str(8000 + os.getpid() % 1000)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *serve[1:], "--port", port],
         cwd=tmp_path,
