@@ -176,6 +176,7 @@ def test_sdxl_commands(tmp_path):
     if (host_memory_bytes() or 0) < 48 * GB:  # the README's refusal, as written
         p = run(export, tmp_path)
         assert p.returncode == 2 and "needs about" in p.stderr and not (tmp_path / "exports").exists()
+        assert p.stderr.strip().count("\n") == 0  # one line
     prepare, train = readme_commands("## SDXL", block=1)
     refs = tmp_path / "refs"
     refs.mkdir()
