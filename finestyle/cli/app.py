@@ -15,6 +15,15 @@ from typing import Any, Optional
 
 import typer
 
+from finestyle.cli.options import OptionSpec, config_options
+from finestyle.config import (
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PrepareConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from finestyle.core.errors import UserError, VerificationError
 
 app = typer.Typer(
@@ -22,17 +31,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: wraps at any width, never cuts a flag name
     help="FineStyle: concept-oriented style personalization for Stable Diffusion, from a few "
     "reference images to a validated ONNX/TensorRT export and an inference server.",
 )
 models_app = typer.Typer(
+    rich_markup_mode=None,
     no_args_is_help=False,
     invoke_without_command=True,
     help="List the builtin models, or write one as a local folder.",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print a ratio against a baseline.")
+bench_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Benchmarks that print a ratio against a baseline."
+)
 world_app = typer.Typer(
-    no_args_is_help=True, help="The procedural world: render scenes, train and check its builtin models."
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="The procedural world: render scenes, train and check its builtin models.",
 )
 app.add_typer(models_app, name="models")
 app.add_typer(world_app, name="world")
@@ -75,68 +90,23 @@ def print_summary(title: str, lines: dict[str, Any]) -> None:
 # prepare
 
 
+PREPARE = OptionSpec(
+    PrepareConfig, arguments=("images",), required=("images", "style", "out"), flags=("force",)
+)
+
+
 @app.command()
 @command
+@config_options(PREPARE)
 def prepare(
-    images: list[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
-    style: str = typer.Option(..., "--style", help='Style descriptor, e.g. "watercolor painting".'),
-    out: Path = typer.Option(..., "--out", help="Output dataset folder (published atomically)."),
-    captioner: Optional[str] = typer.Option(
-        None, help="BLIP model: hub id, local folder or builtin [default: builtin:tiny-blip]."
-    ),
-    base: Optional[str] = typer.Option(
-        None, help="Text-to-image model whose cross-attention locates concepts [default: builtin:tiny-sd]."
-    ),
-    concepts: Optional[str] = typer.Option(None, help="attention | grid | boxes | none | auto."),
-    concept_words: Optional[str] = typer.Option(None, help='Extra concept phrases, e.g. "boat, lake".'),
-    boxes: Optional[str] = typer.Option(None, help="JSON file of per-image boxes (for --concepts boxes)."),
-    full_image: Optional[bool] = typer.Option(
-        None, "--full-image/--no-full-image", help="Keep each whole image as one pair."
-    ),
-    max_concepts: Optional[int] = typer.Option(None, help="Most concept crops per image."),
-    min_crop: Optional[int] = typer.Option(None, help="Smallest crop side in pixels."),
-    margin: Optional[float] = typer.Option(None, help="Margin around boxes (fraction of box size)."),
-    resolution: Optional[int] = typer.Option(None, help="Training resolution recorded with buckets."),
-    batch_size: Optional[int] = typer.Option(None, help="Captioning batch size."),
-    caption_prefix: Optional[str] = typer.Option(None, help='BLIP conditional prefix ("" = none).'),
-    num_beams: Optional[int] = typer.Option(None, help="Beam width (1 = greedy)."),
-    max_length: Optional[int] = typer.Option(None, help="Most new caption tokens."),
-    template: Optional[str] = typer.Option(
-        None, help='Training text template, e.g. "{concept}, in {style} style".'
-    ),
-    dtype: Optional[str] = typer.Option(None, help="Captioner dtype: fp32 | bf16 | fp16 | auto."),
-    device: Optional[str] = typer.Option(None, help="cuda | mps | cpu | auto."),
+    values: dict[str, Any],
     config: Optional[Path] = typer.Option(
         None, help="YAML file (its `prepare:` section); options override it."
     ),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if an identical dataset exists."),
 ) -> None:
     """Turn reference images into concept crop-caption pairs: a Hugging Face dataset."""
-    from finestyle.config import PrepareConfig, stage_from_sources
+    from finestyle.config import stage_from_sources
 
-    values = dict(
-        images=images,
-        style=style,
-        out=str(out),
-        captioner=captioner,
-        base=base,
-        concepts=concepts,
-        concept_words=concept_words,
-        boxes=boxes,
-        full_image=full_image,
-        max_concepts=max_concepts,
-        min_crop=min_crop,
-        margin=margin,
-        resolution=resolution,
-        batch_size=batch_size,
-        caption_prefix=caption_prefix,
-        num_beams=num_beams,
-        max_length=max_length,
-        template=template,
-        dtype=dtype,
-        device=device,
-        force=force or None,
-    )
     cfg = stage_from_sources(PrepareConfig, "prepare", str(config) if config else None, values)
     from finestyle.prepare.stage import run_prepare
 
@@ -157,88 +127,26 @@ def prepare(
 # train
 
 
+TRAIN = OptionSpec(
+    TrainConfig,
+    arguments=("dataset",),
+    required=("dataset", "base", "out"),
+    names={"eval_judge": "judge", "sample_prompts": "sample_prompt"},
+    repeat=("sample_prompts",),
+    flags=("force", "resume"),
+)
+
+
 @app.command()
 @command
+@config_options(TRAIN)
 def train(
-    dataset: Path = typer.Argument(..., help="Dataset folder from `prepare` (or an ImageFolder)."),
-    base: str = typer.Option(..., "--base", help="Base model: hub id, local folder or builtin."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank [8]."),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha [= rank]."),
-    targets: Optional[str] = typer.Option(
-        None, help="kv (FineStyle) | qkvo | attn | kv-up0 | kv-up0.1 (SDXL subsets) | a regex [kv]."
-    ),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps [500]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [1e-4]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [1]."),
-    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation [1]."),
-    resolution: Optional[int] = typer.Option(
-        None, help="Training resolution [the base model's native size: 512 SD 1.5, 1024 SDXL]."
-    ),
-    seed: Optional[int] = typer.Option(None, help="Seed [0]."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no | fp16 | bf16 | auto."),
-    gradient_checkpointing: Optional[bool] = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing"
-    ),
-    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR gamma (e.g. 5)."),
-    noise_offset: Optional[float] = typer.Option(None, help="Noise offset (e.g. 0.05)."),
-    caption_dropout: Optional[float] = typer.Option(None, help="Empty-text probability [0.1]."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    keep_checkpoints: Optional[int] = typer.Option(None, help="Checkpoints kept [2]."),
-    sample_every: Optional[int] = typer.Option(None, help="Sample grids every N steps."),
-    sample_prompt: Optional[list[str]] = typer.Option(None, help="Validation prompt (repeatable)."),
-    sample_steps: Optional[int] = typer.Option(None, help="Denoising steps for samples [20]."),
-    device: Optional[str] = typer.Option(None, help="cuda | mps | cpu | auto."),
-    eval_every: Optional[int] = typer.Option(
-        None, help="Score style, prompt fidelity and leakage every N steps (eval.png) [off]."
-    ),
-    judge: Optional[str] = typer.Option(None, "--judge", help="Judge of those scores: world | clip:MODEL."),
-    select: Optional[str] = typer.Option(
-        None, help="adapter/ = last | best (least leakage within 0.05 of the best style) [last]."
-    ),
-    eval_prompts: Optional[int] = typer.Option(None, help="Prompts of the checkpoint evaluation [6]."),
-    eval_seeds: Optional[int] = typer.Option(None, help="Seeds per prompt [2]."),
-    eval_steps: Optional[int] = typer.Option(None, help="Denoising steps of the checkpoint evaluation [20]."),
+    values: dict[str, Any],
     config: Optional[Path] = typer.Option(None, help="YAML file (its `train:` section)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Retrain even if an identical finished run exists."),
 ) -> None:
     """Fine-tune LoRA adapters on the UNet's cross-attention K/V (FineStyle) from a dataset."""
-    from finestyle.config import TrainConfig, stage_from_sources
+    from finestyle.config import stage_from_sources
 
-    values = dict(
-        dataset=str(dataset),
-        base=base,
-        out=str(out),
-        rank=rank,
-        alpha=alpha,
-        targets=targets,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        resolution=resolution,
-        seed=seed,
-        mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing,
-        snr_gamma=snr_gamma,
-        noise_offset=noise_offset,
-        caption_dropout=caption_dropout,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        sample_every=sample_every,
-        sample_prompts=sample_prompt or None,
-        sample_steps=sample_steps,
-        device=device,
-        eval_every=eval_every,
-        eval_judge=judge,
-        select=select,
-        eval_prompts=eval_prompts,
-        eval_seeds=eval_seeds,
-        eval_steps=eval_steps,
-        resume=resume or None,
-        force=force or None,
-    )
     cfg = stage_from_sources(TrainConfig, "train", str(config) if config else None, values)
     from finestyle.eval.checkpoints import train_with_eval
 
@@ -270,27 +178,25 @@ def _selection_line(r: dict[str, Any], mode: str) -> str:
 # export
 
 
+EXPORT = OptionSpec(
+    ExportConfig,
+    decls={"fp16": "--fp16/--fp32", "with_base_unet": "--with-base-unet/--no-base-unet"},
+    flags=("force",),
+    skip=("adapter",),  # repeatable below: one style each with --swappable
+    no_default=("base", "out"),
+)
+
+
 @app.command()
 @command
+@config_options(EXPORT)
 def export(
-    base: Optional[str] = typer.Option(None, "--base", help="Base model the adapter was trained on."),
+    values: dict[str, Any],
     adapter: Optional[list[Path]] = typer.Option(
         None,
         "--adapter",
         help="Adapter folder (RUN/adapter), or 'none' to export the base model as it is; "
         "repeatable with --swappable (one style each).",
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Export folder."),
-    format: Optional[str] = typer.Option(None, "--format", help="onnx | tensorrt [onnx]."),
-    fp16: Optional[bool] = typer.Option(
-        None, "--fp16/--fp32", help="Half-precision ONNX (fp32 I/O; VAE fp16 only if proven NaN-free)."
-    ),
-    optimize: Optional[bool] = typer.Option(
-        None, "--optimize/--no-optimize", help="onnxruntime diffusion graph optimizer."
-    ),
-    lora_scale: Optional[float] = typer.Option(None, help="Scale at which the adapter is fused [1.0]."),
-    with_base_unet: Optional[bool] = typer.Option(
-        None, "--with-base-unet/--no-base-unet", help="Also export the base UNet (style guidance)."
     ),
     swappable: bool = typer.Option(
         False, "--swappable", help="One shared UNet with K/V inputs; each --adapter becomes a style."
@@ -307,14 +213,13 @@ def export(
     to: Optional[Path] = typer.Option(
         None, "--to", help="The swappable export --add-style/--remove-style changes."
     ),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu | auto."),
     config: Optional[Path] = typer.Option(None, help="YAML file (its `export:` section)."),
-    force: bool = typer.Option(False, "--force", help="Re-export even if identical."),
 ) -> None:
     """Merge the adapter into the UNet, export ONNX (or TensorRT) and prove parity."""
-    from finestyle.config import ExportConfig, stage_from_sources
+    from finestyle.config import stage_from_sources
 
     adapters = [str(a) for a in adapter or []]
+    base, out, lora_scale = values["base"], values["out"], values["lora_scale"]
     if add_style or remove_style:
         _edit_styles(add_style, remove_style, to, name, lora_scale)
         return
@@ -323,23 +228,12 @@ def export(
             "export needs --base MODEL and --out DIR (or --add-style/--remove-style with --to DIR)"
         )
     if swappable:
-        _export_swappable(base, adapters, name or [], out, lora_scale, fp16)
+        _export_swappable(base, adapters, name or [], Path(out), lora_scale, values["fp16"])
         return
     if len(adapters) > 1:
         raise UserError("several --adapter values need --swappable (one style each)")
     one = adapters[0] if adapters else None
-    values = dict(
-        base=base,
-        adapter=("" if one.lower() == "none" else one) if one else None,
-        out=str(out) if out else None,
-        format=format,
-        fp16=fp16,
-        optimize=optimize,
-        lora_scale=lora_scale,
-        with_base_unet=with_base_unet,
-        device=device,
-        force=force or None,
-    )
+    values["adapter"] = ("" if one.lower() == "none" else one) if one else None
     cfg = stage_from_sources(ExportConfig, "export", str(config) if config else None, values)
     from finestyle.export.steps import run_export
 
@@ -411,55 +305,16 @@ def _edit_styles(
 # generate / serve
 
 
+GENERATE = OptionSpec(GenerateConfig, arguments=("model", "prompt"), required=("model", "prompt", "out"))
+
+
 @app.command()
 @command
-def generate(
-    model: str = typer.Argument(..., help="Export folder, diffusers folder or builtin."),
-    prompt: str = typer.Argument(..., help="The prompt."),
-    out: Path = typer.Option(..., "--out", help="Output PNG."),
-    runtime: Optional[str] = typer.Option(None, help="auto | onnxruntime | openvino | tensorrt | torch."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
-    exclude_concepts: Optional[str] = typer.Option(
-        None, help='Reference concepts to keep out, "trees, sun".'
-    ),
-    adapter: Optional[str] = typer.Option(None, help="torch runtime: adapter folder on top of MODEL."),
-    dtype: Optional[str] = typer.Option(
-        None, help="torch / openvino precision: auto | fp32 | bf16 (fast CPU) | fp16."
-    ),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps [20]."),
-    guidance: Optional[float] = typer.Option(None, help="Prompt guidance λ2 [7.5]."),
-    style_guidance: Optional[float] = typer.Option(None, help="Style guidance λ1 [0 = off]."),
-    width: Optional[int] = typer.Option(None, help="Width (multiple of 8)."),
-    height: Optional[int] = typer.Option(None, help="Height (multiple of 8)."),
-    seed: Optional[int] = typer.Option(None, help="Seed [0]."),
-    num_images: Optional[int] = typer.Option(None, help="Images [1]."),
-    style: Optional[str] = typer.Option(None, help="A swappable export's style [its default]."),
-    scheduler: Optional[str] = typer.Option(
-        None, help="ddim | pndm | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | unipc | ddpm [the model's]."
-    ),
-) -> None:
+@config_options(GENERATE)
+def generate(values: dict[str, Any]) -> None:
     """Generate images from an export (onnxruntime/TensorRT) or a torch model."""
-    from finestyle.config import GenerateConfig, stage_from_sources
+    from finestyle.config import stage_from_sources
 
-    values = dict(
-        model=model,
-        prompt=prompt,
-        out=str(out),
-        runtime=runtime,
-        negative_prompt=negative_prompt,
-        exclude_concepts=exclude_concepts,
-        adapter=adapter,
-        dtype=dtype,
-        steps=steps,
-        guidance=guidance,
-        style_guidance=style_guidance,
-        width=width,
-        height=height,
-        seed=seed,
-        num_images=num_images,
-        style=style,
-        scheduler=scheduler,
-    )
     cfg = stage_from_sources(GenerateConfig, "generate", None, values)
     from finestyle.runtime.generate import run_generate
 
@@ -481,67 +336,20 @@ def concepts(export_dir: Path = typer.Argument(..., help="Export folder.")) -> N
     typer.echo("concepts: " + (", ".join(c["concepts"]) or "-"))
 
 
+SERVE = OptionSpec(ServeConfig, arguments=("export",), required=("export",))
+
+
 @app.command()
 @command
+@config_options(SERVE)
 def serve(
-    export_dir: Path = typer.Argument(..., help="Export folder."),
-    host: Optional[str] = typer.Option(
-        None, help="Bind address [127.0.0.1]; other values expose the server."
-    ),
-    port: Optional[int] = typer.Option(None, help="Port [8000]."),
-    runtime: Optional[str] = typer.Option(None, help="onnxruntime | openvino | torch [onnxruntime]."),
-    providers: Optional[str] = typer.Option(
-        None, help='onnxruntime providers in order, "CUDAExecutionProvider,CPUExecutionProvider".'
-    ),
-    dtype: Optional[str] = typer.Option(
-        None, help="torch / openvino precision: auto | fp32 | bf16 (fast CPU) | fp16."
-    ),
-    queue_size: Optional[int] = typer.Option(None, help="Requests waiting at most; 503 beyond [32]."),
-    max_batch: Optional[int] = typer.Option(None, help="Most images per batched denoising loop [8]."),
-    max_wait_ms: Optional[float] = typer.Option(None, help="Batcher's longest wait for company [60]."),
-    max_gap_ms: Optional[float] = typer.Option(
-        None, help="...and no longer than this after the last arrival [10]."
-    ),
-    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Dynamic batching [on]."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt in tokens [77]."),
-    min_steps: Optional[int] = typer.Option(None, help="Fewest denoising steps accepted [1]."),
-    max_steps: Optional[int] = typer.Option(None, help="Most denoising steps accepted [50]."),
-    max_size: Optional[int] = typer.Option(
-        None, help="Largest width/height accepted [twice the model's native size]."
-    ),
-    max_images: Optional[int] = typer.Option(None, help="Most images per request [4]."),
-    max_body_bytes: Optional[int] = typer.Option(None, help="Largest request body; 413 beyond [16384]."),
-    timeout_s: Optional[float] = typer.Option(None, help="Per-request timeout in seconds; 504 beyond [120]."),
-    drain_s: Optional[float] = typer.Option(
-        None, help="Shutdown: seconds to finish requests in flight [30]."
-    ),
+    values: dict[str, Any],
     config: Optional[Path] = typer.Option(None, help="YAML file (its `serve:` section)."),
 ) -> None:
     """Serve an export over HTTP: POST /v1/generate, /healthz, /readyz, /v1/model, /metrics."""
-    from finestyle.config import ServeConfig, stage_from_sources
+    from finestyle.config import stage_from_sources
     from finestyle.serve.app import run_config
 
-    values = dict(
-        export=str(export_dir),
-        host=host,
-        port=port,
-        runtime=runtime,
-        providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
-        dtype=dtype,
-        queue_size=queue_size,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_gap_ms=max_gap_ms,
-        batching=batching,
-        max_prompt_tokens=max_prompt_tokens,
-        min_steps=min_steps,
-        max_steps=max_steps,
-        max_size=max_size,
-        max_images=max_images,
-        max_body_bytes=max_body_bytes,
-        timeout_s=timeout_s,
-        drain_s=drain_s,
-    )
     run_config(stage_from_sources(ServeConfig, "serve", str(config) if config else None, values))
 
 
@@ -577,49 +385,14 @@ def models_save(
 # eval
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(
-            f"{flag}: {text!r} is not a comma-separated list of numbers, e.g. 0,0.5,1,2"
-        ) from None
-    if not vals:
-        raise UserError(f"{flag}: give at least one number, e.g. 0")
-    return vals
+EVAL = OptionSpec(EvalConfig, arguments=("model",), required=("references", "out"), no_default=("model",))
 
 
 @app.command("eval")
 @command
+@config_options(EVAL)
 def eval_cmd(
-    model: Optional[str] = typer.Argument(
-        None, help="Export folder, or a base model with --adapter (not used with --compare)."
-    ),
-    references: str = typer.Option(
-        ..., "--references", help="Prepared dataset of the references (with --compare: a folder of images)."
-    ),
-    out: Path = typer.Option(..., "--out", help="Output folder: report.json, report.md, grid.png, images/."),
-    adapter: Optional[str] = typer.Option(None, help="Adapter folder on top of MODEL."),
-    prompts: Optional[Path] = typer.Option(
-        None, help="Prompt file: one per line, optionally TAB superclass."
-    ),
-    judge: str = typer.Option(
-        "world", help="world | world:FOLDER | clip:MODEL (e.g. clip:openai/clip-vit-large-patch14)."
-    ),
-    style: Optional[str] = typer.Option(
-        None, help="Target style text (default: the dataset's; required with --compare)."
-    ),
-    n_prompts: int = typer.Option(12, help="Prompts taken from the judge's default set."),
-    seeds: int = typer.Option(4, help="Seeds per prompt."),
-    steps: int = typer.Option(20, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Prompt guidance λ2."),
-    style_guidance: str = typer.Option("0", help="Style guidance λ1, or a list to sweep, e.g. 0,0.5,1,2."),
-    batch: int = typer.Option(16, help="Images per denoising batch."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    runtime: str = typer.Option(
-        "auto", help="Export's runtime: auto (onnxruntime) | onnxruntime | openvino | torch | tensorrt."
-    ),
-    dtype: str = typer.Option("auto", help="torch / openvino precision: auto | fp32 | bf16 | fp16."),
+    values: dict[str, Any],
     compare: bool = typer.Option(
         False, "--compare", help="Train and compare FineStyle against plain style tuning."
     ),
@@ -634,26 +407,16 @@ def eval_cmd(
     ),
 ) -> None:
     """Score style fidelity, prompt fidelity and content leakage (tuned minus base); --compare runs the ablation."""
-    from finestyle.config import EvalConfig
+    from finestyle.config import stage_from_sources
 
-    ecfg = EvalConfig(
-        model=model or "",
-        adapter=adapter,
-        references=references,
-        out=str(out),
-        prompts=str(prompts) if prompts else None,
-        judge=judge,
-        style=style,
-        n_prompts=n_prompts,
-        seeds=seeds,
-        steps=steps,
-        guidance=guidance,
-        style_guidance=_floats(style_guidance, "--style-guidance"),
-        batch=batch,
-        device=device,
-        runtime=runtime,
-        dtype=dtype,
+    model, style, references, out = (
+        values["model"],
+        values["style"],
+        values["references"],
+        Path(values["out"]),
     )
+    values["model"] = model or ""  # --compare trains its own models
+    ecfg = stage_from_sources(EvalConfig, "eval", None, values)
     if compare:
         from finestyle.eval.compare import VARIANTS, CompareSettings, run_compare
 

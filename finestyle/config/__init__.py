@@ -3,7 +3,15 @@
 Imports core only.
 """
 
-from finestyle.config.base import field_docs, from_dict, load_yaml, stage_from_sources, to_dict
+from finestyle.config.base import (
+    field_docs,
+    from_dict,
+    keyed_fields,
+    load_yaml,
+    stage_from_sources,
+    to_dict,
+    unkeyed,
+)
 from finestyle.config.stages import (
     DEFAULT_STYLE,
     SCHEDULERS,
@@ -31,8 +39,10 @@ __all__ = [
     "TrainConfig",
     "field_docs",
     "from_dict",
+    "keyed_fields",
     "load_pipeline_config",
     "load_yaml",
     "stage_from_sources",
     "to_dict",
+    "unkeyed",
 ]

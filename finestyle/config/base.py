@@ -91,6 +91,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def unkeyed(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field whose value stays out of its stage's content key: it says where or how the stage
+    runs (output path, device, --force, checkpoints, samples), or names an input that the stage
+    identifies by its content instead (the dataset's and the base model's fingerprints)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"key": False})
+
+
+def keyed_fields(cfg: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The config's values that enter its stage's content key: every field not declared `unkeyed`."""
+    values = to_dict(cfg)
+    return {
+        f.name: values[f.name]
+        for f in dataclasses.fields(cfg)
+        if f.metadata.get("key", True) and f.name not in skip
+    }
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finestyle.config.base import check as _check
-from finestyle.config.base import from_dict, load_yaml
+from finestyle.config.base import from_dict, load_yaml, unkeyed
 from finestyle.core.errors import UserError
 
 T = TypeVar("T")
@@ -57,11 +57,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 class PrepareConfig:
     """Stage 1: reference images -> concept crops -> captions -> dataset."""
 
-    images: list[str] = field(default_factory=lambda: ["data/examples"])
+    images: list[str] = unkeyed(factory=lambda: ["data/examples"])
     """Image files, folders (searched recursively) or glob patterns."""
     style: str = DEFAULT_STYLE
     """The style descriptor, e.g. "watercolor painting"; fills `{style}` in the template."""
-    out: str = "data/prepared/examples"
+    out: str = unkeyed("data/prepared/examples")
     """Output dataset folder (published atomically)."""
     captioner: str = "builtin:tiny-blip"
     """BLIP model: hub id (Salesforce/blip-image-captioning-base), local folder or builtin."""
@@ -113,13 +113,13 @@ class PrepareConfig:
     """Attention threshold as a fraction of the map's max; 0 means Otsu."""
     grid_scales: list[int] = field(default_factory=lambda: [2, 3])
     """For `grid`: the n×n grids proposed besides the whole image and the centre crop."""
-    device: str = "auto"
+    device: str = unkeyed("auto")
     """cuda | mps | cpu | auto."""
     dtype: str = "auto"
     """Captioner dtype: fp32 | bf16 | fp16 | auto (fp32 on CPU)."""
     seed: int = 0
     """Seed for the noise used in attention localisation."""
-    force: bool = False
+    force: bool = unkeyed(False)
     """Rebuild even if an identical dataset (same inputs and config) is already there."""
 
     def __post_init__(self) -> None:
@@ -198,11 +198,11 @@ class PrepareConfig:
 class TrainConfig:
     """Stage 2: LoRA adapters on the UNet from a prepared dataset."""
 
-    dataset: str = "data/prepared/examples"
+    dataset: str = unkeyed("data/prepared/examples")
     """Dataset folder from `prepare`, or an ImageFolder with train/metadata.jsonl."""
-    base: str = "builtin:tiny-sd"
+    base: str = unkeyed("builtin:tiny-sd")
     """Base text-to-image model: hub id, local diffusers folder or builtin."""
-    out: str = "runs/train"
+    out: str = unkeyed("runs/train")
     """Output folder: adapter/, checkpoints/, samples/, loss.png, report.json."""
     targets: str = "kv"
     """kv (attn2 K/V, FineStyle) | qkvo (attn2 q,k,v,out) | attn (self+cross) | kv-up0, kv-up0.1 (SDXL:
@@ -249,29 +249,29 @@ class TrainConfig:
     """Trade compute for memory in the UNet."""
     use_8bit_adam: bool = False
     """bitsandbytes AdamW8bit (GPU only)."""
-    cache: str = "memory"
+    cache: str = unkeyed("memory")
     """Where cached latents/text embeddings live: memory | disk."""
     seed: int = 0
     """Seed; the same seed gives the same run."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = unkeyed(0)
     """Write a checkpoint every N steps (0: only at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = unkeyed(2)
     """How many checkpoints to keep."""
-    resume: bool = False
+    resume: bool = unkeyed(False)
     """Continue from the newest complete checkpoint in out/checkpoints."""
-    sample_every: int = 0
+    sample_every: int = unkeyed(0)
     """Write sample grids every N steps (0: only at the end)."""
-    sample_prompts: list[str] = field(default_factory=list)
+    sample_prompts: list[str] = unkeyed(factory=list)
     """Validation prompts; default: concept swaps built from the dataset."""
-    sample_steps: int = 20
+    sample_steps: int = unkeyed(20)
     """Denoising steps for samples."""
-    sample_resolution: int | None = None
+    sample_resolution: int | None = unkeyed(None)
     """Sample image size; default: the model's native size."""
     samples: bool = True
     """Write sample grids at all (off for benchmarks)."""
-    device: str = "auto"
+    device: str = unkeyed("auto")
     """cuda | mps | cpu | auto."""
-    force: bool = False
+    force: bool = unkeyed(False)
     """Retrain even if `out` holds a finished run with the same content key."""
     eval_every: int = 0
     """Score style, prompt fidelity and leakage every N steps (and at the end); 0: off."""
@@ -364,11 +364,11 @@ class TrainConfig:
 class ExportConfig:
     """Stage 3: merge the adapter, export ONNX (and TensorRT), prove parity."""
 
-    base: str = "builtin:tiny-sd"
+    base: str = unkeyed("builtin:tiny-sd")
     """Base text-to-image model the adapter was trained on."""
-    adapter: str | None = "runs/train/adapter"
+    adapter: str | None = unkeyed("runs/train/adapter")
     """Adapter folder from `train` (None: export the base model alone)."""
-    out: str = "exports/model"
+    out: str = unkeyed("exports/model")
     """Export folder: merged/, onnx/, [tensorrt/], manifest.json."""
     format: str = "onnx"
     """onnx | tensorrt (TensorRT also writes the ONNX it is built from)."""
@@ -397,7 +397,7 @@ class ExportConfig:
     """When OpenVINO is installed, check its image against fp32 at the precision `--runtime openvino`
     picks on this CPU; recorded in the manifest (a failure marks that precision unusable, not the
     export)."""
-    device: str = "auto"
+    device: str = unkeyed("auto")
     """Device for merge and the PyTorch side of parity."""
     trt_static: bool = True
     """TensorRT: static shape profiles (faster) rather than dynamic ranges."""
@@ -407,7 +407,7 @@ class ExportConfig:
     """TensorRT profile: images per request (UNet batch is 2x for guidance)."""
     trt_size: int | None = None
     """TensorRT profile: image side in pixels; default: the model's native size (512 SD 1.5, 1024 SDXL)."""
-    force: bool = False
+    force: bool = unkeyed(False)
     """Re-export even if an identical export is there."""
 
     def __post_init__(self) -> None:

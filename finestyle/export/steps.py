@@ -24,7 +24,7 @@ import torch
 from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.artifacts.manifest import MANIFEST, verify_export
-from finestyle.config import ExportConfig, to_dict
+from finestyle.config import ExportConfig, keyed_fields, to_dict
 from finestyle.core.env import cpu_name
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.fs import (
@@ -46,6 +46,7 @@ from finestyle.core.sd import (
     pooled_dim,
     unet_kwargs,
 )
+from finestyle.core.stage import find_reusable
 from finestyle.export.tensorrt import build_engines
 from finestyle.runtime.generate import GenerationRequest, generate, openvino_backend, torch_backend
 from finestyle.runtime.openvino import OV_IMAGE_MEAN_ATOL, hardware_precision
@@ -455,7 +456,7 @@ def optimize_unet(onnx_dir: Path, target: str) -> dict[str, Any]:
 
 def export_cache_key(cfg: ExportConfig) -> str:
 
-    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force", "device", "adapter", "base")}
+    conf = keyed_fields(cfg)
     adapter = None
     if cfg.adapter:
         ap = Path(cfg.adapter)
@@ -493,20 +494,19 @@ def check_reuse(cfg: ExportConfig, log=_log) -> dict[str, Any] | None:
     if cfg.format == "tensorrt":
         require_tensorrt()
     key = export_cache_key(cfg)
-    if not cfg.force and (out / "manifest.json").exists():
-        try:
-            old = verify_export(out)
-            if old.get("cache_key") == key:
-                log(f"export: reusing {out} (same base, adapter and options; --force to rebuild)")
-                return {
-                    "out": str(out),
-                    "reused": True,
-                    "parity": _parity_summary(old["parity"]),
-                    "cache_key": key,
-                }
-        except UserError as exc:
-            log(f"export: existing {out} is not reusable ({exc}); rebuilding")
-    return None
+    old = find_reusable(
+        out,
+        MANIFEST,
+        key,
+        stage="export",
+        same="base, adapter and options",
+        force=cfg.force,
+        load=verify_export,
+        log=log,
+    )
+    if old is None:
+        return None
+    return {"out": str(out), "reused": True, "parity": _parity_summary(old["parity"]), "cache_key": key}
 
 
 def begin_export(cfg: ExportConfig) -> str:

@@ -18,12 +18,11 @@ import torch
 
 from finestyle import __version__
 from finestyle.artifacts.dataset import write_dataset
-from finestyle.config import PrepareConfig, to_dict
+from finestyle.config import PrepareConfig, keyed_fields, to_dict
 from finestyle.core.errors import UserError
 from finestyle.core.fs import (
     clean_stale_temps,
     hash_json,
-    read_json,
     sha256_file,
     staging_dir,
     write_json,
@@ -31,6 +30,7 @@ from finestyle.core.fs import (
 from finestyle.core.geometry import fit_size
 from finestyle.core.memory import check_fits
 from finestyle.core.models import load_captioner, load_sd_pipeline, model_fingerprint, pick_device
+from finestyle.core.stage import find_reusable
 from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
 from finestyle.prepare.concepts import (
     Region,
@@ -52,7 +52,7 @@ def _log(msg: str) -> None:
 
 def cache_key(cfg: PrepareConfig, candidates: list[Path]) -> str:
     """Content key: input file hashes + every option that changes the output + model identities."""
-    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force", "device", "images")}
+    conf = keyed_fields(cfg)
     inputs = sorted(sha256_file(p) for p in candidates)
     return hash_json(
         {
@@ -235,22 +235,19 @@ def plan_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
         load_boxes_file(cfg.boxes)  # fail early, before any work, on a bad boxes file
     key = cache_key(cfg, candidates)
     reuse = None
-    if not cfg.force and (out / "report.json").exists():
-        try:
-            old = read_json(out / "report.json")
-        except (OSError, ValueError):
-            old = {}
-        if old.get("cache_key") == key:
-            log(f"prepare: reusing {out} (same inputs and configuration; --force to rebuild)")
-            c = old["counts"]
-            reuse = {
-                "out": str(out),
-                "reused": True,
-                "rows": c["rows"],
-                "cache_key": key,
-                "images_used": c["images_used"],
-                "skipped": c["skipped"],
-            }
+    old = find_reusable(
+        out, "report.json", key, stage="prepare", same="inputs and configuration", force=cfg.force, log=log
+    )
+    if old is not None:
+        c = old["counts"]
+        reuse = {
+            "out": str(out),
+            "reused": True,
+            "rows": c["rows"],
+            "cache_key": key,
+            "images_used": c["images_used"],
+            "skipped": c["skipped"],
+        }
     return {
         "candidates": [str(c) for c in candidates],
         "skipped": [s.as_dict() for s in skipped],

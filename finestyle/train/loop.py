@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, KOHYA_WEIGHTS
 from finestyle.artifacts.dataset import dataset_fingerprint, load_training_rows
-from finestyle.config import TrainConfig, to_dict
+from finestyle.config import TrainConfig, keyed_fields, to_dict
 from finestyle.core.errors import FineStyleError, UserError
 from finestyle.core.fs import hash_json, read_json, staging_dir, write_json
 from finestyle.core.geometry import fit_size
@@ -48,6 +48,7 @@ from finestyle.core.sd import (
     unet_family,
     unet_kwargs,
 )
+from finestyle.core.stage import find_reusable
 
 SWAP_OBJECTS = ("a sneaker", "a teapot", "a bicycle", "an owl")
 
@@ -449,27 +450,7 @@ def train_cache_key(cfg: TrainConfig) -> str:
     """Content key of a training run: dataset fingerprint + base + every option that changes weights.
 
     Checkpoint evaluation changes adapter/ only when it selects the weights (`select=best`)."""
-    skip_eval = EVAL_FIELDS if cfg.select == "last" else ()
-    conf = {
-        k: v
-        for k, v in to_dict(cfg).items()
-        if k
-        not in (
-            "out",
-            "resume",
-            "device",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "sample_every",
-            "sample_prompts",
-            "sample_steps",
-            "sample_resolution",
-            "dataset",
-            "base",
-            "cache",
-            *skip_eval,
-        )
-    }
+    conf = keyed_fields(cfg, skip=EVAL_FIELDS if cfg.select == "last" else ())
     return hash_json(
         {
             "stage": "train",
@@ -554,12 +535,18 @@ def run_train(cfg: TrainConfig, log=_log, hooks: TrainHooks | None = None) -> di
 def reused_result(cfg: TrainConfig, log=_log) -> dict[str, Any] | None:
     """The summary of a finished run in `cfg.out` with the same content key, or None."""
     out, key = Path(cfg.out), train_cache_key(cfg)
-    if cfg.force or not (out / "report.json").exists() or not (out / "adapter" / ADAPTER_WEIGHTS).exists():
+    old = find_reusable(
+        out,
+        "report.json",
+        key,
+        stage="train",
+        same="dataset, base and options",
+        force=cfg.force,
+        needs=(f"adapter/{ADAPTER_WEIGHTS}",),
+        log=log,
+    )
+    if old is None or old.get("steps") != cfg.steps:
         return None
-    old = read_json(out / "report.json")
-    if old.get("cache_key") != key or old.get("steps") != cfg.steps:
-        return None
-    log(f"train: reusing {out} (same dataset, base and options; --force to retrain)")
     return {
         "adapter": str(out / "adapter"),
         "out": str(out),

@@ -60,3 +60,140 @@ def test_offline_hub_id_exits_2_with_one_line(tmp_path):
 def test_bad_option_value_exits_2():
     r = run_cli("train", "x", "--base", "builtin:tiny-sd", "--out", "y", "--rank", "0")
     assert r.returncode == 2 and "train.rank" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI is generated from the config dataclasses
+
+
+def _commands():
+    import click
+    from typer.main import get_command
+
+    from flows.cli import app
+
+    root = get_command(app)
+
+    def walk(group, path, parent):
+        for name in group.list_commands(parent):
+            cmd = group.get_command(parent, name)
+            ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=80, max_content_width=80)
+            yield (*path, name), cmd, ctx
+            if isinstance(cmd, click.Group):
+                yield from walk(cmd, (*path, name), ctx)
+
+    top = click.Context(root, info_name="finestyle", terminal_width=80, max_content_width=80)
+    return list(walk(root, (), top))
+
+
+def _squash(text: str) -> str:
+    import re
+
+    return re.sub(r"\s+", "", text)
+
+
+def test_every_config_field_is_an_option_with_its_doc():
+    import dataclasses
+
+    from finestyle.cli import app as cli
+    from finestyle.cli.options import flags_of
+    from finestyle.config import field_docs
+
+    specs = {
+        "prepare": cli.PREPARE,
+        "train": cli.TRAIN,
+        "export": cli.EXPORT,
+        "generate": cli.GENERATE,
+        "serve": cli.SERVE,
+        "eval": cli.EVAL,
+    }
+    helps = {path[-1]: cmd.get_help(ctx) for path, cmd, ctx in _commands() if len(path) == 1}
+    for name, spec in specs.items():
+        text, docs = helps[name], field_docs(spec.cls)
+        for field in dataclasses.fields(spec.cls):
+            flag = flags_of(spec)[field.name]
+            assert flag in text, f"{name}: {field.name} has no option {flag}"
+            if field.name not in spec.skip:
+                words = " ".join(docs[field.name].split()[:6])
+                assert _squash(words) in _squash(text), f"{name} {flag}: doc missing from --help"
+
+
+def test_help_at_80_columns_shows_every_flag_whole():
+    import re
+
+    seen = 0
+    for path, cmd, ctx in _commands():
+        text = cmd.get_help(ctx)
+        for p in cmd.params:
+            for opt in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]:
+                if opt.startswith("-"):
+                    seen += 1
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text), (path, opt)
+    assert seen > 150
+
+
+def test_help_piped_fits_80_columns():
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80"},
+        timeout=120,
+    )
+    assert r.returncode == 0
+    assert "--gradient-checkpointing / --no-gradient-checkpointing" in r.stdout
+    assert "--checkpoint-every" in r.stdout and "--keep-checkpoints" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+
+
+def test_generated_options_fill_only_what_was_given():
+    from dataclasses import dataclass, field
+
+    import typer
+    from typer.testing import CliRunner
+
+    from finestyle.cli.options import OptionSpec, config_options
+
+    @dataclass
+    class Demo:
+        path: str = "x"
+        """Where."""
+        batch_size: int = 4
+        """Images per batch."""
+        words: list[str] = field(default_factory=list)
+        """Words."""
+        prompts: list[str] = field(default_factory=list)
+        """Prompts."""
+        flip: bool = False
+        """Flip."""
+        force: bool = False
+        """Rebuild."""
+
+    got = {}
+    spec = OptionSpec(
+        Demo, arguments=("path",), repeat=("prompts",), flags=("force",), names={"prompts": "prompt"}
+    )
+    app = typer.Typer()
+
+    @app.command()
+    @config_options(spec)
+    def run(values, extra: int = typer.Option(0)) -> None:
+        got.update(values, extra=extra)
+
+    r = CliRunner().invoke(
+        app, ["p", "--batch-size", "3", "--words", "a, b", "--prompt", "x, y", "--prompt", "z", "--no-flip"]
+    )
+    assert r.exit_code == 0, r.output
+    assert got == {
+        "path": "p",
+        "batch_size": 3,
+        "words": "a, b",
+        "prompts": ["x, y", "z"],
+        "flip": False,
+        "force": None,
+        "extra": 0,
+    }
+    from finestyle.config import from_dict
+
+    cfg = from_dict(Demo, {k: v for k, v in got.items() if v is not None and k != "extra"})
+    assert cfg.words == ["a", "b"] and cfg.prompts == ["x, y", "z"] and cfg.batch_size == 3

@@ -72,3 +72,49 @@ def test_target_presets():
         TrainConfig().target_regex, "mid_block.attentions.0.transformer_blocks.0.attn2.to_q"
     )
     assert re.fullmatch(TrainConfig(targets="attn").target_regex, "x.attn1.to_out.0")
+
+
+def test_content_key_fields_are_declared_on_the_dataclasses():
+    from finestyle.config import ExportConfig, PrepareConfig, TrainConfig, keyed_fields
+
+    train = keyed_fields(TrainConfig())
+    assert {"lr", "rank", "targets", "steps", "seed", "select"} <= set(train)
+    assert not {"out", "device", "force", "resume", "dataset", "base", "sample_prompts"} & set(train)
+    assert "eval_every" not in keyed_fields(TrainConfig(), skip=("eval_every",))
+    export = keyed_fields(ExportConfig())
+    assert {"fp16", "lora_scale", "unet_atol"} <= set(export)
+    assert not {"out", "adapter", "base", "force", "device"} & set(export)
+    prepare = keyed_fields(PrepareConfig())
+    assert {"template", "style", "captioner", "base"} <= set(prepare)
+    assert not {"images", "out", "force", "device"} & set(prepare)
+    # where a run writes never changes what it is
+    assert keyed_fields(TrainConfig(out="a", force=True)) == keyed_fields(TrainConfig(out="b"))
+    assert keyed_fields(TrainConfig(lr=1e-3)) != keyed_fields(TrainConfig(lr=2e-3))
+
+
+def test_find_reusable(tmp_path):
+    from finestyle.core.errors import UserError
+    from finestyle.core.fs import write_json
+    from finestyle.core.stage import find_reusable
+
+    logs = []
+    out = tmp_path / "run"
+    assert find_reusable(out, "report.json", "k1", stage="train", same="inputs", log=logs.append) is None
+    out.mkdir()
+    write_json(out / "report.json", {"cache_key": "k1", "rows": 3})
+    old = find_reusable(out, "report.json", "k1", stage="train", same="inputs", log=logs.append)
+    assert old == {"cache_key": "k1", "rows": 3} and "train: reusing" in logs[-1]
+    assert find_reusable(out, "report.json", "k2", stage="train", same="x", log=logs.append) is None
+    assert find_reusable(out, "report.json", "k1", stage="train", same="x", force=True) is None
+    assert find_reusable(out, "report.json", "k1", stage="train", same="x", needs=("adapter/w",)) is None
+
+    def tampered(folder):
+        raise UserError("hash mismatch in model.onnx")
+
+    assert (
+        find_reusable(out, "report.json", "k1", stage="export", same="x", load=tampered, log=logs.append)
+        is None
+    )
+    assert logs[-1] == f"export: existing {out} is not reusable (hash mismatch in model.onnx); rebuilding"
+    (out / "report.json").write_text("{not json")
+    assert find_reusable(out, "report.json", "k1", stage="train", same="x") is None
