@@ -14,7 +14,7 @@ CLI options override file values (`apply_overrides`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -483,28 +483,14 @@ class EvalConfig:
 
 
 @dataclass
-class GenerateConfig:
-    """Inference: one or more images from an export or a model."""
+class RequestOptions:
+    """What one generation asks for. `generate`'s options, the runtime's request and the server's two
+    request bodies all derive from these fields: their names, types, defaults and docs."""
 
-    model: str = "exports/model"
-    """Export folder (verified by its manifest), or a diffusers folder / builtin for torch."""
     prompt: str = "a lighthouse on a cliff"
     """The prompt; add or remove concept words to steer what the style covers."""
-    out: str = "generated.png"
-    """Output PNG; with several images, -1, -2, ... are appended."""
     negative_prompt: str = ""
     """Negative prompt."""
-    exclude_concepts: list[str] = field(default_factory=list)
-    """Reference concepts to keep out; appended to the negative prompt."""
-    runtime: str = "auto"
-    """auto | onnxruntime | openvino | tensorrt | torch."""
-    providers: list[str] | None = None
-    """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
-    adapter: str | None = None
-    """torch runtime: an adapter folder to load on top of `model`."""
-    dtype: str = "auto"
-    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16. auto: fp32 for torch
-    on a CPU; bf16 for openvino where the CPU has bf16 units and the export's check passed."""
     steps: int = 20
     """Denoising steps."""
     guidance: float = 7.5
@@ -514,7 +500,7 @@ class GenerateConfig:
     width: int | None = None
     """Image width (multiple of 8); default: the model's native size."""
     height: int | None = None
-    """Image height (multiple of 8)."""
+    """Image height (multiple of 8); default: the model's native size."""
     seed: int = 0
     """Seed; the same seed gives the same image on the same backend."""
     num_images: int = 1
@@ -531,6 +517,37 @@ class GenerateConfig:
             self.scheduler,
             "use one of " + ", ".join(SCHEDULERS),
         )
+        _check(1 <= self.steps <= 1000, "generate.steps", self.steps, "must be 1..1000")
+        _check(self.guidance >= 0, "generate.guidance", self.guidance, "must be >= 0")
+        _check(self.style_guidance >= 0, "generate.style_guidance", self.style_guidance, "must be >= 0")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            _check(v is None or (v % 8 == 0 and v >= 8), f"generate.{name}", v, "must be a multiple of 8")
+        _check(1 <= self.num_images <= 64, "generate.num_images", self.num_images, "must be 1..64")
+
+
+@dataclass
+class GenerateConfig(RequestOptions):
+    """Inference: one or more images from an export or a model (the request options, plus where)."""
+
+    model: str = "exports/model"
+    """Export folder (verified by its manifest), or a diffusers folder / builtin for torch."""
+    out: str = "generated.png"
+    """Output PNG; with several images, -1, -2, ... are appended."""
+    exclude_concepts: list[str] = field(default_factory=list)
+    """Reference concepts to keep out; appended to the negative prompt."""
+    runtime: str = "auto"
+    """auto | onnxruntime | openvino | tensorrt | torch."""
+    providers: list[str] | None = None
+    """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
+    adapter: str | None = None
+    """torch runtime: an adapter folder to load on top of `model`."""
+    dtype: str = "auto"
+    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16. auto: fp32 for torch
+    on a CPU; bf16 for openvino where the CPU has bf16 units and the export's check passed."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.exclude_concepts, str):
             self.exclude_concepts = [w.strip() for w in self.exclude_concepts.split(",") if w.strip()]
         _check(
@@ -539,19 +556,17 @@ class GenerateConfig:
             self.runtime,
             "use auto, onnxruntime, openvino, tensorrt or torch",
         )
-        _check(1 <= self.steps <= 1000, "generate.steps", self.steps, "must be 1..1000")
         _check(
             self.dtype in ("auto", "fp32", "bf16", "fp16"),
             "generate.dtype",
             self.dtype,
             "use auto, fp32, bf16 or fp16",
         )
-        _check(self.guidance >= 0, "generate.guidance", self.guidance, "must be >= 0")
-        _check(self.style_guidance >= 0, "generate.style_guidance", self.style_guidance, "must be >= 0")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            _check(v is None or (v % 8 == 0 and v >= 8), f"generate.{name}", v, "must be a multiple of 8")
-        _check(1 <= self.num_images <= 64, "generate.num_images", self.num_images, "must be 1..64")
+
+    def request(self, negative_prompt: str) -> RequestOptions:
+        """The runtime's request: these options, with the exclusions already in `negative_prompt`."""
+        values = {f.name: getattr(self, f.name) for f in fields(RequestOptions)}
+        return RequestOptions(**{**values, "negative_prompt": negative_prompt})
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.artifacts.manifest import export_layout, verify_export
-from finestyle.config import SCHEDULERS, GenerateConfig
+from finestyle.config import SCHEDULERS, GenerateConfig, RequestOptions
 from finestyle.core.errors import UserError
 from finestyle.core.fs import sha256_file
 from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
@@ -52,19 +52,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@dataclass
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance: float = 7.5
-    style_guidance: float = 0.0
-    width: int | None = None
-    height: int | None = None
-    seed: int = 0
-    num_images: int = 1
-    scheduler: str | None = None  # a SCHEDULERS name; None: the model's own scheduler
-    style: str | None = None  # a swappable export's style name; None: its default style
+# What one generation asks for: config.RequestOptions, the one definition that `generate`'s options
+# and the server's request bodies share.
+GenerationRequest = RequestOptions
 
 
 @dataclass
@@ -833,19 +823,7 @@ def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
     """`finestyle generate`: load, generate, write PNGs with provenance."""
     t0 = time.perf_counter()
     backend = load_backend(cfg.model, cfg.runtime, cfg.providers, cfg.adapter, dtype=cfg.dtype)
-    req = GenerationRequest(
-        prompt=cfg.prompt,
-        negative_prompt=negative_with_exclusions(cfg.negative_prompt, cfg.exclude_concepts),
-        steps=cfg.steps,
-        guidance=cfg.guidance,
-        style_guidance=cfg.style_guidance,
-        width=cfg.width,
-        height=cfg.height,
-        seed=cfg.seed,
-        num_images=cfg.num_images,
-        scheduler=cfg.scheduler,
-        style=cfg.style,
-    )
+    req = cfg.request(negative_with_exclusions(cfg.negative_prompt, cfg.exclude_concepts))
     images = generate(backend, req)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -224,35 +224,64 @@ def _known_scheduler(cls: Any, v: str | None) -> str | None:
     return v
 
 
+def request_fields(cfg: ServeConfig, omit: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Pydantic fields for config.RequestOptions: its types, defaults and docs, with the server's limits
+    as bounds. An omitted seed is None here: the server draws a fresh one and echoes it back."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from pydantic import Field
+
+    from finestyle.config import RequestOptions, field_docs
+
+    bounds: dict[str, dict[str, Any]] = {
+        "prompt": dict(min_length=1),
+        "steps": dict(ge=cfg.min_steps, le=cfg.max_steps),
+        "guidance": dict(ge=0, le=50),
+        "style_guidance": dict(ge=0, le=50),
+        "width": dict(ge=8, le=cfg.max_size),
+        "height": dict(ge=8, le=cfg.max_size),
+        "seed": dict(ge=0, le=2**63 - 1),
+        "num_images": dict(ge=1, le=cfg.max_images),
+        "style": dict(max_length=64),
+    }
+    hints, docs = get_type_hints(RequestOptions), field_docs(RequestOptions)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RequestOptions):
+        if f.name in omit:
+            continue
+        tp, default = hints[f.name], f.default
+        if f.name == "prompt":
+            default = ...
+        elif f.name == "seed":
+            tp, default = int | None, None
+        out[f.name] = (
+            tp,
+            Field(default, description=" ".join(docs[f.name].split()), **bounds.get(f.name, {})),
+        )
+    return out
+
+
+def _multiple_of_8(cls: Any, v: int | None) -> int | None:
+    if v is not None and v % 8:
+        raise ValueError(f"must be a multiple of 8 (got {v})")
+    return v
+
+
 def request_model(cfg: ServeConfig) -> Any:
-    """The pydantic model of POST /v1/generate, with the server's limits as field bounds."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    """The pydantic model of POST /v1/generate: the request options, plus the response format."""
+    from pydantic import ConfigDict, Field, create_model, field_validator
 
-    class GenerateBody(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        prompt: str = Field(min_length=1)
-        negative_prompt: str = ""
-        steps: int = Field(20, ge=cfg.min_steps, le=cfg.max_steps)
-        guidance: float = Field(7.5, ge=0, le=50)
-        style_guidance: float = Field(0.0, ge=0, le=50)
-        width: int | None = Field(None, ge=8, le=cfg.max_size)
-        height: int | None = Field(None, ge=8, le=cfg.max_size)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)  # omitted: a fresh random seed, echoed back
-        num_images: int = Field(1, ge=1, le=cfg.max_images)
-        response_format: str = Field("png", pattern="^(png|json)$")
-        scheduler: str | None = Field(None, description="one of " + ", ".join(SCHEDULERS))
-        style: str | None = Field(None, max_length=64, description="a style of a swappable export")
-
-        known_scheduler = field_validator("scheduler")(classmethod(_known_scheduler))
-
-        @field_validator("width", "height")
-        @classmethod
-        def multiple_of_8(cls, v: int | None) -> int | None:
-            if v is not None and v % 8:
-                raise ValueError(f"must be a multiple of 8 (got {v})")
-            return v
-
-    return GenerateBody
+    return create_model(
+        "GenerateBody",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={
+            "known_scheduler": field_validator("scheduler")(classmethod(_known_scheduler)),
+            "multiple_of_8": field_validator("width", "height")(classmethod(_multiple_of_8)),
+        },
+        response_format=(str, Field("png", pattern="^(png|json)$")),
+        **request_fields(cfg),
+    )
 
 
 def _model_info(be: Backend, cfg: ServeConfig) -> dict[str, Any]:
@@ -304,60 +333,50 @@ def _plain_id(be: Backend) -> str:
 
 def _to_request(body: Any) -> GenerationRequest:
     """The runtime's request from a validated body; an omitted seed becomes a fresh random one."""
-    return GenerationRequest(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.steps,
-        guidance=body.guidance,
-        style_guidance=body.style_guidance,
-        width=body.width,
-        height=body.height,
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
-        num_images=body.num_images,
-        scheduler=body.scheduler,
-        style=body.style,
-    )
+    values = {f.name: getattr(body, f.name) for f in dataclasses.fields(GenerationRequest)}
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(2**32)
+    return GenerationRequest(**values)
+
+
+def _wxh(cfg: ServeConfig) -> Any:
+    def wxh(cls: Any, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return None
+        parts = v.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got {v!r})")
+        w, h = map(int, parts)
+        if not (8 <= w <= cfg.max_size and 8 <= h <= cfg.max_size) or w % 8 or h % 8:
+            raise ValueError(f"size {v}: each side a multiple of 8, at most {cfg.max_size}")
+        return v
+
+    return wxh
 
 
 def images_model(cfg: ServeConfig) -> Any:
-    """POST /v1/images/generations: OpenAI's fields, plus FineStyle's knobs as extra body fields."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    """POST /v1/images/generations: OpenAI's fields, plus FineStyle's request options as extra body
+    fields (OpenAI's `n`, `size` and `model` stand for num_images, width x height and style)."""
+    from pydantic import ConfigDict, Field, create_model, field_validator
 
-    class ImagesBody(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        prompt: str = Field(min_length=1)
-        model: str | None = Field(None, max_length=64, description="the style (GET /v1/models)")
-        n: int = Field(1, ge=1, le=cfg.max_images)
-        size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
-        response_format: str = Field("b64_json", pattern="^b64_json$", description="only b64_json")
-        output_format: str | None = Field(None, pattern="^png$")
-        quality: str | None = None  # accepted and ignored: steps set the quality here
-        user: str | None = Field(None, max_length=256)
-        # FineStyle's knobs
-        negative_prompt: str = ""
-        exclude_concepts: list[str] = Field(default_factory=list, max_length=32)
-        steps: int = Field(20, ge=cfg.min_steps, le=cfg.max_steps)
-        guidance: float = Field(7.5, ge=0, le=50)
-        style_guidance: float = Field(0.0, ge=0, le=50)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
-        scheduler: str | None = None
-
-        @field_validator("size")
-        @classmethod
-        def wxh(cls, v: str | None) -> str | None:
-            if v is None or v == "auto":
-                return None
-            parts = v.lower().split("x")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got {v!r})")
-            w, h = map(int, parts)
-            if not (8 <= w <= cfg.max_size and 8 <= h <= cfg.max_size) or w % 8 or h % 8:
-                raise ValueError(f"size {v}: each side a multiple of 8, at most {cfg.max_size}")
-            return v
-
-        known_scheduler = field_validator("scheduler")(classmethod(_known_scheduler))
-
-    return ImagesBody
+    n = request_fields(cfg)["num_images"]
+    return create_model(
+        "ImagesBody",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={
+            "wxh": field_validator("size")(classmethod(_wxh(cfg))),
+            "known_scheduler": field_validator("scheduler")(classmethod(_known_scheduler)),
+        },
+        model=(str | None, Field(None, max_length=64, description="the style (GET /v1/models)")),
+        n=n,
+        size=(str | None, Field(None, description="WIDTHxHEIGHT, multiples of 8 (default: the model's)")),
+        response_format=(str, Field("b64_json", pattern="^b64_json$", description="only b64_json")),
+        output_format=(str | None, Field(None, pattern="^png$")),
+        quality=(str | None, Field(None, description="accepted and ignored: steps set the quality")),
+        user=(str | None, Field(None, max_length=256)),
+        exclude_concepts=(list[str], Field(default_factory=list, max_length=32)),
+        **request_fields(cfg, omit=("num_images", "width", "height", "style")),
+    )
 
 
 def _images_view(body: Any, style: str | None) -> Any:
@@ -372,19 +391,17 @@ def _images_view(body: Any, style: str | None) -> Any:
 
 def _images_request(body: Any, style: str | None) -> GenerationRequest:
     w, h = map(int, body.size.lower().split("x")) if body.size else (None, None)
-    return GenerationRequest(
-        prompt=body.prompt,
+    values = {f.name: getattr(body, f.name, None) for f in dataclasses.fields(GenerationRequest)}
+    values.update(
         negative_prompt=negative_with_exclusions(body.negative_prompt, body.exclude_concepts),
-        steps=body.steps,
-        guidance=body.guidance,
-        style_guidance=body.style_guidance,
         width=w,
         height=h,
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         num_images=body.n,
-        scheduler=body.scheduler,
         style=style,
     )
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(2**32)
+    return GenerationRequest(**values)
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Any:

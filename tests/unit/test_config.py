@@ -118,3 +118,31 @@ def test_find_reusable(tmp_path):
     assert logs[-1] == f"export: existing {out} is not reusable (hash mismatch in model.onnx); rebuilding"
     (out / "report.json").write_text("{not json")
     assert find_reusable(out, "report.json", "k1", stage="train", same="x") is None
+
+
+def test_one_request_schema_for_generate_runtime_and_server():
+    import dataclasses
+
+    from finestyle.config import GenerateConfig, RequestOptions, ServeConfig, field_docs
+    from finestyle.runtime.generate import GenerationRequest
+    from finestyle.serve.app import images_model, request_model
+
+    options = [f.name for f in dataclasses.fields(RequestOptions)]
+    assert GenerationRequest is RequestOptions
+    assert options == [f.name for f in dataclasses.fields(GenerateConfig)][: len(options)]
+    body = request_model(ServeConfig(export="x", max_steps=30))
+    assert set(body.model_fields) == {*options, "response_format"}
+    docs = field_docs(RequestOptions)
+    assert body.model_fields["guidance"].description == " ".join(docs["guidance"].split())
+    assert body.model_fields["steps"].default == RequestOptions.steps
+    images = images_model(ServeConfig(export="x"))
+    renamed = {"num_images", "width", "height", "style"}  # OpenAI's n, size and model
+    assert set(options) - renamed <= set(images.model_fields)
+    assert not renamed & set(images.model_fields)
+    # the same bounds from the same limits
+    import pydantic
+    import pytest
+
+    with pytest.raises(pydantic.ValidationError):
+        body(prompt="a", steps=31)
+    assert GenerateConfig(exclude_concepts="tree, sun").request("blur").negative_prompt == "blur"
