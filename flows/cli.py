@@ -69,7 +69,7 @@ def _run_pipeline(cfg: Any, force: list[str]) -> None:
     from flows.pipeline import finestyle_pipeline
 
     result = finestyle_pipeline(config=to_dict(cfg), force=list(force))
-    print_summary("pipeline: done", result["summary"])
+    print_summary("pipeline: done", result.summary)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from prefect import flow, task
 
 from finestyle.config import ExportConfig, from_dict, to_dict
 from finestyle.export.steps import (
+    ExportResult,
     abort_export,
     begin_export,
     check_reuse,
@@ -34,7 +35,7 @@ def _cfg(config: dict[str, Any]) -> ExportConfig:
 
 
 @task
-def reuse_task(config: dict[str, Any]) -> dict[str, Any] | None:
+def reuse_task(config: dict[str, Any]) -> ExportResult | None:
     return check_reuse(_cfg(config))
 
 
@@ -89,13 +90,13 @@ def publish_task(
     trt: dict[str, Any] | None,
     reduced: dict[str, Any] | None,
     ov: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ExportResult:
     return publish_export(_cfg(config), tmp, merge, onnx, parity, opt, trt, reduced=reduced, ov_rep=ov)
 
 
 @task
-def publish_export_artifacts(result: dict[str, Any]) -> None:
-    m = json.loads((Path(result["out"]) / "manifest.json").read_text())
+def publish_export_artifacts(result: ExportResult) -> None:
+    m = json.loads((Path(result.out) / "manifest.json").read_text())
     table(
         "export-parity",
         [
@@ -114,8 +115,8 @@ def publish_export_artifacts(result: dict[str, Any]) -> None:
     markdown(
         "export-summary",
         (
-            f"# export: {'reused' if result.get('reused') else 'built'} `{result['out']}`\n\n"
-            f"- manifest: `{result['out']}/manifest.json` ({len(m['files'])} files hashed)\n"
+            f"# export: {'reused' if result.reused else 'built'} `{result.out}`\n\n"
+            f"- manifest: `{result.out}/manifest.json` ({len(m['files'])} files hashed)\n"
             f"- base: `{m['base_model']}`, lora scale {m['lora_scale']}, precision {m['precision']}\n"
             f"- concepts learned: {', '.join(m.get('concepts') or []) or '-'}\n"
             + "".join(
@@ -129,7 +130,7 @@ def publish_export_artifacts(result: dict[str, Any]) -> None:
 
 
 @flow(name="export_model", log_prints=True)
-def export_model(config: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_model(config: dict[str, Any] | None = None) -> ExportResult:
     """Stage 3 as a flow; returns the export path and parity summary."""
     cfg = to_dict(_cfg(config or {}))
     result = reuse_task(cfg)

@@ -9,19 +9,29 @@ checkpoint is only ever resumed by the same configuration.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
 from finestyle.config import PipelineConfig, from_dict, to_dict
-from finestyle.runtime.generate import run_generate
+from finestyle.runtime.generate import GenerateResult, run_generate
 from finestyle.train.loop import train_cache_key
 from flows.common import markdown
 from flows.evaluate import evaluate_model
 from flows.export import export_model
 from flows.prepare import prepare_dataset, task_runner_for
 from flows.train import train_adapter
+
+
+@dataclass
+class PipelineResult:
+    """The pipeline's export, what each stage did (built, reused, trained) and the summary lines."""
+
+    export: str
+    stages: dict[str, str]
+    summary: dict[str, str]
 
 
 def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -49,7 +59,7 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
 
 
 @task
-def generate_image(export_dir: str, prompt: str, out: str) -> dict[str, Any]:
+def generate_image(export_dir: str, prompt: str, out: str) -> GenerateResult:
     from finestyle.config import GenerateConfig
 
     return run_generate(GenerateConfig(model=export_dir, prompt=prompt, out=out, steps=20))
@@ -58,8 +68,8 @@ def generate_image(export_dir: str, prompt: str, out: str) -> dict[str, Any]:
 @flow(name="finestyle-pipeline", log_prints=True)
 def finestyle_pipeline(
     config: dict[str, Any] | None = None, force: list[str] | None = None
-) -> dict[str, Any]:
-    """prepare -> train -> export as subflows. Returns the export path and a summary of every stage."""
+) -> PipelineResult:
+    """prepare -> train -> export as subflows. Returns the export, what each stage did and a summary."""
     force = list(force or [])
     cfg = resolve_paths(from_dict(PipelineConfig, config or {}))
     # 1. prepare
@@ -73,27 +83,25 @@ def finestyle_pipeline(
     cfg.train.resume = True  # continue a killed run of this same configuration, if any
     tr = train_adapter(config=to_dict(cfg.train))
     # 3. export
-    cfg.export.adapter = tr["adapter"]
+    cfg.export.adapter = tr.adapter
     cfg.export.force = cfg.export.force or "export" in force
     ex = export_model(config=to_dict(cfg.export))
     # 4. one image from the export
     image = None
     if cfg.generate_prompt:
-        image = generate_image(ex["out"], cfg.generate_prompt, str(Path(cfg.workdir) / "generated.png"))[
-            "files"
-        ][0]
+        image = generate_image(ex.out, cfg.generate_prompt, str(Path(cfg.workdir) / "generated.png")).files[0]
     stages = {
-        "prepare": "reused" if ds["reused"] else "built",
-        "train": "reused" if tr.get("reused") else "trained",
-        "export": "reused" if ex.get("reused") else "built",
+        "prepare": "reused" if ds.reused else "built",
+        "train": "reused" if tr.reused else "trained",
+        "export": "reused" if ex.reused else "built",
     }
     summary = {
         "stages": ", ".join(f"{k} {v}" for k, v in stages.items()),
-        "dataset preview": f"{ds['out']}/preview.png",
-        "training samples": tr["samples_dir"],
-        "loss curve": f"{tr['out']}/loss.png",
-        "export": ex["out"],
-        "manifest": f"{ex['out']}/manifest.json",
+        "dataset preview": f"{ds.out}/preview.png",
+        "training samples": tr.samples_dir,
+        "loss curve": f"{tr.out}/loss.png",
+        "export": ex.out,
+        "manifest": f"{ex.out}/manifest.json",
     }
     if image:
         summary["generated image"] = image
@@ -109,4 +117,4 @@ def finestyle_pipeline(
         "# FineStyle pipeline\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in summary.items()),
         "FineStyle pipeline run",
     )
-    return {"export": ex["out"], "stages": stages, "summary": summary}
+    return PipelineResult(export=ex.out, stages=stages, summary=summary)

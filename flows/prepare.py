@@ -13,12 +13,20 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 
 from finestyle.config import PrepareConfig, from_dict, to_dict
-from finestyle.prepare.stage import plan_prepare, process_chunk, publish_prepared, scratch_dir, summary_table
+from finestyle.prepare.stage import (
+    PreparePlan,
+    PrepareResult,
+    plan_prepare,
+    process_chunk,
+    publish_prepared,
+    scratch_dir,
+    summary_table,
+)
 from flows.common import RETRY, markdown, table
 
 
 @task(**RETRY)
-def plan_task(config: dict[str, Any]) -> dict[str, Any]:
+def plan_task(config: dict[str, Any]) -> PreparePlan:
     """Discover candidate images, compute the content key, check for an identical dataset."""
     return plan_prepare(from_dict(PrepareConfig, config))
 
@@ -32,9 +40,7 @@ def process_chunk_task(
 
 
 @task(**RETRY, log_prints=False)
-def publish_task(
-    config: dict[str, Any], plan: dict[str, Any], manifests: list[dict[str, Any]]
-) -> dict[str, Any]:
+def publish_task(config: dict[str, Any], plan: PreparePlan, manifests: list[dict[str, Any]]) -> PrepareResult:
     """Merge the chunks and publish the dataset atomically.
 
     Its messages go to the run logger directly: with Prefect's print-to-log patch on, the datasets
@@ -44,26 +50,26 @@ def publish_task(
 
 
 @task
-def publish_prepare_artifacts(result: dict[str, Any]) -> None:
-    rep = json.loads((Path(result["out"]) / "report.json").read_text())
+def publish_prepare_artifacts(result: PrepareResult) -> None:
+    rep = json.loads((Path(result.out) / "report.json").read_text())
     c = rep["counts"]
     skipped = "\n".join(f"- `{s['path']}`: {s['reason']}" for s in rep["skipped"]) or "- none"
     markdown(
         "prepare-summary",
         (
-            f"# prepare: {'reused' if result['reused'] else 'built'} `{result['out']}`\n\n"
+            f"# prepare: {'reused' if result.reused else 'built'} `{result.out}`\n\n"
             f"- method: **{rep['method']}**, style: *{rep['config']['style']}*\n"
             f"- rows: **{c['rows']}** from {c['images_used']} image(s) ({c['rows_per_method']})\n"
-            f"- preview: `{result['out']}/preview.png`, report: `{result['out']}/report.json`\n\n"
+            f"- preview: `{result.out}/preview.png`, report: `{result.out}/report.json`\n\n"
             f"## Skipped inputs ({c['skipped']})\n{skipped}\n"
         ),
         "FineStyle prepare summary",
     )
-    table("prepare-concepts", summary_table(Path(result["out"]) / "report.json"), "Concepts per image")
+    table("prepare-concepts", summary_table(Path(result.out) / "report.json"), "Concepts per image")
 
 
 @flow(name="prepare_dataset", log_prints=True)
-def prepare_dataset(config: dict[str, Any] | None = None, chunk_size: int = 8) -> dict[str, Any]:
+def prepare_dataset(config: dict[str, Any] | None = None, chunk_size: int = 8) -> PrepareResult:
     """Stage 1 as a flow. `config` is a PrepareConfig as a dict (validated here).
 
     The chunks run on the flow's task runner: threads by default, a Dask cluster with
@@ -71,16 +77,16 @@ def prepare_dataset(config: dict[str, Any] | None = None, chunk_size: int = 8) -
     """
     cfg = from_dict(PrepareConfig, config or {})
     plan = plan_task(to_dict(cfg))
-    print(f"prepare: {len(plan['candidates'])} candidate image(s), {len(plan['skipped'])} skipped entries")
-    if plan["reuse"]:
-        result = plan["reuse"]
+    print(f"prepare: {len(plan.candidates)} candidate image(s), {len(plan.skipped)} skipped entries")
+    if plan.reuse:
+        result = plan.reuse
     else:
-        cands = plan["candidates"]
+        cands = plan.candidates
         chunks = [cands[i : i + chunk_size] for i in range(0, len(cands), chunk_size)]
         futures = process_chunk_task.map(
             chunks,
             unmapped(to_dict(cfg)),
-            unmapped(str(scratch_dir(cfg, plan["cache_key"]))),
+            unmapped(str(scratch_dir(cfg, plan.cache_key))),
             list(range(len(chunks))),
         )
         result = publish_task(to_dict(cfg), plan, [f.result() for f in futures])

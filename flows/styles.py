@@ -18,12 +18,13 @@ from prefect import flow, task
 from finestyle.artifacts.adapter import adapter_info
 from finestyle.core.errors import UserError
 from finestyle.core.fs import read_json
+from finestyle.export.steps import ExportResult
 from finestyle.export.swappable import add_style, run_swappable_export
 from flows.common import RETRY, markdown
 
 
 @task
-def add_style_task(export_dir: str, adapter: str, name: str | None, base: str | None) -> dict[str, Any]:
+def add_style_task(export_dir: str, adapter: str, name: str | None, base: str | None) -> ExportResult:
     """Add the style; create the swappable export from `base` (or the adapter's own base) if absent."""
     if (Path(export_dir) / "manifest.json").is_file():
         return add_style(export_dir, adapter, name)

@@ -49,9 +49,9 @@ def prepare_watched(
         try:
             r = prepare_dataset(config=cfg)
             results[folder.name] = {
-                "status": "skipped (unchanged)" if r["reused"] else "prepared",
-                "rows": r["rows"],
-                "dataset": r["out"],
+                "status": "skipped (unchanged)" if r.reused else "prepared",
+                "rows": r.rows,
+                "dataset": r.out,
             }
         except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the others
             results[folder.name] = {"status": f"failed: {exc}", "rows": 0, "dataset": ""}

@@ -1073,7 +1073,7 @@ def bench_styles(
                 samples=False,
                 seed=i,
             )
-            adapters.append(run_train(cfg, log=lambda m: None)["adapter"])
+            adapters.append(run_train(cfg, log=lambda m: None).adapter)
         names = [f"style{i}" for i in range(n_styles)]
         swx, merged = f"{d}/swappable", f"{d}/merged"
         run_swappable_export(model, adapters, names, swx, log=lambda m: None)

@@ -112,13 +112,13 @@ def prepare(
 
     result = run_prepare(cfg)
     print_summary(
-        "prepare: done" + (" (reused)" if result["reused"] else ""),
+        "prepare: done" + (" (reused)" if result.reused else ""),
         {
-            "dataset": result["out"],
-            "rows": result["rows"],
-            "images used": result["images_used"],
-            "skipped": result["skipped"],
-            "preview": f"{result['out']}/preview.png",
+            "dataset": result.out,
+            "rows": result.rows,
+            "images used": result.images_used,
+            "skipped": result.skipped,
+            "preview": f"{result.out}/preview.png",
         },
     )
 
@@ -151,26 +151,26 @@ def train(
     from finestyle.eval.checkpoints import train_with_eval
 
     r = train_with_eval(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    if r.get("rank", 0) != 0:  # data-parallel worker: rank 0 reports
+    if r.rank != 0:  # data-parallel worker: rank 0 reports
         return
     summary = {
-        "adapter": r["adapter"],
-        "steps": r["steps"],
-        "steps/s": f"{r['steps_per_s']:.2f}",
-        "final loss": f"{r['final_loss']:.4f}",
-        "trainable params": r["trainable_params"],
-        "samples": r["samples_dir"],
+        "adapter": r.adapter,
+        "steps": r.steps,
+        "steps/s": f"{r.steps_per_s:.2f}",
+        "final loss": f"{r.final_loss:.4f}",
+        "trainable params": r.trainable_params,
+        "samples": r.samples_dir,
     }
-    if "selected_step" in r:
+    if r.selected_step is not None:
         summary["selected"] = _selection_line(r, cfg.select)
-    print_summary("train: done" + (" (reused)" if r.get("reused") else ""), summary)
+    print_summary("train: done" + (" (reused)" if r.reused else ""), summary)
 
 
-def _selection_line(r: dict[str, Any], mode: str) -> str:
-    f = r["selection"]
+def _selection_line(r: Any, mode: str) -> str:
+    f = r.selection
     return (
-        f"step {r['selected_step']} ({mode}): leakage {f['leakage']:+.3f}, style "
-        f"{f['style_fidelity']:.3f}, prompt {f['prompt_fidelity']:.3f} ({r['out']}/eval.png)"
+        f"step {r.selected_step} ({mode}): leakage {f['leakage']:+.3f}, style "
+        f"{f['style_fidelity']:.3f}, prompt {f['prompt_fidelity']:.3f} ({r.out}/eval.png)"
     )
 
 
@@ -239,11 +239,11 @@ def export(
 
     r = run_export(cfg)
     print_summary(
-        "export: done" + (" (reused)" if r.get("reused") else ""),
+        "export: done" + (" (reused)" if r.reused else ""),
         {
-            "export": r["out"],
-            "manifest": f"{r['out']}/manifest.json",
-            **{f"parity {k}": v for k, v in r.get("parity", {}).items()},
+            "export": r.out,
+            "manifest": f"{r.out}/manifest.json",
+            **{f"parity {k}": v for k, v in r.parity.items()},
         },
     )
 
@@ -264,9 +264,9 @@ def _export_swappable(
     print_summary(
         "export: done (swappable)",
         {
-            "export": r["out"],
-            "styles": ", ".join(r["styles"]),
-            **{f"parity {k}": v for k, v in r["parity"].items()},
+            "export": r.out,
+            "styles": ", ".join(r.styles),
+            **{f"parity {k}": v for k, v in r.parity.items()},
         },
     )
 
@@ -291,13 +291,13 @@ def _edit_styles(
             str(to), str(add), names[0] if names else None, lora_scale if lora_scale is not None else 1.0
         )
         print_summary(
-            "export: style added", {"export": r["out"], "added": r["added"], "styles": ", ".join(r["styles"])}
+            "export: style added", {"export": r.out, "added": r.added, "styles": ", ".join(r.styles)}
         )
     else:
         r = remove_style(str(to), remove)
         print_summary(
             "export: style removed",
-            {"export": r["out"], "removed": r["removed"], "styles": ", ".join(r["styles"])},
+            {"export": r.out, "removed": r.removed, "styles": ", ".join(r.styles)},
         )
 
 
@@ -321,7 +321,7 @@ def generate(values: dict[str, Any]) -> None:
     r = run_generate(cfg)
     print_summary(
         "generate: done",
-        {"images": ", ".join(r["files"]), "runtime": r["runtime"], "seconds": f"{r['seconds']:.2f}"},
+        {"images": ", ".join(r.files), "runtime": r.runtime, "seconds": f"{r.seconds:.2f}"},
     )
 
 

@@ -10,6 +10,7 @@ best; `last` keeps the final weights. The train package only calls a hook; this 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from finestyle.core.fs import read_json, staging_dir, write_json
 from finestyle.eval.judges import check_judge_spec, load_eval_judge
 from finestyle.eval.prompts import Prompt
 from finestyle.eval.run import default_prompts, read_references, run_eval
-from finestyle.train.loop import TrainHooks, TrainState, adapter_meta, run_train, save_adapter
+from finestyle.train.loop import TrainHooks, TrainResult, TrainState, adapter_meta, run_train, save_adapter
 
 STYLE_MARGIN = 0.05
 SELECTION_SEED = 30_000_000  # apart from training seeds and from EvalConfig's 20_000_000
@@ -124,20 +125,20 @@ class CheckpointEval:
         )
 
 
-def train_with_eval(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train_with_eval(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """`run_train`, plus checkpoint evaluation (`eval_every`) and the selection of adapter/ (`select`)."""
     if not cfg.eval_every:
         return run_train(cfg, log)
     ev = CheckpointEval(cfg, log)
     result = run_train(cfg, log, TrainHooks(on_step=ev.on_step))
-    if result.get("reused") or result.get("rank", 0) != 0:
+    if result.reused or result.rank != 0:
         return result
     return finish_selection(cfg, ev.history, result, log)
 
 
 def finish_selection(
-    cfg: TrainConfig, history: list[dict[str, Any]], result: dict[str, Any], log: Callable[[str], None]
-) -> dict[str, Any]:
+    cfg: TrainConfig, history: list[dict[str, Any]], result: TrainResult, log: Callable[[str], None]
+) -> TrainResult:
     """Publish the selected adapter, the eval plot and the selection in report.json."""
     out = Path(cfg.out)
     chosen = select_best(history) if cfg.select == "best" else history[-1]
@@ -159,7 +160,7 @@ def finish_selection(
         f"train: adapter/ holds step {chosen['step']} ({cfg.select}): leakage {chosen['leakage']:+.3f}, "
         f"style {chosen['style_fidelity']:.3f}, prompt {chosen['prompt_fidelity']:.3f}"
     )
-    return result | {"selected_step": chosen["step"], "selection": selection["figures"]}
+    return dataclasses.replace(result, selected_step=chosen["step"], selection=selection["figures"])
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, chosen: int) -> None:

@@ -106,13 +106,13 @@ def run_compare(s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None]
             ),
             log=log,
         )
-        treport = read_json(Path(tr["out"]) / "report.json")
+        treport = read_json(Path(tr.out) / "report.json")
         shown: list[tuple[str, Any]] = []
         ev = run_eval(
             replace(
                 ecfg,
                 model=s.base,
-                adapter=tr["adapter"],
+                adapter=tr.adapter,
                 references=str(datasets["attention"]),
                 style=s.style,
                 out=str(out / "variants" / name),

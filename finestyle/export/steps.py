@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -454,6 +455,20 @@ def optimize_unet(onnx_dir: Path, target: str) -> dict[str, Any]:
 # 4. manifest and verification
 
 
+@dataclass
+class ExportResult:
+    """What an export made: its folder and the parity it proved (as text); for a swappable export,
+    its styles, and the style an --add-style or --remove-style changed."""
+
+    out: str
+    parity: dict[str, str] = field(default_factory=dict)
+    cache_key: str = ""
+    reused: bool = False
+    styles: list[str] = field(default_factory=list)
+    added: str | None = None
+    removed: str | None = None
+
+
 def export_cache_key(cfg: ExportConfig) -> str:
 
     conf = keyed_fields(cfg)
@@ -484,7 +499,7 @@ def export_versions() -> dict[str, str]:
     }
 
 
-def check_reuse(cfg: ExportConfig, log=_log) -> dict[str, Any] | None:
+def check_reuse(cfg: ExportConfig, log=_log) -> ExportResult | None:
     """An existing, verified export with the same content key, or None."""
     out = Path(cfg.out)
     if cfg.adapter and not Path(cfg.adapter).is_dir():
@@ -506,7 +521,7 @@ def check_reuse(cfg: ExportConfig, log=_log) -> dict[str, Any] | None:
     )
     if old is None:
         return None
-    return {"out": str(out), "reused": True, "parity": _parity_summary(old["parity"]), "cache_key": key}
+    return ExportResult(out=str(out), reused=True, parity=parity_summary(old["parity"]), cache_key=key)
 
 
 def begin_export(cfg: ExportConfig) -> str:
@@ -738,7 +753,7 @@ def publish_export(
     log=_log,
     reduced: dict[str, Any] | None = None,
     ov_rep: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> ExportResult:
     """6. Write manifest.json last (sha256 of every file), then rename the folder into place."""
     unet_atol, image_atol = _thresholds(cfg)
     parity = dict(parity)
@@ -776,12 +791,12 @@ def publish_export(
     write_json(Path(tmp) / "manifest.json", manifest)
     publish_dir(Path(tmp), Path(cfg.out).absolute())
     log(f"export: {cfg.out} verified and published")
-    summary = _parity_summary(parity)
+    summary = parity_summary(parity)
     for prec, chk in ((ov_rep or {}).get("checks") or {}).items():
         summary[f"openvino {prec}"] = f"{chk['mean_abs_diff']:.2e} mean (<= {chk['mean_atol']:g})" + (
             "" if chk["pass"] else ": FAILED, marked unusable"
         )
-    return {"out": str(cfg.out), "reused": False, "parity": summary, "cache_key": key}
+    return ExportResult(out=str(cfg.out), parity=summary, cache_key=key)
 
 
 def adapter_eval(adapter: str | None) -> dict[str, Any] | None:
@@ -805,7 +820,7 @@ def adapter_eval(adapter: str | None) -> dict[str, Any] | None:
     }
 
 
-def run_export(cfg: ExportConfig, log=_log) -> dict[str, Any]:
+def run_export(cfg: ExportConfig, log=_log) -> ExportResult:
     """Merge, export, verify, optionally optimize / build TensorRT, publish with a manifest."""
     reused = check_reuse(cfg, log)
     if reused:
@@ -825,7 +840,7 @@ def run_export(cfg: ExportConfig, log=_log) -> dict[str, Any]:
         raise
 
 
-def _parity_summary(parity: dict[str, Any]) -> dict[str, str]:
+def parity_summary(parity: dict[str, Any]) -> dict[str, str]:
     return {k: f"{v['max_abs_diff']:.2e} (<= {v['atol']:g})" for k, v in parity.items()}
 
 

@@ -46,10 +46,12 @@ from finestyle.core.sd import SDXL
 from finestyle.export.steps import (
     FP16_IMAGE_ATOL,
     FP16_UNET_ATOL,
+    ExportResult,
     begin_export,
     export_versions,
     merge_adapter,
     onnx_export,
+    parity_summary,
     probe_parity,
     release_memory,
     to_fp16,
@@ -277,7 +279,7 @@ def run_swappable_export(
     image_atol: float | None = None,
     log=_log,
     fp16: bool = False,
-) -> dict[str, Any]:
+) -> ExportResult:
     """Build a swappable export of `base` with one style per adapter; publish it with its manifest.
 
     `fp16`: the K/V UNet and the text encoder in half precision with fp32 inputs and outputs (the
@@ -349,11 +351,7 @@ def run_swappable_export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"export: {out} (swappable: {', '.join(style_names(manifest))}) verified and published")
-    return {
-        "out": out,
-        "styles": style_names(manifest),
-        "parity": {k: f"{v['max_abs_diff']:.2e} (<= {v['atol']:g})" for k, v in parity.items()},
-    }
+    return ExportResult(out=out, styles=style_names(manifest), parity=parity_summary(parity))
 
 
 def _swappable_manifest(folder: Path, flag: str) -> dict[str, Any]:
@@ -382,7 +380,7 @@ def add_style(
     lora_scale: float = 1.0,
     parity_steps: int = 4,
     log=_log,
-) -> dict[str, Any]:
+) -> ExportResult:
     """`finestyle export --add-style ADAPTER --to DIR`: prove the style in a work copy of its files,
     then move it in; the UNet graph and the other styles are not touched."""
     dest = Path(folder)
@@ -420,10 +418,10 @@ def add_style(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"export: style {name} added to {folder}")
-    return {"out": folder, "styles": style_names(manifest), "added": name}
+    return ExportResult(out=folder, styles=style_names(manifest), added=name)
 
 
-def remove_style(folder: str, name: str, log=_log) -> dict[str, Any]:
+def remove_style(folder: str, name: str, log=_log) -> ExportResult:
     dest = Path(folder)
     manifest = _swappable_manifest(dest, "--remove-style")
     if name not in manifest["swappable"]["styles"]:
@@ -438,7 +436,7 @@ def remove_style(folder: str, name: str, log=_log) -> dict[str, Any]:
     _write_manifest(dest, manifest)  # first: an unlisted folder left by a crash is harmless
     shutil.rmtree(dest / "styles" / name, ignore_errors=True)
     log(f"export: style {name} removed from {folder}")
-    return {"out": folder, "styles": style_names(manifest), "removed": name}
+    return ExportResult(out=folder, styles=style_names(manifest), removed=name)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -11,6 +11,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,29 @@ from finestyle.prepare.ingest import LoadedImage, Rejected, discover, load_all
 
 # Models are loaded once per process and reused by every chunk/task (keyed by name/device/dtype).
 _MODELS: dict[tuple[str, str, str], Any] = {}
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare` made: the dataset folder and its counts."""
+
+    out: str
+    rows: int
+    images_used: int
+    skipped: int
+    cache_key: str
+    reused: bool = False
+
+
+@dataclass
+class PreparePlan:
+    """Step 1's answer: the candidate images, the entries skipped, the content key, and the
+    finished dataset to reuse (None: build it)."""
+
+    candidates: list[str]
+    skipped: list[dict[str, Any]]
+    cache_key: str
+    reuse: PrepareResult | None = None
 
 
 def _log(msg: str) -> None:
@@ -215,11 +239,8 @@ def extract_rows(
     return rows, summaries, problems
 
 
-def plan_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
-    """1. Discover inputs and compute the content key; say whether an identical dataset exists.
-
-    Returns {"candidates", "skipped", "cache_key", "reuse"} (reuse: the old summary, or None).
-    """
+def plan_prepare(cfg: PrepareConfig, log=_log) -> PreparePlan:
+    """1. Discover inputs and compute the content key; say whether an identical dataset exists."""
     out = Path(cfg.out)
     candidates, skipped = discover(cfg.images)
     for s in skipped:
@@ -240,20 +261,20 @@ def plan_prepare(cfg: PrepareConfig, log=_log) -> dict[str, Any]:
     )
     if old is not None:
         c = old["counts"]
-        reuse = {
-            "out": str(out),
-            "reused": True,
-            "rows": c["rows"],
-            "cache_key": key,
-            "images_used": c["images_used"],
-            "skipped": c["skipped"],
-        }
-    return {
-        "candidates": [str(c) for c in candidates],
-        "skipped": [s.as_dict() for s in skipped],
-        "cache_key": key,
-        "reuse": reuse,
-    }
+        reuse = PrepareResult(
+            out=str(out),
+            rows=c["rows"],
+            images_used=c["images_used"],
+            skipped=c["skipped"],
+            cache_key=key,
+            reused=True,
+        )
+    return PreparePlan(
+        candidates=[str(c) for c in candidates],
+        skipped=[s.as_dict() for s in skipped],
+        cache_key=key,
+        reuse=reuse,
+    )
 
 
 def scratch_dir(cfg: PrepareConfig, key: str) -> Path:
@@ -305,11 +326,11 @@ def process_chunk(
 
 def publish_prepared(
     cfg: PrepareConfig,
-    plan: dict[str, Any],
+    plan: PreparePlan,
     manifests: list[dict[str, Any]],
     log=_log,
     t0: float | None = None,
-) -> dict[str, Any]:
+) -> PrepareResult:
     """4. Merge chunk results (in input order, dropping cross-chunk duplicates) and publish atomically."""
     from PIL import Image
 
@@ -317,7 +338,7 @@ def publish_prepared(
     out = Path(cfg.out)
     rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
-    skipped = [Rejected(**s) for s in plan["skipped"]]
+    skipped = [Rejected(**s) for s in plan.skipped]
     seen: dict[str, str] = {}
     timings = {"ingest_s": 0.0, "extract_caption_s": 0.0}
     for m in sorted(manifests, key=lambda m: m["chunk"]):
@@ -350,36 +371,31 @@ def publish_prepared(
     if not n_images:
         first = skipped[0] if skipped else None
         raise UserError(
-            f"none of the {len(plan['candidates'])} input image(s) was usable"
+            f"none of the {len(plan.candidates)} input image(s) was usable"
             + (f"; e.g. {first.path}: {first.reason}" if first else "")
         )
-    report = _report(cfg, plan["cache_key"], plan["candidates"], n_images, rows, summaries, skipped, timings)
+    report = _report(cfg, plan.cache_key, plan.candidates, n_images, rows, summaries, skipped, timings)
     clean_stale_temps(out.parent, out.name)
     with staging_dir(out) as tmp:
         write_dataset(tmp, rows, report)
         report["timings"]["publish_s"] = time.perf_counter() - t_pub
         report["timings"]["total_s"] = time.perf_counter() - (t0 or t_pub)
         write_json(tmp / "report.json", report)
-    shutil.rmtree(scratch_dir(cfg, plan["cache_key"]), ignore_errors=True)
+    shutil.rmtree(scratch_dir(cfg, plan.cache_key), ignore_errors=True)
     log(f"prepare: {len(rows)} rows from {n_images} image(s) -> {out} ({len(skipped)} skipped)")
-    return {
-        "out": str(out),
-        "reused": False,
-        "rows": len(rows),
-        "images_used": n_images,
-        "skipped": len(skipped),
-        "cache_key": plan["cache_key"],
-    }
+    return PrepareResult(
+        out=str(out), rows=len(rows), images_used=n_images, skipped=len(skipped), cache_key=plan.cache_key
+    )
 
 
-def run_prepare(cfg: PrepareConfig, log=_log, chunk_size: int = 0) -> dict[str, Any]:
+def run_prepare(cfg: PrepareConfig, log=_log, chunk_size: int = 0) -> PrepareResult:
     """Run the whole prepare stage in this process. Returns a small summary (paths and counts)."""
     t0 = time.perf_counter()
     plan = plan_prepare(cfg, log)
-    if plan["reuse"]:
-        return plan["reuse"]
-    scratch = scratch_dir(cfg, plan["cache_key"])
-    cands = plan["candidates"]
+    if plan.reuse:
+        return plan.reuse
+    scratch = scratch_dir(cfg, plan.cache_key)
+    cands = plan.candidates
     size = chunk_size or len(cands)
     manifests = [
         process_chunk(cands[i : i + size], cfg, scratch, k, log)

@@ -819,7 +819,16 @@ def negative_with_exclusions(negative: str, exclude: list[str]) -> str:
     return ", ".join(parts)
 
 
-def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
+@dataclass
+class GenerateResult:
+    """What `generate` wrote: the PNG files, the runtime that made them and the wall time."""
+
+    files: list[str]
+    runtime: str
+    seconds: float
+
+
+def run_generate(cfg: GenerateConfig, log=_log) -> GenerateResult:
     """`finestyle generate`: load, generate, write PNGs with provenance."""
     t0 = time.perf_counter()
     backend = load_backend(cfg.model, cfg.runtime, cfg.providers, cfg.adapter, dtype=cfg.dtype)
@@ -834,7 +843,7 @@ def run_generate(cfg: GenerateConfig, log=_log) -> dict[str, Any]:
         meta["finestyle:index"] = str(k)
         save_png(im, p, meta)
         files.append(str(p))
-    return {"files": files, "runtime": backend.name, "seconds": time.perf_counter() - t0}
+    return GenerateResult(files=files, runtime=backend.name, seconds=time.perf_counter() - t0)
 
 
 def export_concepts(export_dir: str | Path) -> dict[str, Any]:

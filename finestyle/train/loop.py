@@ -463,6 +463,27 @@ def train_cache_key(cfg: TrainConfig) -> str:
 
 
 @dataclass
+class TrainResult:
+    """What a training run made: the adapter, the run folder and its figures.
+
+    A data-parallel worker (rank > 0) returns only the paths, steps and its rank; rank 0 reports.
+    `selected_step` and `selection` are set when checkpoint evaluation chose adapter/."""
+
+    adapter: str
+    out: str
+    steps: int
+    steps_per_s: float = 0.0
+    final_loss: float = float("nan")
+    trainable_params: int = 0
+    samples_dir: str = ""
+    cache_key: str = ""
+    reused: bool = False
+    rank: int = 0
+    selected_step: int | None = None
+    selection: dict[str, float] | None = None
+
+
+@dataclass
 class TrainHooks:
     """Callbacks into the loop, for evaluation at checkpoints, progress reporting and tests.
 
@@ -522,7 +543,7 @@ class TrainState:
         return self.rank == 0
 
 
-def run_train(cfg: TrainConfig, log=_log, hooks: TrainHooks | None = None) -> dict[str, Any]:
+def run_train(cfg: TrainConfig, log=_log, hooks: TrainHooks | None = None) -> TrainResult:
     """Train an adapter. Returns a small summary (paths, steps, speed, loss, parameter counts)."""
     reused = reused_result(cfg, log)
     if reused is not None:
@@ -532,7 +553,7 @@ def run_train(cfg: TrainConfig, log=_log, hooks: TrainHooks | None = None) -> di
     return finish(state, loop_s, log)
 
 
-def reused_result(cfg: TrainConfig, log=_log) -> dict[str, Any] | None:
+def reused_result(cfg: TrainConfig, log=_log) -> TrainResult | None:
     """The summary of a finished run in `cfg.out` with the same content key, or None."""
     out, key = Path(cfg.out), train_cache_key(cfg)
     old = find_reusable(
@@ -547,17 +568,17 @@ def reused_result(cfg: TrainConfig, log=_log) -> dict[str, Any] | None:
     )
     if old is None or old.get("steps") != cfg.steps:
         return None
-    return {
-        "adapter": str(out / "adapter"),
-        "out": str(out),
-        "steps": old["steps"],
-        "reused": True,
-        "steps_per_s": old["steps_per_s"],
-        "final_loss": old["final_loss"],
-        "trainable_params": old["trainable_params"],
-        "samples_dir": str(out / "samples"),
-        "cache_key": key,
-    }
+    return TrainResult(
+        adapter=str(out / "adapter"),
+        out=str(out),
+        steps=old["steps"],
+        reused=True,
+        steps_per_s=old["steps_per_s"],
+        final_loss=old["final_loss"],
+        trainable_params=old["trainable_params"],
+        samples_dir=str(out / "samples"),
+        cache_key=key,
+    )
 
 
 def setup(cfg: TrainConfig, log=_log) -> TrainState:
@@ -806,12 +827,12 @@ def fit(st: TrainState, hooks: TrainHooks) -> float:
     return time.perf_counter() - t_loop
 
 
-def finish(st: TrainState, loop_s: float, log=_log) -> dict[str, Any]:
+def finish(st: TrainState, loop_s: float, log=_log) -> TrainResult:
     """6. Adapter, final samples, loss curve and report (rank 0 writes; the other ranks are done)."""
     cfg, out = st.cfg, st.out
     if not st.main_proc:
         _barrier(st.world)
-        return {"adapter": str(out / "adapter"), "out": str(out), "steps": st.step, "rank": st.rank}
+        return TrainResult(adapter=str(out / "adapter"), out=str(out), steps=st.step, rank=st.rank)
     meta = adapter_meta(st)
     adapter_dir = out / "adapter"
     with staging_dir(adapter_dir) as tmp:
@@ -828,17 +849,16 @@ def finish(st: TrainState, loop_s: float, log=_log) -> dict[str, Any]:
         f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}"
     )
     _barrier(st.world)
-    return {
-        "adapter": str(adapter_dir),
-        "out": str(out),
-        "steps": st.step,
-        "steps_per_s": report["steps_per_s"],
-        "final_loss": report["final_loss"],
-        "trainable_params": n_train,
-        "samples_dir": str(out / "samples"),
-        "cache_key": meta["cache_key"],
-        "reused": False,
-    }
+    return TrainResult(
+        adapter=str(adapter_dir),
+        out=str(out),
+        steps=st.step,
+        steps_per_s=report["steps_per_s"],
+        final_loss=report["final_loss"],
+        trainable_params=n_train,
+        samples_dir=str(out / "samples"),
+        cache_key=meta["cache_key"],
+    )
 
 
 def adapter_meta(st: TrainState) -> dict[str, Any]:

@@ -196,7 +196,7 @@ def gate_adapter(s: CheckSettings, judge: Any, work: Path) -> list[Gate]:
     )
     result = run_train(train, log=lambda m: None)
     pipe = load_sd_pipeline(s.sd, device="cpu", dtype="fp32")
-    adapter = result["adapter"]
+    adapter = result.adapter
     weights = adapter_info(adapter).get("weight_name", ADAPTER_WEIGHTS)
     pipe.load_lora_weights(adapter, weight_name=weights, adapter_name="finestyle")
     new = [o for o in OBJECTS if o not in ref_objects]

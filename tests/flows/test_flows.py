@@ -55,16 +55,16 @@ def test_task_fn_wraps_the_library(refs, tmp_path):
     }
     with disable_run_logger():
         plan = plan_task.fn(cfg)
-        assert len(plan["candidates"]) == 2 and plan["reuse"] is None
+        assert len(plan.candidates) == 2 and plan.reuse is None
         m = [
             process_chunk_task.fn([p], cfg, str(tmp_path / "scratch"), i)
-            for i, p in enumerate(plan["candidates"])
+            for i, p in enumerate(plan.candidates)
         ]
         assert all(x["images"] == 1 for x in m)
         r = publish_task.fn(cfg, plan, m)
-    assert r["rows"] == 2 and (tmp_path / "ds" / "report.json").exists()
+    assert r.rows == 2 and (tmp_path / "ds" / "report.json").exists()
     with disable_run_logger():
-        assert plan_task.fn(cfg)["reuse"]["reused"] is True
+        assert plan_task.fn(cfg).reuse.reused is True
 
 
 def test_pipeline_runs_reuses_and_invalidates(refs, tmp_path):
@@ -74,17 +74,17 @@ def test_pipeline_runs_reuses_and_invalidates(refs, tmp_path):
 
     cfg = _pipeline_config(tmp_path, refs)
     first = finestyle_pipeline(config=cfg)
-    assert first["stages"] == {"prepare": "built", "train": "trained", "export": "built"}
+    assert first.stages == {"prepare": "built", "train": "trained", "export": "built"}
     assert (tmp_path / "wd" / "export" / "manifest.json").exists()
     second = finestyle_pipeline(config=cfg)
-    assert second["stages"] == {"prepare": "reused", "train": "reused", "export": "reused"}
+    assert second.stages == {"prepare": "reused", "train": "reused", "export": "reused"}
     # one training option changed: train and export re-run, prepare does not
     cfg["train"]["rank"] = 2
     third = finestyle_pipeline(config=cfg)
-    assert third["stages"] == {"prepare": "reused", "train": "trained", "export": "built"}
+    assert third.stages == {"prepare": "reused", "train": "trained", "export": "built"}
     # forcing a stage re-runs it
     fourth = finestyle_pipeline(config=cfg, force=["prepare"])
-    assert fourth["stages"]["prepare"] == "built"
+    assert fourth.stages["prepare"] == "built"
     assert Artifact.get("pipeline-summary") is not None
     assert Artifact.get("export-parity") is not None
 
@@ -150,7 +150,7 @@ finestyle_pipeline(config={cfg!r})
     assert rc == -9, log.read_text()[-2000:]
     assert not (tmp_path / "wd" / "export").exists()
     again = finestyle_pipeline(config=cfg)
-    assert again["stages"] == {"prepare": "reused", "train": "trained", "export": "built"}
+    assert again.stages == {"prepare": "reused", "train": "trained", "export": "built"}
     train_dirs = list((tmp_path / "wd" / "train").iterdir())
     assert len(train_dirs) == 1
     rep = json.loads((train_dirs[0] / "report.json").read_text())
@@ -265,7 +265,7 @@ def test_pipeline_eval_section_evaluates_the_export_and_publishes_artifacts(refs
     cfg = _pipeline_config(tmp_path, refs)
     cfg["eval"] = {"judge": "clip:builtin:tiny-clip", "n_prompts": 2, "seeds": 1, "steps": 2, "device": "cpu"}
     out = finestyle_pipeline(config=cfg)
-    assert out["summary"]["eval"].startswith("prompt ")
+    assert out.summary["eval"].startswith("prompt ")
     import json
 
     rep = json.loads((tmp_path / "wd" / "eval" / "report.json").read_text())
@@ -298,7 +298,7 @@ def test_publish_style_creates_adds_and_reloads_a_running_server(tmp_path, monke
             samples=False,
             seed=i,
         )
-        adapters[name] = run_train(cfg, log=lambda m: None)["adapter"]
+        adapters[name] = run_train(cfg, log=lambda m: None).adapter
     export = str(tmp_path / "studio")
     first = publish_style(export_dir=export, adapter=adapters["ink"], name="ink")  # creates the export
     assert first["styles"] == ["ink"] and first["served"] is None

@@ -72,14 +72,14 @@ def test_train_eval_every_selects_and_the_export_records_it(tmp_path):
     rep = json.loads((run / "report.json").read_text())
     hist = rep["selection"]["history"]
     assert [h["step"] for h in hist] == [2, 4, 6] and (run / "eval.png").is_file()
-    assert res["selected_step"] == select_best(hist)["step"] == rep["selection"]["step"]
+    assert res.selected_step == select_best(hist)["step"] == rep["selection"]["step"]
     info = json.loads((run / "adapter" / "finestyle_adapter.json").read_text())
-    assert info["step"] == res["selected_step"]
+    assert info["step"] == res.selected_step
     # evaluating at checkpoints does not change training: the final weights equal a run without it
     a = load_file(str(tmp_path / "plain" / "adapter" / ADAPTER_WEIGHTS))
     b = load_file(str(run / "eval" / "step-0000006" / "adapter" / ADAPTER_WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert plain["steps"] == 6
+    assert plain.steps == 6
     # the checkpoint prompts are the disjoint set, written beside the scores
     assert len((run / "eval" / "prompts.txt").read_text().splitlines()) == 2
 

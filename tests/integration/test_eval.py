@@ -37,7 +37,7 @@ def _adapter(dataset: Path, out: Path, **kw) -> str:
         samples=False,
     )
     cfg.update(kw)
-    return run_train(TrainConfig(**cfg), **QUIET)["adapter"]
+    return run_train(TrainConfig(**cfg), **QUIET).adapter
 
 
 def _ecfg(refs_dataset: Path, out: Path, **kw) -> EvalConfig:

@@ -180,7 +180,7 @@ def test_reexport_is_reused_and_kill_leaves_nothing(adapter, export_dir, tmp_pat
     r = run_export(
         ExportConfig(base="builtin:tiny-sd", adapter=str(adapter), out=str(export_dir), device="cpu"), **Q
     )
-    assert r["reused"] is True
+    assert r.reused is True
     out = tmp_path / "killed"
     code = f"""
 import os, signal

@@ -38,7 +38,7 @@ def test_examples_attention_dataset_has_every_column(tmp_path):
     r = run_prepare(cfg(tmp_path / "ds", [EXAMPLES], concept_words=["boat"]), log=lambda m: None)
     ds = load_from_disk(str(tmp_path / "ds"))
     n_images = len(list(EXAMPLES.glob("*.png")))
-    assert len(ds) > n_images and r["rows"] == len(ds)
+    assert len(ds) > n_images and r.rows == len(ds)
     for col in ("image", "text", "concept", "caption", "source", "bbox", "method"):
         assert col in ds.column_names
     methods = set(ds["method"])
@@ -107,7 +107,7 @@ def test_messy_folder_completes_and_reports(tmp_path):
     reported = {Path(s["path"]).name for s in rep["skipped"]}
     bad = {n for n, o in exp.items() if o != "ok"}
     assert bad <= reported
-    assert r["images_used"] == sum(o == "ok" for o in exp.values())
+    assert r.images_used == sum(o == "ok" for o in exp.values())
     assert all({"path", "reason", "error"} <= set(s) for s in rep["skipped"])
 
 
@@ -121,23 +121,23 @@ def test_no_usable_image_is_a_user_error(tmp_path):
 
 def test_reuse_by_content_and_force(tmp_path, scene_dir):
     c = cfg(tmp_path / "ds", [scene_dir], concepts="none")
-    assert run_prepare(c, log=lambda m: None)["reused"] is False
-    assert run_prepare(c, log=lambda m: None)["reused"] is True
+    assert run_prepare(c, log=lambda m: None).reused is False
+    assert run_prepare(c, log=lambda m: None).reused is True
     # same folder, changed content -> rebuilt
     from tests.conftest import make_scene
 
     make_scene(seed=42).save(scene_dir / "scene0.png")
-    assert run_prepare(c, log=lambda m: None)["reused"] is False
+    assert run_prepare(c, log=lambda m: None).reused is False
     # changed option -> rebuilt; force -> rebuilt
     assert (
         run_prepare(
             cfg(tmp_path / "ds", [scene_dir], concepts="none", template="{concept} ({style})"),
             log=lambda m: None,
-        )["reused"]
+        ).reused
         is False
     )
     c.force = True
-    assert run_prepare(c, log=lambda m: None)["reused"] is False
+    assert run_prepare(c, log=lambda m: None).reused is False
 
 
 def test_killed_publish_leaves_old_dataset(tmp_path, scene_dir, monkeypatch):

@@ -302,7 +302,7 @@ def test_a_single_file_checkpoint_is_a_base(sdxl_dir, sdxl_dataset, tmp_path, mo
     run_export(
         ExportConfig(
             base=str(single),
-            adapter=run["adapter"],
+            adapter=run.adapter,
             out=str(tmp_path / "exp"),
             parity_steps=2,
             fp16=True,  # SDXL's fp16 export and its base UNet for style guidance, on the way

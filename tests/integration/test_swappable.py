@@ -44,7 +44,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
             samples=False,
             seed=seed,
         )
-        out[name] = Path(run_train(cfg, **Q)["adapter"])
+        out[name] = Path(run_train(cfg, **Q).adapter)
     return out
 
 

@@ -68,7 +68,7 @@ def test_train_writes_everything_and_reloads_with_diffusers(dataset, tmp_path):
         assert (out / p).exists(), p
     assert list((out / "samples").glob("*.png")) and list((out / "checkpoints").glob("step-*"))
     rep = json.loads((out / "report.json").read_text())
-    assert rep["steps"] == 6 and rep["trainable_params"] == r["trainable_params"] > 0
+    assert rep["steps"] == 6 and rep["trainable_params"] == r.trainable_params > 0
     assert 0 < rep["trainable_share"] < 0.05 and rep["dataset_fingerprint"]
     meta = json.loads((out / "adapter" / "finestyle_adapter.json").read_text())
     assert meta["base_model"] == "builtin:tiny-sd" and meta["rank"] == 4 and meta["alpha"] == 8.0
@@ -186,7 +186,7 @@ def test_v_prediction_and_linear_projection_config_trains(dataset, tmp_path):
         == "v_prediction"
     )
     r = run_train(tcfg(dataset, tmp_path / "r", base=str(folder), steps=3), **QUIET)
-    assert r["steps"] == 3 and r["final_loss"] == r["final_loss"]  # finite
+    assert r.steps == 3 and r.final_loss == r.final_loss  # finite
 
 
 def test_cli_train_20_steps(dataset, tmp_path):
@@ -275,7 +275,7 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_lora_and_samples(dataset, tmp_pat
 
     r = run_train(tcfg(dataset, tmp_path / "bf", mixed_precision="bf16", sample_every=2, steps=4), **QUIET)
     rep = json.loads((tmp_path / "bf" / "report.json").read_text())
-    assert rep["autocast"] == "torch.bfloat16" and r["final_loss"] == r["final_loss"]
+    assert rep["autocast"] == "torch.bfloat16" and r.final_loss == r.final_loss
     assert len(list((tmp_path / "bf" / "samples").glob("*.png"))) >= 2
     sd = load_file(str(tmp_path / "bf" / "adapter" / ADAPTER_WEIGHTS))
     assert all(v.dtype == torch.float32 for v in sd.values())  # trainable weights kept in fp32
