@@ -54,6 +54,20 @@ app.add_typer(world_app, name="world")
 app.add_typer(bench_app, name="bench")
 
 
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Also show the third-party warnings and progress bars that commands hide as benign.",
+    ),
+) -> None:
+    """Options of every command (give them before the command's name)."""
+    from finestyle.core.env import quiet_output
+
+    quiet_output(verbose)
+
+
 def _fail(msg: str, code: int) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)

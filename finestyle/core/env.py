@@ -24,6 +24,43 @@ QUIET_DEFAULTS = {
 }
 
 
+# Third-party warnings known to be benign on FineStyle's paths, hidden by the CLI unless --verbose.
+# Each is (category, message regex); any other warning still shows.
+BENIGN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # torch.onnx, while tracing diffusers' attention reshapes: indices are never negative there,
+    # and every export proves its graph against PyTorch (parity) before it is published.
+    (UserWarning, r"Exporting aten::index operator of advanced indexing"),
+    (UserWarning, r"Constant folding - Only steps=1 can be constant folded"),
+    # optimum's ORT pipelines read config values the way diffusers has deprecated for 1.0.
+    (FutureWarning, r"Accessing config attribute `\w+` directly via 'ORT"),
+    # optimum's notice that the exported pipeline has no safety checker (none is exported, by design).
+    (UserWarning, r".*safety.checker"),
+)
+
+
+def quiet_output(verbose: bool = False) -> None:
+    """The CLI's quiet mode: hide the benign warnings above and the libraries' progress bars
+    (diffusers' component loading, datasets' saving), so that a command prints its own progress and
+    results. `verbose` keeps everything. Library callers are not affected unless they call this."""
+    if verbose:
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "warning")  # the CLI's default is "error"
+        return
+    import warnings
+
+    for category, message in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    os.environ["FINESTYLE_QUIET"] = "1"  # core.models turns diffusers' bars off when it loads
+
+
+def quiet_progress_bars() -> None:
+    """Turn diffusers' progress bars off when the CLI runs quiet (called before loading pipelines)."""
+    if os.environ.get("FINESTYLE_QUIET") == "1":
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+
+
 def state_dir() -> Path:
     """Where FineStyle keeps local tool state: $FINESTYLE_HOME or ./.finestyle."""
     return Path(os.environ.get("FINESTYLE_HOME", ".finestyle")).absolute()

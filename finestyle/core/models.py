@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from finestyle.core.env import quiet_progress_bars
 from finestyle.core.errors import ModelLoadError, UserError
 from finestyle.core.fs import hash_json, hash_tree, sha256_file, staging_dir
 from finestyle.core.sd import SD, SDXL, family_of_class, folder_family
@@ -874,6 +875,7 @@ def load_sd_pipeline(
         device: where to put it; default: cuda > mps > cpu.
         dtype: torch dtype or a name (fp32/fp16/bf16); default: fp32 on CPU, fp16 on GPU.
     """
+    quiet_progress_bars()
     dev = device if isinstance(device, torch.device) else pick_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dev, dtype)
     name = str(name)

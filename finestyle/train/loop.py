@@ -698,7 +698,8 @@ def _maybe_resume(st: TrainState, log=_log) -> None:
     ckpt_root = st.out / "checkpoints"
     ck = latest_checkpoint(ckpt_root)
     if ck is None:
-        log(f"train: --resume but no complete checkpoint in {ckpt_root}; starting from step 0")
+        if ckpt_root.is_dir() and any(ckpt_root.iterdir()):  # a fresh run has nothing to say
+            log(f"train: --resume but no complete checkpoint in {ckpt_root}; starting from step 0")
         return
     state = load_checkpoint(ck, st.unet, st.optimizer, st.lr_sched, st.scaler, st.gen)
     st.step, st.losses = state["step"], state["losses"]

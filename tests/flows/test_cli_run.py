@@ -46,3 +46,38 @@ def test_run_twice_reuses_every_stage(tmp_path):
         [*args[:5], "--set", "train.rank=0"], capture_output=True, text=True, env=env, timeout=120
     )
     assert bad.returncode == 2 and "train.rank" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
+    """The README's main job, `finestyle demo`, as written (in a fresh folder): it prints its own
+    progress and results, no traceback, warning, progress bar or bytecode listing; a second run
+    reuses every stage."""
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "finestyle"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    runs = [
+        subprocess.run([str(exe), "demo"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+        for _ in range(2)
+    ]
+    first, second = runs
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "prepare built, train trained, export built" in first.stdout
+    assert (tmp_path / "runs" / "demo" / "generated.png").is_file()
+    for r in runs:
+        text = r.stdout + r.stderr
+        for noise in (
+            "Traceback",
+            "Warning",
+            "LOAD_GLOBAL",
+            "RESUME",
+            "Loading pipeline components",
+            "Saving the dataset",
+        ):
+            assert noise not in text, (noise, text[-3000:])
+    assert second.returncode == 0 and "prepare reused, train reused, export reused" in second.stdout
+    verbose = subprocess.run(
+        [str(exe), "--verbose", "models"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert verbose.returncode == 0 and "builtin:tiny-sd" in verbose.stdout

@@ -197,3 +197,16 @@ def test_generated_options_fill_only_what_was_given():
 
     cfg = from_dict(Demo, {k: v for k, v in got.items() if v is not None and k != "extra"})
     assert cfg.words == ["a", "b"] and cfg.prompts == ["x, y", "z"] and cfg.batch_size == 3
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_output_hides_only_known_benign_warnings(verbose):
+    code = (
+        "import warnings; from finestyle.core.env import quiet_output; "
+        f"quiet_output({verbose}); "
+        "warnings.warn('Constant folding - Only steps=1 can be constant folded for opset >= 10', UserWarning); "
+        "warnings.warn('something new and unknown', UserWarning)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "something new and unknown" in r.stderr
+    assert ("Constant folding" in r.stderr) is verbose
