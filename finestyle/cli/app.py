@@ -242,7 +242,9 @@ def export(
             "export needs --base MODEL and --out DIR (or --add-style/--remove-style with --to DIR)"
         )
     if swappable:
-        _export_swappable(base, adapters, name or [], Path(out), lora_scale, values["fp16"])
+        values["adapter"] = None
+        cfg = stage_from_sources(ExportConfig, "export", str(config) if config else None, values)
+        _export_swappable(cfg, adapters, name or [])
         return
     if len(adapters) > 1:
         raise UserError("several --adapter values need --swappable (one style each)")
@@ -262,9 +264,7 @@ def export(
     )
 
 
-def _export_swappable(
-    base: str, adapters: list[str], names: list[str], out: Path, lora_scale: float | None, fp16: bool | None
-) -> None:
+def _export_swappable(cfg: ExportConfig, adapters: list[str], names: list[str]) -> None:
     from finestyle.export.swappable import run_swappable_export
 
     if not adapters or any(a.lower() == "none" for a in adapters):
@@ -273,7 +273,14 @@ def _export_swappable(
         if not Path(a).is_dir():
             raise UserError(f"adapter folder {a!r} does not exist; pass RUN/adapter from `finestyle train`")
     r = run_swappable_export(
-        base, adapters, names, str(out), lora_scale if lora_scale is not None else 1.0, fp16=bool(fp16)
+        cfg.base,
+        adapters,
+        names,
+        cfg.out,
+        cfg.lora_scale,
+        parity_steps=cfg.parity_steps,
+        fp16=cfg.fp16,
+        trt=cfg if cfg.format == "tensorrt" else None,
     )
     print_summary(
         "export: done (swappable)",

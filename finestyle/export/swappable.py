@@ -37,11 +37,12 @@ from finestyle.artifacts.styles import (
     style_names,
     style_slug,
 )
+from finestyle.config import ExportConfig
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.fs import hash_json, hash_tree, publish_dir, write_json
 from finestyle.core.kv import KVUNet, StyleKV, base_kv_weights, cross_attention_layers, project_kv
 from finestyle.core.models import load_sd_pipeline, model_family, model_fingerprint, quiet_hf_logs
-from finestyle.core.onnxrt import ort_session
+from finestyle.core.onnxrt import ort_session, require_tensorrt
 from finestyle.core.sd import SDXL
 from finestyle.export.steps import (
     FP16_IMAGE_ATOL,
@@ -58,6 +59,7 @@ from finestyle.export.steps import (
     unet_outputs,
     unet_probe_inputs,
 )
+from finestyle.export.tensorrt import build_swappable_engines
 from finestyle.runtime.generate import GenerationRequest, decoded_batch, torch_backend_from_pipe
 
 
@@ -279,8 +281,12 @@ def run_swappable_export(
     image_atol: float | None = None,
     log=_log,
     fp16: bool = False,
+    trt: ExportConfig | None = None,
 ) -> ExportResult:
     """Build a swappable export of `base` with one style per adapter; publish it with its manifest.
+
+    `trt`: an ExportConfig with format tensorrt: also build TensorRT engines (`tensorrt/`) whose K/V
+    UNet takes the K/V as inputs, at its trt_batch/trt_size/trt_static (not yet run on a GPU).
 
     `fp16`: the K/V UNet and the text encoder in half precision with fp32 inputs and outputs (the
     style K/V stay fp32 and are cast at the graph's edge), the VAE only if it passes the fp16 probe;
@@ -295,8 +301,8 @@ def run_swappable_export(
     names = [check_name(n) for n in (names or [style_slug(adapter_info(a).get("style")) for a in adapters])]
     if len(names) != len(adapters) or len(set(names)) != len(names):
         raise UserError("--name: give one distinct name per --adapter (or none: each style's text as a slug)")
-    from finestyle.config import ExportConfig
-
+    if trt is not None:
+        require_tensorrt()  # before any work: one line, exit 2, when TensorRT is not installed
     base_fp = model_fingerprint(base)
     for a in adapters:
         _base_check(a, base_fp)
@@ -344,6 +350,9 @@ def run_swappable_export(
                 tmp, pipe, adapters, names, lora_scale, manifest, parity_steps, unet_atol, image_atol, log
             )
         )
+        if trt is not None:
+            manifest["tensorrt"] = build_swappable_engines(tmp / "onnx", tmp / "tensorrt", trt)
+            log(f"export: TensorRT engines with K/V inputs: {', '.join(manifest['tensorrt']['engines'])}")
         manifest.update(parity=parity, versions=export_versions(), files=hash_tree(tmp, exclude=(MANIFEST,)))
         write_json(tmp / MANIFEST, manifest)
         publish_dir(tmp, Path(out).absolute())

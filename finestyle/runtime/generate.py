@@ -323,6 +323,90 @@ def openvino_backend(
     )
 
 
+def _kv_feeds(lat: torch.Tensor, t: torch.Tensor, kvs: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    feeds = {"sample": lat.numpy().astype(np.float32), "timestep": np.array(float(t), dtype=np.float32)}
+    feeds.update({f"kv_{i}": k.numpy().astype(np.float32) for i, k in enumerate(kvs)})
+    return feeds
+
+
+def _kv_parts_onnxruntime(
+    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any
+) -> dict[str, Any]:
+    from finestyle.artifacts.styles import KV_UNET
+
+    provs = ort_providers(None)
+    te, vd, sess = (
+        ort_session(export_dir / rel, provs)
+        for rel in ("onnx/text_encoder/model.onnx", "onnx/vae_decoder/model.onnx", KV_UNET)
+    )
+    return {
+        "name": f"onnxruntime[{provs[0]}]",
+        "encode_text": lambda ids: torch.from_numpy(
+            te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
+        ),
+        "decode": lambda z: torch.from_numpy(
+            vd.run(None, {"latent_sample": z.numpy().astype(np.float32)})[0].astype(np.float32)
+        ),
+        "unet": lambda lat, t, kvs: torch.from_numpy(
+            np.asarray(sess.run(None, _kv_feeds(lat, t, kvs))[0], dtype=np.float32)
+        ),
+    }
+
+
+def _kv_parts_openvino(
+    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any
+) -> dict[str, Any]:
+    from finestyle.artifacts.styles import KV_UNET
+    from finestyle.runtime.openvino import OvComponent, component_key, require_openvino
+
+    prec = resolve_precision(dtype, manifest)
+    files = manifest.get("files", {})
+    comp = OvComponent(
+        require_openvino().Core(), export_dir / KV_UNET, prec, component_key(files, "unet_kv", prec)
+    )
+    parts = openvino_parts(export_dir / "onnx", files, prec, layout)
+    return {
+        "name": f"openvino[CPU,{prec}]",
+        "encode_text": parts["encode_text"],
+        "decode": parts["decode"],
+        "unet": lambda lat, t, kvs: torch.from_numpy(
+            np.asarray(comp(**_kv_feeds(lat, t, kvs)), dtype=np.float32)
+        ),
+    }
+
+
+def _kv_parts_tensorrt(
+    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any
+) -> dict[str, Any]:
+    """The engines `export --swappable --format tensorrt` built; K/V are engine inputs, so every
+    style runs on the same engines (not yet run on a GPU)."""
+    if "tensorrt" not in manifest:
+        raise UserError(
+            f"{export_dir} has no TensorRT engines; export it with --swappable --format tensorrt, "
+            "or use --runtime onnxruntime"
+        )
+    trt_dir = export_dir / "tensorrt"
+    te, un, vd = (TrtEngine(trt_dir / f"{c}.plan") for c in ("text_encoder", "unet_kv", "vae_decoder"))
+
+    def unet_fn(lat: torch.Tensor, t: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
+        kv = {f"kv_{i}": k for i, k in enumerate(kvs)}
+        return un(sample=lat, timestep=torch.tensor(float(t)), **kv)[0].cpu()
+
+    return {
+        "name": "tensorrt",
+        "encode_text": lambda ids: te(input_ids=ids.to(torch.int64))[0].cpu(),
+        "decode": lambda z: vd(latent_sample=z)[0].cpu(),
+        "unet": unet_fn,
+    }
+
+
+_KV_PARTS = {
+    "onnxruntime": _kv_parts_onnxruntime,
+    "openvino": _kv_parts_openvino,
+    "tensorrt": _kv_parts_tensorrt,
+}
+
+
 def _kv_unet_backend(
     export_dir: Path,
     runtime: str,
@@ -333,7 +417,6 @@ def _kv_unet_backend(
 ) -> Backend:
     """The shared K/V UNet with the text encoder and VAE decoder of a swappable export, on one runtime;
     `unet(latents, t, kv)` takes the K/V list in place of the text embedding."""
-    from finestyle.artifacts.styles import KV_UNET
     from finestyle.core.kv import KVUNet
 
     layout = sd_only(export_layout(export_dir / "onnx"), "a swappable export")
@@ -347,61 +430,17 @@ def _kv_unet_backend(
             return kv_unet(lat, t, *kvs).float()
 
         be.unet, be.unet_base = unet_fn, None
-    else:
-        if runtime == "openvino":
-            from finestyle.runtime.openvino import OvComponent, component_key, require_openvino
-
-            prec = resolve_precision(dtype, manifest)
-            core = require_openvino().Core()
-            comp = OvComponent(
-                core, export_dir / KV_UNET, prec, component_key(manifest.get("files", {}), "unet_kv", prec)
-            )
-            parts = openvino_parts(export_dir / "onnx", manifest.get("files", {}), prec, layout)
-            parts.pop("components")
-
-            def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-                return comp(**feeds)
-
-            name = f"openvino[CPU,{prec}]"
-        else:
-            provs = ort_providers(None)
-            te, vd, sess = (
-                ort_session(export_dir / rel, provs)
-                for rel in ("onnx/text_encoder/model.onnx", "onnx/vae_decoder/model.onnx", KV_UNET)
-            )
-            parts = {
-                "encode_text": lambda ids: torch.from_numpy(
-                    te.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0].astype(np.float32)
-                ),
-                "decode": lambda z: torch.from_numpy(
-                    vd.run(None, {"latent_sample": z.numpy().astype(np.float32)})[0].astype(np.float32)
-                ),
-            }
-
-            def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-                return sess.run(None, feeds)[0]
-
-            name = f"onnxruntime[{provs[0]}]"
-
-        def unet_fn(lat: torch.Tensor, t: torch.Tensor, kvs: list[torch.Tensor]) -> torch.Tensor:
-            feeds = {
-                "sample": lat.numpy().astype(np.float32),
-                "timestep": np.array(float(t), dtype=np.float32),
-            }
-            feeds.update({f"kv_{i}": k.numpy().astype(np.float32) for i, k in enumerate(kvs)})
-            return torch.from_numpy(np.asarray(run(feeds), dtype=np.float32))
-
-        be = Backend(
-            name=name,
-            **backend_layout(layout),
-            encode_text=parts["encode_text"],
-            unet=unet_fn,
-            decode=parts["decode"],
-            manifest=manifest,
-            manifest_sha256=msha,
-        )
-
-    return be
+        return be
+    parts = _KV_PARTS[runtime](export_dir, manifest, dtype, layout)
+    return Backend(
+        name=parts["name"],
+        **backend_layout(layout),
+        encode_text=parts["encode_text"],
+        unet=parts["unet"],
+        decode=parts["decode"],
+        manifest=manifest,
+        manifest_sha256=msha,
+    )
 
 
 def swappable_backend(
@@ -410,7 +449,7 @@ def swappable_backend(
     manifest: dict[str, Any] | None = None,
     dtype: str | None = None,
 ) -> Backend:
-    """A style-swappable export: the shared K/V UNet on onnxruntime, openvino or torch, with every
+    """A style-swappable export: the shared K/V UNet on onnxruntime, openvino, torch or TensorRT, with every
     style's K/V computed from the text embedding once per denoising loop (`Backend.kv`). Without
     `manifest` the folder is verified first (the export's own checks pass theirs)."""
     from finestyle.artifacts.styles import load_base_kv, load_style, style_names
@@ -609,9 +648,9 @@ def load_backend(
 
         m = verify_export(path)
         if is_swappable(m):
-            if runtime not in ("onnxruntime", "openvino", "torch"):
+            if runtime not in ("onnxruntime", "openvino", "torch", "tensorrt"):
                 raise UserError(
-                    f"--runtime {runtime}: a swappable export runs on onnxruntime, openvino or torch"
+                    f"--runtime {runtime}: a swappable export runs on onnxruntime, openvino, torch or tensorrt"
                 )
             return swappable_backend(path, runtime, dtype=dtype)
     if runtime == "openvino":

@@ -283,3 +283,51 @@ def test_fp16_swappable_export_keeps_fp32_io_and_states_its_thresholds(adapters,
     be = load_backend(str(out))
     img = decoded_batch(be, [GenerationRequest("a red boat", steps=2, seed=1, style="chalk")])
     assert np.isfinite(img.numpy()).all() and sorted(be.styles) == ["base", "chalk", "ink"]
+
+
+def test_tensorrt_profile_of_the_kv_unet_and_refusals_without_tensorrt(swx, adapters, tmp_path):
+    """The K/V UNet's engine shapes come from its graph; without TensorRT a swappable TensorRT
+    export is refused before any work, and a swappable export without engines says how to get them."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import load_file
+
+    from finestyle.export.tensorrt import kv_unet_profile
+
+    shapes = kv_unet_profile(swx / "onnx/unet_kv/model.onnx", (2, 4, 8, 8))
+    layers = json.loads((swx / "manifest.json").read_text())["swappable"]["layers"]
+    base = load_file(str(swx / "kv/base.safetensors"))
+    kv = {k: v for k, v in shapes.items() if k.startswith("kv_")}
+    assert shapes["sample"] == (2, 4, 8, 8) and shapes["timestep"] == ()
+    assert len(kv) == 2 * len(layers)
+    widths = sorted(v.shape[0] for v in base.values() if isinstance(v, torch.Tensor) and v.dim() == 2)
+    assert sorted(s[2] for s in kv.values()) == widths and all(s[:2] == (2, 77) for s in kv.values())
+    with pytest.raises(UserError, match="no TensorRT engines"):
+        load_backend(str(swx), "tensorrt")
+    if importlib.util.find_spec("tensorrt") is None:
+        r = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "export", "--base", "builtin:tiny-sd", "--swappable",
+             "--adapter", str(adapters["ink"]), "--format", "tensorrt", "--out", str(tmp_path / "t")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 2 and "TensorRT" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_swappable_tensorrt_engines_serve_every_style(adapters, tmp_path):
+    """Engines with K/V inputs: the base and each style run on the same engines, added styles need no
+    rebuild, and each image matches onnxruntime's (fp32 engines)."""
+    from finestyle.config import ExportConfig
+
+    out = tmp_path / "e"
+    trt = ExportConfig(base="builtin:tiny-sd", out=str(out), adapter=None, format="tensorrt", trt_size=64)
+    run_swappable_export("builtin:tiny-sd", [str(adapters["ink"])], ["ink"], str(out), trt=trt, **Q)
+    assert (out / "tensorrt/unet_kv.plan").is_file()
+    add_style(str(out), str(adapters["chalk"]), "chalk", **Q)  # no engine rebuild
+    ort, eng = load_backend(str(out), "onnxruntime"), load_backend(str(out), "tensorrt")
+    for style in ("base", "ink", "chalk"):
+        req = GenerationRequest("a red boat", steps=3, seed=1, style=style, width=64, height=64)
+        assert np.abs(_arr(generate(ort, req)) - _arr(generate(eng, req))).max() <= 2e-2, style
