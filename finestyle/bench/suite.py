@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -1044,6 +1045,7 @@ def bench_styles(
     concurrency: int = 8,
     time_limit: float = 60.0,
     rounds: int = 40,
+    memory_only: bool = False,
 ) -> dict[str, Any]:
     """Many styles, one server: N adapters as one swappable export against one merged export.
 
@@ -1051,12 +1053,14 @@ def bench_styles(
       interleaved medians), plus the per-request K/V projection;
     - serving at `concurrency`: every request in one style vs requests cycling through all styles
       (dynamic batching on, so mixed-style batches form);
-    - disk: the swappable export with N styles vs N merged exports (one measured, times N).
-    """
+    - disk: the swappable export with N styles vs N merged exports (one measured, times N);
+    - memory: a `finestyle serve` process's resident memory after one request, on the swappable
+      export and on one merged export (N merged servers: that, times N, computed).
+
+    `memory_only` skips the timings and the load (for large models on a CPU, where they would take
+    hours) and proves parity with one denoising step instead of four."""
     import tempfile
     from pathlib import Path
-
-    import numpy as np
 
     with tempfile.TemporaryDirectory() as d:
         ds = _bench_dataset(f"{d}/ds", 64)
@@ -1076,55 +1080,100 @@ def bench_styles(
             adapters.append(run_train(cfg, log=lambda m: None).adapter)
         names = [f"style{i}" for i in range(n_styles)]
         swx, merged = f"{d}/swappable", f"{d}/merged"
-        run_swappable_export(model, adapters, names, swx, log=lambda m: None)
+        parity_steps = 1 if memory_only else 4
+        run_swappable_export(model, adapters, names, swx, parity_steps=parity_steps, log=lambda m: None)
+        light = dict(check_bf16=False, check_openvino=False) if memory_only else {}
         run_export(
-            ExportConfig(base=model, adapter=adapters[0], out=merged, device="cpu"), log=lambda m: None
-        )
-        be = load_backend(swx)
-        layers = be.manifest["swappable"]["layers"]
-        base_kv = load_base_kv(Path(swx))
-        st = load_style(Path(swx), names[0], be.manifest)
-        merged_sess = ort_session(Path(merged) / "onnx/unet/model.onnx")
-        kv_sess = ort_session(Path(swx) / KV_UNET)
-        unet_cfg = be.latent_channels, be.native_size
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, unet_cfg[0], unet_cfg[1], unet_cfg[1], generator=g)
-        emb = torch.randn(2, 77, base_kv[f"{layers[0]}.to_k.weight"].shape[1], generator=g)
-        kv = project_kv(emb, layers, base_kv, [st, st])
-        t = np.array(500.0, np.float32)
-        f_merged = {"sample": x.numpy(), "timestep": t, "encoder_hidden_states": emb.numpy()}
-        f_kv = {"sample": x.numpy(), "timestep": t, **{f"kv_{i}": k.numpy() for i, k in enumerate(kv)}}
-        med = _median_interleaved(
-            {
-                "merged": lambda: merged_sess.run(None, f_merged),
-                "kv_inputs": lambda: kv_sess.run(None, f_kv),
-                "project_kv": lambda: project_kv(emb, layers, base_kv, [st, st]),
-            },
-            rounds,
+            ExportConfig(
+                base=model, adapter=adapters[0], out=merged, device="cpu", parity_steps=parity_steps, **light
+            ),
+            log=lambda m: None,
         )
         out: dict[str, Any] = {
             "model": model,
             "styles": n_styles,
             "cpu": cpu_name(),
-            "unet_step_merged_s": med["merged"],
-            "unet_step_kv_s": med["kv_inputs"],
-            "kv_step_vs_merged": med["kv_inputs"] / med["merged"],
-            "project_kv_per_request_s": med["project_kv"],
             "disk_swappable_bytes": _dir_bytes(swx),
             "disk_one_style_bytes": _dir_bytes(Path(swx) / "styles" / names[0]),
             "disk_one_merged_export_bytes": _dir_bytes(merged),
         }
         out["disk_n_merged_bytes_computed"] = out["disk_one_merged_export_bytes"] * n_styles
-        with _ServerProcess(swx, ["--max-batch", "8", "--queue-size", "64"]) as s:
-            _load_level(s.url, 1, 2, steps, time_limit, styles=names[:1])  # warm-up
-            single = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names[:1])
-            mixed = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names)
-            single2 = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names[:1])
-        out["serve_single_style"] = [single, single2]
-        out["serve_mixed_styles"] = mixed
-        base_rate = (single["img_per_s"] + single2["img_per_s"]) / 2
-        out["mixed_vs_single_throughput"] = mixed["img_per_s"] / base_rate if base_rate else float("nan")
+        out["memory_swappable_server"] = _server_memory(swx, names[-1])
+        out["memory_one_merged_server"] = _server_memory(merged, None)
+        out["memory_n_merged_servers_rss_bytes_computed"] = (
+            out["memory_one_merged_server"]["rss_bytes"] * n_styles
+        )
+        if not memory_only:
+            out.update(_styles_unet_step(swx, merged, names[0], rounds))
+            out.update(_styles_serving(swx, names, requests, steps, concurrency, time_limit))
     return out
+
+
+def _server_memory(export: str, style: str | None) -> dict[str, Any]:
+    """A `finestyle serve` process's memory after one request (1 step, 64 px): resident (VmRSS)
+    and peak (VmHWM), from /proc."""
+    import httpx
+
+    with _ServerProcess(export, ["--batching" if style else "--no-batching"]) as s:
+        body: dict[str, Any] = {"prompt": "a red boat", "steps": 1, "width": 64, "height": 64}
+        if style:
+            body["style"] = style
+        r = httpx.post(s.url + "/v1/generate", json=body, timeout=600)
+        if r.status_code != 200:
+            raise RuntimeError(f"the server answered {r.status_code}: {r.text[:200]}")
+        status = Path(f"/proc/{s.proc.pid}/status").read_text()
+    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Vm")}
+    return {"rss_bytes": int(fields["VmRSS"]) * 1024, "peak_rss_bytes": int(fields["VmHWM"]) * 1024}
+
+
+def _styles_unet_step(swx: str, merged: str, style: str, rounds: int) -> dict[str, Any]:
+    """The shared graph with K/V inputs vs the merged UNet, batch 2, interleaved medians."""
+    import numpy as np
+
+    be = load_backend(swx)
+    layers = be.manifest["swappable"]["layers"]
+    base_kv = load_base_kv(Path(swx))
+    st = load_style(Path(swx), style, be.manifest)
+    merged_sess = ort_session(Path(merged) / "onnx/unet/model.onnx")
+    kv_sess = ort_session(Path(swx) / KV_UNET)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, be.latent_channels, be.native_size, be.native_size, generator=g)
+    emb = torch.randn(2, 77, base_kv[f"{layers[0]}.to_k.weight"].shape[1], generator=g)
+    kv = project_kv(emb, layers, base_kv, [st, st])
+    t = np.array(500.0, np.float32)
+    f_merged = {"sample": x.numpy(), "timestep": t, "encoder_hidden_states": emb.numpy()}
+    f_kv = {"sample": x.numpy(), "timestep": t, **{f"kv_{i}": k.numpy() for i, k in enumerate(kv)}}
+    med = _median_interleaved(
+        {
+            "merged": lambda: merged_sess.run(None, f_merged),
+            "kv_inputs": lambda: kv_sess.run(None, f_kv),
+            "project_kv": lambda: project_kv(emb, layers, base_kv, [st, st]),
+        },
+        rounds,
+    )
+    return {
+        "unet_step_merged_s": med["merged"],
+        "unet_step_kv_s": med["kv_inputs"],
+        "kv_step_vs_merged": med["kv_inputs"] / med["merged"],
+        "project_kv_per_request_s": med["project_kv"],
+    }
+
+
+def _styles_serving(
+    swx: str, names: list[str], requests: int, steps: int, concurrency: int, time_limit: float
+) -> dict[str, Any]:
+    """One style for every request vs requests cycling through the styles, at `concurrency`."""
+    with _ServerProcess(swx, ["--max-batch", "8", "--queue-size", "64"]) as s:
+        _load_level(s.url, 1, 2, steps, time_limit, styles=names[:1])  # warm-up
+        single = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names[:1])
+        mixed = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names)
+        single2 = _load_level(s.url, concurrency, requests, steps, time_limit, styles=names[:1])
+    base_rate = (single["img_per_s"] + single2["img_per_s"]) / 2
+    return {
+        "serve_single_style": [single, single2],
+        "serve_mixed_styles": mixed,
+        "mixed_vs_single_throughput": mixed["img_per_s"] / base_rate if base_rate else float("nan"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------

@@ -661,13 +661,17 @@ def bench_serve_cmd(
     ),
     model: str = typer.Option("builtin:tiny-sd", help="--styles: the base model."),
     concurrency: int = typer.Option(8, help="--styles: clients."),
+    memory_only: bool = typer.Option(
+        False, "--memory-only", help="--styles: disk and server memory only (no timings: for large models)."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
     from finestyle.bench.suite import bench_serve, bench_styles
 
     if styles > 0:
-        _print_styles(bench_styles(styles, model, requests, steps, concurrency, time_limit), json_out)
+        r = bench_styles(styles, model, requests, steps, concurrency, time_limit, memory_only=memory_only)
+        _print_styles(r, json_out)
         return
     r = bench_serve(
         export_dir,
@@ -700,24 +704,32 @@ def bench_serve_cmd(
 
 
 def _print_styles(r: dict[str, Any], json_out: Path | None) -> None:
-    mb = 1e6
+    mb, gb = 1e6, 2**30
     typer.echo(f"{r['model']}, {r['styles']} styles | {r['cpu']}")
-    typer.echo(
-        f"  UNet step, batch 2 (interleaved medians): merged {r['unet_step_merged_s'] * 1e3:.2f} ms | "
-        f"K/V inputs {r['unet_step_kv_s'] * 1e3:.2f} ms = {r['kv_step_vs_merged']:.3f}x the merged step "
-        f"(goal <= 1.05x) | K/V projection once per request {r['project_kv_per_request_s'] * 1e3:.2f} ms"
-    )
-    s1, s2 = r["serve_single_style"]
-    m = r["serve_mixed_styles"]
-    typer.echo(
-        f"  serving at concurrency {m['concurrency']}: one style {s1['img_per_s']:.2f} / {s2['img_per_s']:.2f} img/s "
-        f"(before/after) | styles mixed {m['img_per_s']:.2f} img/s = {r['mixed_vs_single_throughput']:.2f}x "
-        f"(goal >= 0.9x) | errors {s1['errors'] + s2['errors'] + m['errors']}"
-    )
+    if "unet_step_kv_s" in r:
+        typer.echo(
+            f"  UNet step, batch 2 (interleaved medians): merged {r['unet_step_merged_s'] * 1e3:.2f} ms | "
+            f"K/V inputs {r['unet_step_kv_s'] * 1e3:.2f} ms = {r['kv_step_vs_merged']:.3f}x the merged step "
+            f"(goal <= 1.05x) | K/V projection once per request {r['project_kv_per_request_s'] * 1e3:.2f} ms"
+        )
+        s1, s2 = r["serve_single_style"]
+        m = r["serve_mixed_styles"]
+        typer.echo(
+            f"  serving at concurrency {m['concurrency']}: one style {s1['img_per_s']:.2f} / {s2['img_per_s']:.2f} img/s "
+            f"(before/after) | styles mixed {m['img_per_s']:.2f} img/s = {r['mixed_vs_single_throughput']:.2f}x "
+            f"(goal >= 0.9x) | errors {s1['errors'] + s2['errors'] + m['errors']}"
+        )
     typer.echo(
         f"  disk: swappable with {r['styles']} styles {r['disk_swappable_bytes'] / mb:.1f} MB (one style "
         f"{r['disk_one_style_bytes'] / 1e3:.1f} kB) | {r['styles']} merged exports "
         f"{r['disk_n_merged_bytes_computed'] / mb:.1f} MB (computed: one measured x {r['styles']})"
+    )
+    sw, one = r["memory_swappable_server"], r["memory_one_merged_server"]
+    typer.echo(
+        f"  server memory after one request (resident / peak): swappable with {r['styles']} styles "
+        f"{sw['rss_bytes'] / gb:.2f} / {sw['peak_rss_bytes'] / gb:.2f} GiB | one merged export "
+        f"{one['rss_bytes'] / gb:.2f} / {one['peak_rss_bytes'] / gb:.2f} GiB | {r['styles']} merged servers "
+        f"{r['memory_n_merged_servers_rss_bytes_computed'] / gb:.2f} GiB resident (computed: one x {r['styles']})"
     )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
