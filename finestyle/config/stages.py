@@ -580,7 +580,7 @@ class ServeConfig:
     port: int = 8000
     """Port."""
     runtime: str = "onnxruntime"
-    """onnxruntime | openvino | torch."""
+    """onnxruntime | openvino | torch | tensorrt (the export's engines; not yet run on a GPU)."""
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     dtype: str = "auto"
@@ -617,10 +617,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.runtime in ("onnxruntime", "openvino", "torch"),
+            self.runtime in ("onnxruntime", "openvino", "torch", "tensorrt"),
             "serve.runtime",
             self.runtime,
-            "use onnxruntime, openvino or torch",
+            "use onnxruntime, openvino, torch or tensorrt",
         )
         _check(1 <= self.port <= 65535, "serve.port", self.port, "must be 1..65535")
         _check(
