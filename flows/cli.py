@@ -66,10 +66,39 @@ def _run_pipeline(cfg: Any, force: list[str]) -> None:
     if bad:
         raise UserError(f"--force: unknown stage {sorted(bad)[0]!r}; use prepare, train or export")
     from finestyle.config import to_dict
+
+    _quiet_prefect_server()
     from flows.pipeline import finestyle_pipeline
 
     result = finestyle_pipeline(config=to_dict(cfg), force=list(force))
     print_summary("pipeline: done", result.summary)
+
+
+def _quiet_prefect_server() -> None:
+    """In the CLI's quiet mode, mute one logger in Prefect's logging config: `sqlalchemy.pool`, which
+    prints a traceback when Prefect's temporary server is stopped while its database connection is
+    being returned (a shutdown race, more likely on a busy CPU; the runs are complete and recorded).
+    The config is Prefect's own file plus that logger, written to the state folder; a
+    PREFECT_LOGGING_SETTINGS_PATH you set is left alone, and `--verbose` keeps everything."""
+    import importlib.util
+    import os
+
+    from finestyle.core.env import state_dir
+
+    if os.environ.get("FINESTYLE_QUIET") != "1" or "PREFECT_LOGGING_SETTINGS_PATH" in os.environ:
+        return
+    spec = importlib.util.find_spec("prefect")
+    default = Path(spec.origin).parent / "logging" / "logging.yml" if spec and spec.origin else None
+    if default is None or not default.is_file():
+        return
+    text = default.read_text()
+    if "\nloggers:\n" not in text:
+        return
+    text = text.replace("\nloggers:\n", "\nloggers:\n  sqlalchemy.pool:\n    level: CRITICAL\n\n", 1)
+    path = state_dir() / "prefect-logging.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(path)
 
 
 def main() -> None:

@@ -511,12 +511,10 @@ class RequestOptions:
     """A swappable export's style (None: its default style)."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.scheduler is None or self.scheduler in SCHEDULERS,
-            "generate.scheduler",
-            self.scheduler,
-            "use one of " + ", ".join(SCHEDULERS),
-        )
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise UserError(
+                f"generate.scheduler: unknown scheduler {self.scheduler!r}; use one of: {', '.join(SCHEDULERS)}"
+            )
         _check(1 <= self.steps <= 1000, "generate.steps", self.steps, "must be 1..1000")
         _check(self.guidance >= 0, "generate.guidance", self.guidance, "must be >= 0")
         _check(self.style_guidance >= 0, "generate.style_guidance", self.style_guidance, "must be >= 0")

@@ -50,11 +50,3 @@ def test_bench_serve_styles_reports_the_step_ratio_mixed_batches_and_disk(tmp_pa
     assert 0 < sw["rss_bytes"] <= sw["peak_rss_bytes"] and 0 < one["rss_bytes"] <= one["peak_rss_bytes"]
     assert res["memory_n_merged_servers_rss_bytes_computed"] == 2 * one["rss_bytes"]
     assert "server memory after one request" in r.stdout
-    # --memory-only: disk and memory, no timings
-    r = subprocess.run(
-        [*args[:5], "--styles", "2", "--memory-only", "--json", str(out)],
-        capture_output=True, text=True, env=env, timeout=600, start_new_session=True,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert "unet_step_kv_s" not in res and res["memory_one_merged_server"]["rss_bytes"] > 0
