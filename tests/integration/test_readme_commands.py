@@ -157,6 +157,11 @@ def test_many_styles_commands(tmp_path, monkeypatch):
     assert p.returncode == 0, p.stderr[-3000:]
     styles = json.loads((tmp_path / "exports/studio/manifest.json").read_text())["swappable"]["styles"]
     assert sorted(styles) == ["ink"] and not (tmp_path / "exports/studio/styles/chalk").exists()
+    # the SD 1.5 memory figures' command, on the tiny builtin
+    (bench,) = re.findall(r"`(finestyle bench serve --styles [^`]*--memory-only)`", text)
+    p = run([TINY.get(a, a) for a in shlex.split(bench)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "server memory after one request" in p.stdout and "UNet step" not in p.stdout
 
 
 def test_sdxl_commands(tmp_path):
