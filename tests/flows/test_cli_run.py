@@ -30,6 +30,10 @@ def test_run_builds_every_stage_and_refuses_a_bad_override(tmp_path):
         "export.parity_steps=2",
         "--set",
         "export.with_base_unet=false",
+        "--set",
+        "export.check_bf16=false",
+        "--set",
+        "export.check_openvino=false",
     ]
     env = os.environ.copy()
     env.pop("PREFECT_API_URL", None)
