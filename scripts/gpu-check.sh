@@ -172,7 +172,9 @@ else
 fi
 
 # 2. the GPU tests ------------------------------------------------------------------------------------
-run_step pytest-gpu 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+# (serially, without pyproject's `-n 2`: the GPU tests share one card, and pytest-xdist may be absent)
+run_step pytest-gpu 240 "$PY" -m pytest -o addopts="-ra --strict-markers" -m gpu -q -p no:cacheprovider \
+  --continue-on-collection-errors \
   tests/unit tests/integration
 
 if [[ $DEVICE == none ]]; then

@@ -23,6 +23,10 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = str(_STATE / "hf")
 os.environ["FINESTYLE_OV_CACHE"] = str(_STATE / "ov-cache")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # pytest -n N: the cores are shared between N workers (and the processes they start); more
+    # OpenMP threads than cores make every worker spin-wait on the others
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "data" / "examples"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Optional, get_type_hints
 
 import typer
@@ -146,11 +146,9 @@ def config_options(spec: OptionSpec) -> Callable[[Callable[..., Any]], Callable[
     return deco
 
 
-def flags_of(spec: OptionSpec, fields: Iterable[str] | None = None) -> dict[str, str]:
+def flags_of(spec: OptionSpec) -> dict[str, str]:
     """field -> the flag (or argument name) it appears as in --help."""
-    out = {}
-    for f in dataclasses.fields(spec.cls):
-        if fields is not None and f.name not in fields:
-            continue
-        out[f.name] = f.name if f.name in spec.arguments else spec.flag(f.name)
-    return out
+    return {
+        f.name: f.name if f.name in spec.arguments else spec.flag(f.name)
+        for f in dataclasses.fields(spec.cls)
+    }
