@@ -87,6 +87,7 @@ def run_compare(s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None]
         datasets[method] = ds
     results: dict[str, Any] = {}
     grid: list[tuple[str, Any]] = []
+    base: list[tuple[str, Any]] = []  # the base model's images, the grid's first row
     for name in s.variants:
         method, targets = VARIANTS[name]
         log(f"compare: {name}: {method} data, {targets} layers")
@@ -121,6 +122,7 @@ def run_compare(s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None]
             variant=name,
             images_out=shown,
             cache_dir=out / "images",  # shared: the base model's images are generated once
+            base_images_out=None if base else base,
         )
         ev["trainable_params"] = treport["trainable_params"]
         ev["train_seconds"] = treport["total_seconds"]
@@ -128,7 +130,8 @@ def run_compare(s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None]
         ev["data"], ev["targets"] = method, targets
         results[name] = ev
         # one row per variant: the first seed of each of the first GRID_COLS prompts
-        grid += [(f"{name}: {c}", im) for c, im in shown[:: ecfg.seeds][:GRID_COLS]]
+        grid += [(c, im) for c, im in shown[:: ecfg.seeds][:GRID_COLS]]
+    grid = [(c, im) for c, im in base[:: ecfg.seeds][:GRID_COLS]] + grid
     kind = next(iter(results.values()))["judge"]["kind"]
     report = {
         "variants": results,
@@ -137,6 +140,11 @@ def run_compare(s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None]
     }
     write_json(out / "report.json", report)
     (out / "report.md").write_text(report_markdown(results, kind))
-    save_grid(out / "grid.png", grid, cols=min(GRID_COLS, len(grid) // len(s.variants)))
+    save_grid(
+        out / "grid.png",
+        grid,
+        cols=min(GRID_COLS, len(grid) // (len(s.variants) + 1)),
+        row_labels=["base model", *results],
+    )
     log(f"compare: wrote {out / 'report.json'}")
     return report

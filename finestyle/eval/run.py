@@ -196,9 +196,11 @@ def run_eval(
     variant: str | None = None,
     images_out: list[tuple[str, Any]] | None = None,
     cache_dir: str | Path | None = None,
+    base_images_out: list[tuple[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model; write report.json, report.md, grid.png (and guidance.png) into cfg.out.
-    `images_out`, when given, receives (caption, image) for every image at the first λ1."""
+    `images_out`, when given, receives (caption, image) for every image at the first λ1;
+    `base_images_out` the base model's on the same prompts and seeds."""
     t0 = time.time()
     device = str(pick_device(cfg.device))
     # cheap checks first: the prompt file, the judge's name, the references
@@ -273,6 +275,8 @@ def run_eval(
     save_grid(out / "grid.png", captioned, cols=cfg.seeds)
     if images_out is not None:
         images_out.extend(captioned)
+    if base_images_out is not None:
+        base_images_out.extend((c, im) for (c, _), im in zip(captioned, base_images, strict=True))
     if len(sweep) > 1:
         save_guidance_plot(out / "guidance.png", sweep)
     log(f"eval: wrote {out / 'report.json'}")
@@ -314,17 +318,29 @@ def report_markdown(variants: dict[str, dict[str, Any]], kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_grid(path: Path, items: list[tuple[str, Any]], cols: int, cell: int = 128) -> None:
-    """Images in rows of `cols`, each with its caption underneath."""
+def save_grid(
+    path: Path, items: list[tuple[str, Any]], cols: int, cell: int = 128, row_labels: list[str] | None = None
+) -> None:
+    """Images in rows of `cols`, each with its caption underneath (wrapped onto two lines); with
+    `row_labels`, each row's label in a column on the left (compare: one row per variant)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
+    per_line, line_h = max(8, cell // 6), 11
+    label_w = 6 * max(map(len, row_labels)) + 8 if row_labels else 0
     rows = (len(items) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
+    row_h = cell + 2 * line_h + 4
+    grid = Image.new("RGB", (label_w + cols * cell, rows * row_h), "white")
     draw = ImageDraw.Draw(grid)
+    for r, label in enumerate((row_labels or [])[:rows]):
+        draw.text((4, r * row_h + cell // 2 - 5), label, fill="black")
     for i, (caption, im) in enumerate(items):
-        x, y = (i % cols) * cell, (i // cols) * (cell + 14)
+        x, y = label_w + (i % cols) * cell, (i // cols) * row_h
         grid.paste(im.convert("RGB").resize((cell, cell)), (x, y))
-        draw.text((x + 2, y + cell + 1), caption[: cell // 6], fill="black")
+        lines = textwrap.wrap(caption, per_line, max_lines=2, placeholder="…") or [""]
+        for k, line in enumerate(lines):
+            draw.text((x + 2, y + cell + 2 + k * line_h), line, fill="black")
     tmp = path.with_suffix(".tmp.png")
     grid.save(tmp)
     tmp.replace(path)

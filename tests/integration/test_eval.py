@@ -195,7 +195,13 @@ def test_compare_trains_four_variants_and_reports_each(tmp_path):
     kv, attn = rep["variants"]["finestyle"]["trainable_params"], rep["variants"]["plain"]["trainable_params"]
     assert attn > kv > 0  # q/k/v/out of every attention layer vs cross-attention K/V
     assert rep["variants"]["finestyle"]["data"] == "attention" and rep["variants"]["plain"]["data"] == "none"
-    assert "| finestyle |" in p.stdout and (tmp_path / "c" / "grid.png").stat().st_size > 0
+    assert "| finestyle |" in p.stdout
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "c" / "grid.png")
+    cell = 128 + 2 * 11 + 4  # an image and two caption lines
+    assert grid.height == 5 * cell  # the base model's row, then one row per variant
+    assert grid.width > 2 * 128  # the row labels' column beside the two prompts
 
 
 def _world_judge_installed() -> bool:
