@@ -176,10 +176,18 @@ def load_eval_judge(spec: str, device: str = "cpu") -> WorldJudge | ClipJudge:
     return WorldJudge(spec, device) if check_judge_spec(spec) == "world" else ClipJudge(spec, device)
 
 
-def leaked(scores: Scores, thresholds: np.ndarray, prompts: list[Prompt], concepts: list[str]) -> np.ndarray:
-    """Per image: whether a reference concept that its prompt does not name is present."""
+def leak_matrix(
+    scores: Scores, thresholds: np.ndarray, prompts: list[Prompt], concepts: list[str]
+) -> np.ndarray:
+    """(n_images, n_concepts): whether each reference concept is present although its prompt does not
+    name it."""
     present = scores.concepts > thresholds[None, :] if concepts else np.zeros((len(prompts), 0), bool)
     not_asked = np.array([[not p.names(c) for c in concepts] for p in prompts], dtype=bool).reshape(
         present.shape
     )
-    return (present & not_asked).any(1) if concepts else np.zeros(len(prompts), bool)
+    return present & not_asked
+
+
+def leaked(scores: Scores, thresholds: np.ndarray, prompts: list[Prompt], concepts: list[str]) -> np.ndarray:
+    """Per image: whether a reference concept that its prompt does not name is present."""
+    return leak_matrix(scores, thresholds, prompts, concepts).any(1)

@@ -28,7 +28,7 @@ from finestyle.core.models import model_fingerprint, pick_device
 from finestyle.runtime.generate import GenerationRequest, generate_batch, load_backend
 from finestyle.world.scene import COLOURS, OBJECTS
 
-from .judges import ClipJudge, Scores, WorldJudge, check_judge_spec, leaked, load_eval_judge
+from .judges import ClipJudge, Scores, WorldJudge, check_judge_spec, leak_matrix, load_eval_judge
 from .prompts import Prompt, read_prompt_file, real_prompts, world_prompts
 
 
@@ -142,13 +142,22 @@ def generate_all(
     return images
 
 
-def summarize(scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any) -> dict[str, Any]:
+def summarize(
+    scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any, concepts: list[str]
+) -> dict[str, Any]:
+    """The three axes; `leak` and `base_leak` are leak matrices (images × concepts, `leak_matrix`)."""
+    tuned_any, base_any = leak.any(1), base_leak.any(1)
     out = {
         "prompt_fidelity": float(scores.prompt.mean()),
         "style_fidelity": float(scores.style.mean()),
-        "leakage": float(leak.mean() - base_leak.mean()),
-        "leakage_raw": {"with_adapter": float(leak.mean()), "base_model": float(base_leak.mean())},
-        "n_images": int(len(leak)),
+        "leakage": float(tuned_any.mean() - base_any.mean()),
+        "leakage_raw": {"with_adapter": float(tuned_any.mean()), "base_model": float(base_any.mean())},
+        # which reference concepts leak: the share of images showing each one unasked
+        "leakage_by_concept": {
+            c: {"with_adapter": float(leak[:, k].mean()), "base_model": float(base_leak[:, k].mean())}
+            for k, c in enumerate(concepts)
+        },
+        "n_images": int(len(tuned_any)),
     }
     if isinstance(judge, ClipJudge):
         out["style_gram_similarity"] = float(scores.style_extra.mean())
@@ -227,7 +236,7 @@ def run_eval(
     base_images = generate_all(base_fn, base_ident, texts, seeds, cfg, 0.0, cache, "base model", log)
     base_scores = judge.score(base_images, ps, concepts, style, ref_feats)
     thresholds = judge.thresholds(base_scores, ps, concepts)
-    base_leak = leaked(base_scores, thresholds, ps, concepts)
+    base_leak = leak_matrix(base_scores, thresholds, ps, concepts)
 
     loaded: dict[str, Any] = {}
 
@@ -242,7 +251,10 @@ def run_eval(
         first_images = first_images or images
         sc = judge.score(images, ps, concepts, style, ref_feats)
         sweep.append(
-            {"style_guidance": lam, **summarize(sc, leaked(sc, thresholds, ps, concepts), base_leak, judge)}
+            {
+                "style_guidance": lam,
+                **summarize(sc, leak_matrix(sc, thresholds, ps, concepts), base_leak, judge, concepts),
+            }
         )
     report = {
         **{k: v for k, v in sweep[0].items() if k != "style_guidance"},
@@ -315,6 +327,19 @@ def report_markdown(variants: dict[str, dict[str, Any]], kind: str) -> str:
             f"{raw['with_adapter']:.3f} / {raw['base_model']:.3f} | {r.get('trainable_params', '—')} | "
             f"{r.get('train_seconds', '—') if not isinstance(r.get('train_seconds'), float) else round(r['train_seconds'])} | {r['n_images']} |"
         )
+    concepts = list(next(iter(variants.values())).get("leakage_by_concept", {}))
+    if concepts:
+        lines += [
+            "",
+            "Leakage by reference concept: share of images showing it unasked, tuned (base model).",
+            "",
+            "| variant | " + " | ".join(concepts) + " |",
+            "|---|" + "---|" * len(concepts),
+        ]
+        for name, r in variants.items():
+            by = r["leakage_by_concept"]
+            cells = [f"{by[c]['with_adapter']:.3f} ({by[c]['base_model']:.3f})" for c in concepts]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

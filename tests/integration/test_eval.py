@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from finestyle.config import EvalConfig, TrainConfig
-from finestyle.eval.judges import ClipJudge, Scores, leaked
+from finestyle.eval.judges import ClipJudge, Scores, leak_matrix, leaked
 from finestyle.eval.prompts import Prompt, read_prompt_file, real_prompts, world_prompts
 from finestyle.eval.run import run_eval
 from finestyle.train.loop import run_train
@@ -75,6 +75,9 @@ def test_leakage_counts_only_concepts_the_prompt_does_not_name():
     got = leaked(sc, np.array([0.5, 0.5]), prompts, concepts)
     # image 1 asked for the boat: not leakage; image 2 shows a boat unasked; image 3 a tree unasked
     assert got.tolist() == [False, True, True]
+    # per concept (the report's leakage_by_concept): the boat leaks in image 2, the tree in image 3
+    m = leak_matrix(sc, np.array([0.5, 0.5]), prompts, concepts)
+    assert m.tolist() == [[False, False], [True, False], [False, True]]
 
 
 def test_clip_thresholds_are_calibrated_on_base_images_of_prompts_not_naming_the_concept():
@@ -93,6 +96,9 @@ def test_adapter_off_gives_zero_leakage_and_a_rerun_reuses_every_image(refs_data
     rep = run_eval(_ecfg(refs_dataset, tmp_path / "e", adapter=off), **QUIET)
     assert rep["leakage"] == 0.0
     assert rep["leakage_raw"]["with_adapter"] == rep["leakage_raw"]["base_model"]
+    assert set(rep["leakage_by_concept"]) == set(rep["concepts"]) and rep["concepts"]
+    for c, rates in rep["leakage_by_concept"].items():
+        assert rates["with_adapter"] == rates["base_model"], c
     assert rep["n_images"] == 6
     for key in ("prompt_fidelity", "style_fidelity", "leakage"):
         assert isinstance(rep[key], float)
@@ -101,7 +107,8 @@ def test_adapter_off_gives_zero_leakage_and_a_rerun_reuses_every_image(refs_data
     assert prov["seeds"] == [20_000_000, 20_000_001] and len(prov["prompts"]) == 3
     out = tmp_path / "e"
     assert json.loads((out / "report.json").read_text())["n_images"] == 6
-    assert "| model |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| model |" in md and "Leakage by reference concept" in md and rep["concepts"][0] in md
     assert (out / "grid.png").stat().st_size > 0
     again = run_eval(_ecfg(refs_dataset, tmp_path / "e", adapter=off), **QUIET)
     assert again["images_reused"] == 12  # 6 base + 6 tuned, nothing generated again
