@@ -83,6 +83,9 @@ class WorldJudge:
             ],
             dtype=float,
         )
+        # the control for leakage: world objects neither asked for nor among the references' concepts
+        others = [k for k, o in enumerate(OBJECTS) if o not in concepts]
+        unasked = np.array([[OBJECTS[k] not in a for k in others] for a in asked], dtype=bool)
         return Scores(
             prompt=prompt_ok,
             style=(styles.argmax(1) == t).astype(float),
@@ -90,6 +93,7 @@ class WorldJudge:
             concepts=np.stack([objs[:, OBJECTS.index(c)] for c in concepts], 1)
             if concepts
             else np.zeros((len(images), 0)),
+            extra={"other_objects": (objs[:, others] >= OBJECT_THRESHOLD) & unasked.reshape(len(images), -1)},
         )
 
     def thresholds(self, base: Scores, prompts: list[Prompt], concepts: list[str]) -> np.ndarray:

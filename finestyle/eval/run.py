@@ -143,9 +143,10 @@ def generate_all(
 
 
 def summarize(
-    scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any, concepts: list[str]
+    scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any, concepts: list[str], base: Scores
 ) -> dict[str, Any]:
-    """The three axes; `leak` and `base_leak` are leak matrices (images × concepts, `leak_matrix`)."""
+    """The three axes; `leak` and `base_leak` are leak matrices (images × concepts, `leak_matrix`),
+    `base` the base model's scores."""
     tuned_any, base_any = leak.any(1), base_leak.any(1)
     out = {
         "prompt_fidelity": float(scores.prompt.mean()),
@@ -163,7 +164,18 @@ def summarize(
         out["style_gram_similarity"] = float(scores.style_extra.mean())
     else:
         out["style_probability"] = float(scores.style_extra.mean())
+        # per object and image: reference objects shown unasked, against the control of the other
+        # world objects shown unasked; leakage is reference content only where the first rises more
+        other, base_other = scores.extra["other_objects"], base.extra["other_objects"]
+        out["leakage_per_object"] = {
+            "reference_objects": {"with_adapter": _mean(leak), "base_model": _mean(base_leak)},
+            "other_objects": {"with_adapter": _mean(other), "base_model": _mean(base_other)},
+        }
     return out
+
+
+def _mean(a: np.ndarray) -> float:
+    return float(a.mean()) if a.size else 0.0
 
 
 def _backend_loaders(
@@ -253,7 +265,9 @@ def run_eval(
         sweep.append(
             {
                 "style_guidance": lam,
-                **summarize(sc, leak_matrix(sc, thresholds, ps, concepts), base_leak, judge, concepts),
+                **summarize(
+                    sc, leak_matrix(sc, thresholds, ps, concepts), base_leak, judge, concepts, base_scores
+                ),
             }
         )
     report = {
@@ -340,6 +354,21 @@ def report_markdown(variants: dict[str, dict[str, Any]], kind: str) -> str:
             by = r["leakage_by_concept"]
             cells = [f"{by[c]['with_adapter']:.3f} ({by[c]['base_model']:.3f})" for c in concepts]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "leakage_per_object" in next(iter(variants.values())):
+        lines += [
+            "",
+            "Per object and image, tuned (base model): the references' objects shown unasked, and the "
+            "control, the other world objects shown unasked.",
+            "",
+            "| variant | reference objects | other objects (control) |",
+            "|---|---|---|",
+        ]
+        for name, r in variants.items():
+            ref, oth = r["leakage_per_object"]["reference_objects"], r["leakage_per_object"]["other_objects"]
+            lines.append(
+                f"| {name} | {ref['with_adapter']:.3f} ({ref['base_model']:.3f}) | "
+                f"{oth['with_adapter']:.3f} ({oth['base_model']:.3f}) |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -80,6 +80,53 @@ def test_leakage_counts_only_concepts_the_prompt_does_not_name():
     assert m.tolist() == [[False, False], [True, False], [False, True]]
 
 
+def test_the_world_judge_reports_other_unasked_objects_as_the_leakage_control():
+    """A judge that sees a boat, a cat and a tree in every image; the prompt asks for the boat, the
+    references' concept is the cat: the cat is leakage, the tree is the control."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from finestyle.eval.judges import WorldJudge
+    from finestyle.eval.run import summarize
+    from finestyle.world.data import JUDGE_LABELS
+
+    logits = torch.full((2, len(JUDGE_LABELS)), -10.0)
+    for label in ("object:boat", "object:cat", "object:tree", "style:halftone"):
+        logits[:, JUDGE_LABELS.index(label)] = 10.0
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, pixel_values):
+            return SimpleNamespace(logits=logits[: len(pixel_values)])
+
+    judge = WorldJudge.__new__(WorldJudge)
+    judge.model = Fixed()
+    images = [Image.new("RGB", (64, 64))] * 2
+    prompts = [Prompt("a red boat"), Prompt("a tree")]
+    sc = judge.score(images, prompts, ["cat"], "halftone", None)
+    assert sc.prompt.tolist() == [1.0, 1.0] and sc.style.tolist() == [1.0, 1.0]
+    other = sc.extra["other_objects"]
+    assert other.shape == (2, 11)  # every world object but the references' cat
+    # image 1 shows the tree unasked (the boat was asked for); image 2 asked for the tree, boat unasked
+    assert other.sum(1).tolist() == [1, 1]
+    base = Scores(
+        np.zeros(2), np.zeros(2), np.zeros(2), np.zeros((2, 1)), {"other_objects": np.zeros((2, 11), bool)}
+    )
+    leak = leak_matrix(sc, np.array([0.5]), prompts, ["cat"])
+    out = summarize(sc, leak, np.zeros((2, 1), bool), judge, ["cat"], base)
+    assert out["leakage"] == 1.0 and out["leakage_by_concept"]["cat"] == {
+        "with_adapter": 1.0,
+        "base_model": 0.0,
+    }
+    assert out["leakage_per_object"]["reference_objects"] == {"with_adapter": 1.0, "base_model": 0.0}
+    assert out["leakage_per_object"]["other_objects"] == {"with_adapter": 1 / 11, "base_model": 0.0}
+
+
 def test_clip_thresholds_are_calibrated_on_base_images_of_prompts_not_naming_the_concept():
     judge = ClipJudge.__new__(ClipJudge)
     prompts = [Prompt("a boat")] + [Prompt(f"a thing {i}") for i in range(20)]
