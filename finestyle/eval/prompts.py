@@ -62,5 +62,10 @@ def world_prompts(
     if not new:
         raise UserError("the references contain every world object; no prompt can test for leakage")
     rng = random.Random(seed)
-    picks = [(rng.choice(colours), new[i % len(new)]) for i in range(n)]
+    # each object in turn, each time in a colour it has not had yet: no prompt repeats until every
+    # (colour, object) pair has been used
+    order = {o: rng.sample(colours, len(colours)) for o in new}
+    picks = [
+        (order[o][(i // len(new)) % len(colours)], o) for i, o in ((i, new[i % len(new)]) for i in range(n))
+    ]
     return [Prompt(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {o}") for c, o in picks]

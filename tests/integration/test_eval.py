@@ -180,6 +180,8 @@ def test_prompt_files_and_sets():
     w = world_prompts({"boat", "cat"}, ("boat", "cat", "cup", "moon"), ["red", "orange"], 5)
     assert len(w) == 5 and not any(p.names("boat") or p.names("cat") for p in w)
     assert all(p.content.startswith(("a red ", "an orange ")) for p in w)
+    w = world_prompts({"boat"}, ("boat", "cat", "cup"), ["red", "orange", "blue"], 6)
+    assert len({p.content for p in w}) == 6  # no prompt repeats while unused pairs remain
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
