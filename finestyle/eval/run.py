@@ -174,6 +174,22 @@ def summarize(
     return out
 
 
+def bootstrap_ci(
+    per_image: dict[str, np.ndarray], groups: np.ndarray, n: int = 2000, seed: int = 0
+) -> dict[str, list[float]]:
+    """95% interval of each per-image mean, resampling whole prompts (a prompt's seeds together, as
+    they are not independent draws); a fixed seed, so a report is reproducible."""
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    draws = np.random.default_rng(seed).integers(0, len(members), (n, len(members)))
+    counts = np.array([len(m) for m in members], dtype=float)
+    out = {}
+    for key, v in per_image.items():
+        sums = np.array([float(np.sum(v[m])) for m in members])
+        means = sums[draws].sum(1) / counts[draws].sum(1)
+        out[key] = [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+    return out
+
+
 def _mean(a: np.ndarray) -> float:
     return float(a.mean()) if a.size else 0.0
 
@@ -262,12 +278,14 @@ def run_eval(
         images = generate_all(tuned, ident, texts, seeds, cfg, lam, cache, variant or f"λ1={lam:g}", log)
         first_images = first_images or images
         sc = judge.score(images, ps, concepts, style, ref_feats)
+        leak = leak_matrix(sc, thresholds, ps, concepts)
+        paired = leak.any(1).astype(float) - base_leak.any(1)  # per image: tuned minus base, same seed
+        per_image = {"prompt_fidelity": sc.prompt, "style_fidelity": sc.style, "leakage": paired}
         sweep.append(
             {
                 "style_guidance": lam,
-                **summarize(
-                    sc, leak_matrix(sc, thresholds, ps, concepts), base_leak, judge, concepts, base_scores
-                ),
+                **summarize(sc, leak, base_leak, judge, concepts, base_scores),
+                "ci95": bootstrap_ci(per_image, np.repeat(np.arange(len(prompts)), cfg.seeds)),
             }
         )
     report = {
@@ -331,13 +349,13 @@ def provenance(cfg: EvalConfig, refs: dict[str, Any], prompts: list[Prompt], dev
 def report_markdown(variants: dict[str, dict[str, Any]], kind: str) -> str:
     unit = "fraction" if kind == "world" else "CLIP score"
     lines = [
-        f"| variant | prompt fidelity ({unit}) | style fidelity ({unit}) | leakage (tuned − base) | raw leakage tuned / base | trainable params | train s | images |",
+        f"| variant | prompt fidelity ({unit}) | style fidelity ({unit}) | leakage (tuned − base) [95% interval, prompts resampled] | raw leakage tuned / base | trainable params | train s | images |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in variants.items():
         raw = r["leakage_raw"]
         lines.append(
-            f"| {name} | {r['prompt_fidelity']:.3f} | {r['style_fidelity']:.3f} | {r['leakage']:+.3f} | "
+            f"| {name} | {r['prompt_fidelity']:.3f} | {r['style_fidelity']:.3f} | {r['leakage']:+.3f}{_ci(r)} | "
             f"{raw['with_adapter']:.3f} / {raw['base_model']:.3f} | {r.get('trainable_params', '—')} | "
             f"{r.get('train_seconds', '—') if not isinstance(r.get('train_seconds'), float) else round(r['train_seconds'])} | {r['n_images']} |"
         )
@@ -370,6 +388,11 @@ def report_markdown(variants: dict[str, dict[str, Any]], kind: str) -> str:
                 f"{oth['with_adapter']:.3f} ({oth['base_model']:.3f}) |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ci(r: dict[str, Any]) -> str:
+    lo, hi = r.get("ci95", {}).get("leakage", (None, None))
+    return "" if lo is None else f" [{lo:+.3f}, {hi:+.3f}]"
 
 
 def save_grid(

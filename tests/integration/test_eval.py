@@ -127,6 +127,24 @@ def test_the_world_judge_reports_other_unasked_objects_as_the_leakage_control():
     assert out["leakage_per_object"]["other_objects"] == {"with_adapter": 1 / 11, "base_model": 0.0}
 
 
+def test_bootstrap_intervals_resample_whole_prompts():
+    from finestyle.eval.run import bootstrap_ci
+
+    groups = np.repeat(np.arange(4), 3)  # 4 prompts × 3 seeds
+    same = bootstrap_ci({"x": np.full(12, 0.25)}, groups)["x"]
+    assert same == pytest.approx([0.25, 0.25])  # no spread, no interval
+    # one prompt leaks in all its seeds, three in none: the mean is 0.25 and the interval spans it
+    v = np.repeat([1.0, 0.0, 0.0, 0.0], 3)
+    lo, hi = bootstrap_ci({"x": v}, groups)["x"]
+    assert lo == 0.0 and 0.25 < hi <= 1.0
+    # the same figures over 40 prompts: a narrower interval
+    lo40, hi40 = bootstrap_ci({"x": np.repeat(np.tile([1.0, 0, 0, 0], 10), 3)}, np.repeat(np.arange(40), 3))[
+        "x"
+    ]
+    assert lo40 < 0.25 < hi40 and hi40 - lo40 < hi - lo
+    assert bootstrap_ci({"x": v}, groups) == bootstrap_ci({"x": v}, groups)  # reproducible
+
+
 def test_clip_thresholds_are_calibrated_on_base_images_of_prompts_not_naming_the_concept():
     judge = ClipJudge.__new__(ClipJudge)
     prompts = [Prompt("a boat")] + [Prompt(f"a thing {i}") for i in range(20)]
@@ -143,6 +161,9 @@ def test_adapter_off_gives_zero_leakage_and_a_rerun_reuses_every_image(refs_data
     rep = run_eval(_ecfg(refs_dataset, tmp_path / "e", adapter=off), **QUIET)
     assert rep["leakage"] == 0.0
     assert rep["leakage_raw"]["with_adapter"] == rep["leakage_raw"]["base_model"]
+    assert rep["ci95"]["leakage"] == [0.0, 0.0]  # the same images: no difference to resample
+    lo, hi = rep["ci95"]["prompt_fidelity"]
+    assert lo <= rep["prompt_fidelity"] <= hi
     assert set(rep["leakage_by_concept"]) == set(rep["concepts"]) and rep["concepts"]
     for c, rates in rep["leakage_by_concept"].items():
         assert rates["with_adapter"] == rates["base_model"], c
