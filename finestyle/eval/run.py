@@ -415,7 +415,7 @@ def save_grid(
     for i, (caption, im) in enumerate(items):
         x, y = label_w + (i % cols) * cell, (i // cols) * row_h
         grid.paste(im.convert("RGB").resize((cell, cell)), (x, y))
-        lines = textwrap.wrap(caption, per_line, max_lines=2, placeholder="…") or [""]
+        lines = textwrap.wrap(caption, per_line, max_lines=2, placeholder="...") or [""]
         for k, line in enumerate(lines):
             draw.text((x + 2, y + cell + 2 + k * line_h), line, fill="black")
     tmp = path.with_suffix(".tmp.png")
