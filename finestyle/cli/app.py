@@ -281,6 +281,7 @@ def _export_swappable(cfg: ExportConfig, adapters: list[str], names: list[str]) 
         parity_steps=cfg.parity_steps,
         fp16=cfg.fp16,
         trt=cfg if cfg.format == "tensorrt" else None,
+        check_openvino=cfg.check_openvino,
     )
     print_summary(
         "export: done (swappable)",

@@ -38,6 +38,7 @@ from finestyle.artifacts.styles import (
     style_slug,
 )
 from finestyle.config import ExportConfig
+from finestyle.core.env import cpu_name
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.fs import hash_json, hash_tree, publish_dir, write_json
 from finestyle.core.kv import KVUNet, StyleKV, base_kv_weights, cross_attention_layers, project_kv
@@ -187,6 +188,46 @@ def image_parity_style(
     return {"max_abs_diff": diff, "atol": atol, "steps": steps}
 
 
+def openvino_check_swappable(
+    folder: Path, manifest: dict[str, Any], steps: int, log=None
+) -> dict[str, Any] | None:
+    """The swappable export under OpenVINO at the precision `--dtype auto` picks on this CPU: a whole
+    image in the first style against onnxruntime fp32. Recorded, not enforced (as for a plain export):
+    a failed check makes `--runtime openvino` refuse that precision. None without OpenVINO."""
+    from finestyle.runtime.generate import swappable_backend
+    from finestyle.runtime.openvino import OV_IMAGE_MEAN_ATOL, hardware_precision
+
+    try:
+        import openvino as ov
+    except ImportError:
+        (log or _log)("export: OpenVINO not installed; no OpenVINO check recorded")
+        return None
+    precision = hardware_precision()
+    req = GenerationRequest("a lighthouse on a cliff at night", steps=steps, seed=1234)
+    req.style = style_names(manifest)[-1]
+    ref = decoded_batch(swappable_backend(folder, "onnxruntime", manifest=manifest), [req])
+    be = swappable_backend(folder, "openvino", manifest=manifest, precision=precision)
+    got = decoded_batch(be, [req])
+    a, b = (x.clamp(-1, 1) / 2 + 0.5 for x in (ref, got))
+    mean, mx = float((a - b).abs().mean()), float((a - b).abs().max())
+    rep = {
+        "mean_abs_diff": mean,
+        "max_abs_diff": mx,
+        "mean_atol": OV_IMAGE_MEAN_ATOL,
+        "pass": bool(mean <= OV_IMAGE_MEAN_ATOL),
+        "steps": steps,
+        "style": req.style,
+        "openvino": ov.__version__,
+        "cpu": cpu_name(),
+        "how": f"finestyle generate EXPORT PROMPT --style STYLE --runtime openvino --dtype {precision}",
+    }
+    verdict = "ok" if rep["pass"] else "FAILED: this precision is marked unusable"
+    (log or _log)(
+        f"export: OpenVINO {precision} image mean diff {mean:.2e} (<= {OV_IMAGE_MEAN_ATOL:g}) {verdict}"
+    )
+    return {"checks": {precision: rep}}
+
+
 def _write_style(
     folder: Path, name: str, lora: dict, adapter: str, lora_scale: float, base_fp: str
 ) -> dict[str, Any]:
@@ -282,6 +323,7 @@ def run_swappable_export(
     log=_log,
     fp16: bool = False,
     trt: ExportConfig | None = None,
+    check_openvino: bool = True,
 ) -> ExportResult:
     """Build a swappable export of `base` with one style per adapter; publish it with its manifest.
 
@@ -290,7 +332,10 @@ def run_swappable_export(
 
     `fp16`: the K/V UNet and the text encoder in half precision with fp32 inputs and outputs (the
     style K/V stay fp32 and are cast at the graph's edge), the VAE only if it passes the fp16 probe;
-    parity then uses the stated fp16 thresholds. Default thresholds: 1e-4 / 2e-3 (fp32)."""
+    parity then uses the stated fp16 thresholds. Default thresholds: 1e-4 / 2e-3 (fp32).
+
+    `check_openvino`: record the OpenVINO image check at this CPU's precision (fp32 exports only, as
+    for a plain export)."""
     unet_atol = unet_atol or (FP16_UNET_ATOL if fp16 else 1e-4)
     image_atol = image_atol or (FP16_IMAGE_ATOL if fp16 else 2e-3)
     if model_family(base) == SDXL:
@@ -350,6 +395,11 @@ def run_swappable_export(
                 tmp, pipe, adapters, names, lora_scale, manifest, parity_steps, unet_atol, image_atol, log
             )
         )
+        if check_openvino and not fp16:
+            ov_rep = openvino_check_swappable(tmp, manifest, parity_steps, log)
+            release_memory()
+            if ov_rep is not None:
+                manifest["openvino"] = ov_rep
         if trt is not None:
             manifest["tensorrt"] = build_swappable_engines(tmp / "onnx", tmp / "tensorrt", trt)
             log(f"export: TensorRT engines with K/V inputs: {', '.join(manifest['tensorrt']['engines'])}")

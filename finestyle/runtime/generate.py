@@ -28,7 +28,7 @@ from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.artifacts.manifest import export_layout, verify_export
 from finestyle.config import SCHEDULERS, GenerateConfig, RequestOptions
 from finestyle.core.errors import UserError
-from finestyle.core.fs import sha256_file
+from finestyle.core.fs import hash_tree, sha256_file
 from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
 from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
 from finestyle.core.sd import (
@@ -330,7 +330,7 @@ def _kv_feeds(lat: torch.Tensor, t: torch.Tensor, kvs: list[torch.Tensor]) -> di
 
 
 def _kv_parts_onnxruntime(
-    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any
+    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any, precision: str | None = None
 ) -> dict[str, Any]:
     from finestyle.artifacts.styles import KV_UNET
 
@@ -354,17 +354,19 @@ def _kv_parts_onnxruntime(
 
 
 def _kv_parts_openvino(
-    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any
+    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any, precision: str | None = None
 ) -> dict[str, Any]:
+    """`precision` set: run at it without the export's recorded check (the export's own check)."""
     from finestyle.artifacts.styles import KV_UNET
     from finestyle.runtime.openvino import OvComponent, component_key, require_openvino
 
-    prec = resolve_precision(dtype, manifest)
-    files = manifest.get("files", {})
+    prec = precision or resolve_precision(dtype, manifest)
+    files = manifest.get("files") or hash_tree(export_dir, exclude=("manifest.json",))
     comp = OvComponent(
         require_openvino().Core(), export_dir / KV_UNET, prec, component_key(files, "unet_kv", prec)
     )
     parts = openvino_parts(export_dir / "onnx", files, prec, layout)
+    comps = {**parts["components"], "unet_kv": comp}
     return {
         "name": f"openvino[CPU,{prec}]",
         "encode_text": parts["encode_text"],
@@ -372,11 +374,12 @@ def _kv_parts_openvino(
         "unet": lambda lat, t, kvs: torch.from_numpy(
             np.asarray(comp(**_kv_feeds(lat, t, kvs)), dtype=np.float32)
         ),
+        "components": comps,
     }
 
 
 def _kv_parts_tensorrt(
-    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any
+    export_dir: Path, manifest: dict[str, Any], dtype: str | None, layout: Any, precision: str | None = None
 ) -> dict[str, Any]:
     """The engines `export --swappable --format tensorrt` built; K/V are engine inputs, so every
     style runs on the same engines (not yet run on a GPU)."""
@@ -414,6 +417,7 @@ def _kv_unet_backend(
     msha: str | None,
     dtype: str | None,
     layers: list[str],
+    precision: str | None = None,
 ) -> Backend:
     """The shared K/V UNet with the text encoder and VAE decoder of a swappable export, on one runtime;
     `unet(latents, t, kv)` takes the K/V list in place of the text embedding."""
@@ -431,7 +435,7 @@ def _kv_unet_backend(
 
         be.unet, be.unet_base = unet_fn, None
         return be
-    parts = _KV_PARTS[runtime](export_dir, manifest, dtype, layout)
+    parts = _KV_PARTS[runtime](export_dir, manifest, dtype, layout, precision)
     return Backend(
         name=parts["name"],
         **backend_layout(layout),
@@ -440,6 +444,7 @@ def _kv_unet_backend(
         decode=parts["decode"],
         manifest=manifest,
         manifest_sha256=msha,
+        parts=parts.get("components") or {},
     )
 
 
@@ -448,10 +453,12 @@ def swappable_backend(
     runtime: str = "onnxruntime",
     manifest: dict[str, Any] | None = None,
     dtype: str | None = None,
+    precision: str | None = None,
 ) -> Backend:
     """A style-swappable export: the shared K/V UNet on onnxruntime, openvino, torch or TensorRT, with every
     style's K/V computed from the text embedding once per denoising loop (`Backend.kv`). Without
-    `manifest` the folder is verified first (the export's own checks pass theirs)."""
+    `manifest` the folder is verified first (the export's own checks pass theirs). `precision`: the
+    export's own OpenVINO check runs at it, before the manifest records a check."""
     from finestyle.artifacts.styles import load_base_kv, load_style, style_names
     from finestyle.core.kv import project_kv
 
@@ -477,7 +484,7 @@ def swappable_backend(
     for n in names:  # every style at load: a style made for another base is refused here
         style(n)
 
-    be = _kv_unet_backend(export_dir, runtime, manifest, msha, dtype, layers)
+    be = _kv_unet_backend(export_dir, runtime, manifest, msha, dtype, layers, precision)
 
     def reload() -> list[str]:
         """Re-read the manifest: styles added or removed since start-up, each verified (hashes,

@@ -186,9 +186,10 @@ def backend_parts(
     comps = openvino_components(onnx_dir, files, precision)
     te, vd = comps["text_encoder"], comps["vae_decoder"]
     cfg, scale = layout["unet_config"], layout["vae_scale"]
+    # a swappable export has no onnx/unet graph (its K/V UNet is run by the caller)
     parts = {
         "encode_text": lambda ids: torch.from_numpy(te(input_ids=ids.numpy().astype(np.int64))),
-        "unet": unet_fn(comps["unet"], cfg, scale),
+        "unet": unet_fn(comps["unet"], cfg, scale) if "unet" in comps else None,
         "unet_base": unet_fn(comps["unet_base"], cfg, scale) if "unet_base" in comps else None,
         "decode": lambda z: torch.from_numpy(vd(latent_sample=z.numpy())),
         "components": comps,

@@ -19,12 +19,14 @@ from PIL import Image
 from finestyle.config import EvalConfig, ExportConfig, ServeConfig
 from finestyle.eval.run import run_eval
 from finestyle.export.steps import run_export
-from finestyle.runtime.generate import GenerationRequest, generate, load_backend
+from finestyle.export.swappable import add_style
+from finestyle.runtime.generate import GenerationRequest, generate, generate_batch, load_backend
 from finestyle.runtime.openvino import OV_IMAGE_MEAN_ATOL, hardware_precision
 from tests.conftest import prepare_small_dataset
 from tests.integration.test_export import adapter  # noqa: F401  (module fixture reuse)
 from tests.integration.test_runtime import export_with_base  # noqa: F401  (module fixture reuse)
 from tests.integration.test_server import Server
+from tests.integration.test_swappable import adapters, swx  # noqa: F401  (module fixture reuse)
 
 pytest.importorskip("openvino")
 
@@ -178,3 +180,39 @@ def test_eval_runs_an_export_through_openvino(tmp_path):
     assert rep["tuned_runtime"] == "openvino[CPU,fp32]"
     # the export of the base model, in fp32: the same images as the base model, so no leakage
     assert rep["leakage"] == 0.0
+
+
+def test_a_swappable_export_runs_on_openvino_in_every_style(swx, adapters, tmp_path):  # noqa: F811
+    # the export records its OpenVINO check, as a plain export does (`auto` then says nothing)
+    checks = json.loads((swx / "manifest.json").read_text())["openvino"]["checks"]
+    prec = hardware_precision()
+    assert list(checks) == [prec] and checks[prec]["pass"] is True and checks[prec]["style"] == "ink"
+    work = tmp_path / "studio"
+    shutil.copytree(swx, work)
+    add_style(str(work), str(adapters["chalk"]), "chalk", log=lambda m: None)
+    ov = load_backend(str(work), "openvino", dtype="fp32")
+    ort = load_backend(str(work), "onnxruntime")
+    assert ov.name == "openvino[CPU,fp32],swappable" and ov.styles == ort.styles == ["base", "chalk", "ink"]
+    reqs = [
+        GenerationRequest("a red boat", steps=3, seed=1, style="ink"),
+        GenerationRequest("a red boat", steps=3, seed=1, style="chalk"),
+        GenerationRequest("a red boat", steps=3, seed=1, style="base", style_guidance=0.0),
+    ]
+    mixed = [_arr(x) for x in generate_batch(ov, reqs)]  # one mixed-style UNet batch
+    for got, r in zip(mixed, reqs, strict=True):
+        assert np.abs(got - _arr(generate(ort, r))).max() <= 1 / 255
+    assert np.abs(mixed[0] - mixed[1]).max() > 0.01  # each row really ran in its own style
+    # the CLI path that crashed (KeyError: 'unet'), as the README shows it
+    r = _cli("generate", str(work), "a red boat", "--style", "chalk", "--runtime", "openvino",
+             "--steps", "2", "--out", str(tmp_path / "boat.png"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "no passing" not in r.stderr
+    assert Image.open(tmp_path / "boat.png").text["finestyle:runtime"].startswith("openvino[CPU,")
+    with Server(ServeConfig(export=str(work), runtime="openvino", max_steps=4)) as s:
+        r = httpx.post(
+            s.url + "/v1/generate",
+            json={"prompt": "a red boat", "steps": 2, "seed": 3, "style": "chalk"},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(r.content)).text["finestyle:runtime"].startswith("openvino[CPU,")
