@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from finestyle.core.errors import UserError
 
-from .scene import BACKGROUNDS, HELDOUT_STYLE, OBJECTS, STYLES, Render, render_seed
+from .scene import BACKGROUNDS, HELDOUT_STYLE, OBJECTS, STYLES, Render, render, render_seed, sample_scene
 
 # Label vector of the judge: object presence, then background, then style.
 JUDGE_LABELS = (
@@ -80,18 +82,34 @@ def render_folder(out: str | Path, n: int, size: int = 64, style: str | None = N
         raise UserError("--n: must be at least 1")
     if size < 32:
         raise UserError(f"--size: {size} is too small; the world draws at 32 px or more")
+    return _write_renders(
+        out, [(f"world-{seed + i:07d}.png", render_seed(seed + i, size, style)) for i in range(n)]
+    )
+
+
+def _write_renders(out: str | Path, renders: list[tuple[str, Render]]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Drawn into a hidden folder beside the output, then each file renamed into place: other files in
     # `out` are kept, and an interrupted run leaves no half-written image or labels.
     with tempfile.TemporaryDirectory(prefix=".world-render-", dir=out) as d:
         tmp, lines = Path(d), []
-        for i in range(n):
-            name = f"world-{seed + i:07d}.png"
-            r = render_seed(seed + i, size, style)
+        for name, r in renders:
             r.image.save(tmp / name)
             lines.append(json.dumps(r.labels(name)))
         (tmp / "labels.jsonl").write_text("\n".join(lines) + "\n")
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
     return out
+
+
+def render_reference_set(out: str | Path, seed: int, size: int = 256, style: str = HELDOUT_STYLE) -> Path:
+    """One reference set of the verdict protocol, drawn from `seed`: 1-3 scenes in `style`, all on one
+    background (the set's distinctive background), each with 2-3 objects; PNGs plus `labels.jsonl`."""
+    rng = random.Random(seed)
+    n, background = rng.randint(1, 3), rng.choice(list(BACKGROUNDS))
+    renders = []
+    for i in range(n):
+        scene = sample_scene(random.Random(f"{seed}-{i}"), style, n_objects=rng.randint(2, 3))
+        renders.append((f"set-{seed}-{i}.png", render(replace(scene, background=background), size)))
+    return _write_renders(out, renders)

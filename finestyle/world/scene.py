@@ -3,11 +3,14 @@
 Every scene is drawn from a seed, deterministically, at any size. It comes with its content caption
 ("a red boat and a yellow sun over the sea"), one box per object (xyxy, in the drawn image's
 pixels), its background label and its style label. Style textures are laid out on a period that is a
-fixed fraction of the image side (1/16, at least 6 px: 6 px at the models 64 px), so a concept cropped from a 256 px reference and resized to
-64 px still shows the texture, as a crop of a real reference does.
+fixed fraction of the image side (1/16, at least 6 px: 6 px at the models' 64 px), so a concept cropped
+from a 256 px reference and resized to 64 px still shows the texture, as a crop of a real reference does.
 
 One style, `HELDOUT_STYLE`, is never shown to the world's base models: it is the style a user
-teaches FineStyle from a few references.
+teaches FineStyle from a few references. It is `duotone`: every colour moved onto one ink-to-paper
+ramp by its lightness, object edges in the ink. Its signature is colour, not a texture, so it survives
+the world VAE's round trip (a texture period of one latent pixel does not) and any crop's zoom
+(`duotone_share` reads it analytically).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ BACKGROUNDS: dict[str, tuple[str, tuple[int, int, int], tuple[int, int, int], fl
     "night sky": ("under the night sky", (18, 22, 60), (35, 35, 45), 0.8),
     "desert": ("in the desert", (250, 225, 175), (215, 170, 95), 0.5),
 }
-STYLES = ("flat", "outline", "mosaic", "halftone", "hatching", "watercolour")
-HELDOUT_STYLE = "halftone"
+STYLES = ("flat", "outline", "mosaic", "halftone", "hatching", "watercolour", "duotone")
+HELDOUT_STYLE = "duotone"
 TRAINED_STYLES = tuple(s for s in STYLES if s != HELDOUT_STYLE)
 
 # Fixed colours of the parts that are not the object's own colour.
@@ -345,6 +348,34 @@ def _style_watercolour(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return wash * (1 - 0.35 * rim[..., None])
 
 
+DUOTONE_INK = (46, 28, 120)
+"""The duotone ramp's dark end (indigo ink)."""
+DUOTONE_PAPER = (255, 196, 150)
+"""The duotone ramp's light end (peach paper)."""
+
+
+def _style_duotone(rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    size = rgb.shape[0]
+    lum = rgb @ np.array([0.299, 0.587, 0.114], np.float32) / 255
+    t = np.clip((lum - 0.08) / 0.84, 0, 1)[..., None]  # stretched: the darkest parts print as ink
+    ink, paper = np.array(DUOTONE_INK, np.float32), np.array(DUOTONE_PAPER, np.float32)
+    out = ink + t * (paper - ink)
+    out[_dilate(_edges(regions), max(0, round((size / 64 - 1) / 2)))] = ink
+    return out
+
+
+def duotone_share(images: np.ndarray, tolerance: float = 30.0) -> np.ndarray:
+    """Per image (uint8 (n, h, w, 3)): the share of pixels within `tolerance` (0-255 RGB distance) of
+    the duotone ramp. The held-out style reads near 1, every other style far below (`world check`
+    gates both, on VAE round trips and on base generations)."""
+    x = np.asarray(images, np.float32).reshape(len(images), -1, 3)
+    ink, paper = np.array(DUOTONE_INK, np.float32), np.array(DUOTONE_PAPER, np.float32)
+    d = paper - ink
+    t = np.clip(((x - ink) @ d) / float(d @ d), 0, 1)
+    dist = np.linalg.norm(x - (ink + t[..., None] * d), axis=-1)
+    return (dist <= tolerance).mean(axis=1)
+
+
 _STYLE_FN = {
     "flat": lambda rgb, regions: rgb,
     "outline": _style_outline,
@@ -352,6 +383,7 @@ _STYLE_FN = {
     "halftone": _style_halftone,
     "hatching": _style_hatching,
     "watercolour": _style_watercolour,
+    "duotone": _style_duotone,
 }
 
 
