@@ -407,7 +407,7 @@ def models_save(
 # eval
 
 
-EVAL = OptionSpec(EvalConfig, arguments=("model",), required=("references", "out"), no_default=("model",))
+EVAL = OptionSpec(EvalConfig, arguments=("model",), required=("out",), no_default=("model", "references"))
 
 
 @app.command("eval")
@@ -427,6 +427,11 @@ def eval_cmd(
     variants: Optional[str] = typer.Option(
         None, help="--compare: comma-separated subset of finestyle,plain,attention_attn,none_kv."
     ),
+    sets: int = typer.Option(
+        0, help="--compare: N world reference sets drawn at random (no --references); gives the verdict."
+    ),
+    calibration_sets: int = typer.Option(4, help="--compare --sets: calibration sets (positive control)."),
+    reference_size: int = typer.Option(256, help="--compare --sets: reference images' side in px."),
 ) -> None:
     """Score style fidelity, prompt fidelity and content leakage (tuned minus base); --compare runs the ablation."""
     from finestyle.config import stage_from_sources
@@ -438,14 +443,29 @@ def eval_cmd(
         Path(values["out"]),
     )
     values["model"] = model or ""  # --compare trains its own models
+    if sets and not compare:
+        raise UserError(
+            "--sets N belongs to --compare (FineStyle against plain tuning over N reference sets)"
+        )
+    if sets and references:
+        raise UserError("--compare --sets draws its own world reference sets; drop --references")
+    if not references and not sets:
+        raise UserError(
+            "finestyle eval: give --references (a prepared dataset; with --compare, an images folder)"
+        )
+    if sets:
+        from finestyle.world.scene import HELDOUT_STYLE
+
+        style = style or HELDOUT_STYLE
+        values.update(style=style, references="")
     ecfg = stage_from_sources(EvalConfig, "eval", None, values)
     if compare:
-        from finestyle.eval.compare import VARIANTS, CompareSettings, run_compare
+        from finestyle.eval.compare import VARIANTS, CompareSettings, run_compare, run_sets
 
         if not base or not style:
             raise UserError("--compare needs --base MODEL and --style TEXT (and --references IMAGES_FOLDER)")
         settings = CompareSettings(
-            images=references,
+            images=references or "",
             style=style,
             base=base,
             captioner=captioner,
@@ -455,7 +475,12 @@ def eval_cmd(
             resolution=resolution,
             variants=tuple(v.strip() for v in variants.split(",")) if variants else tuple(VARIANTS),
         )
-        run_compare(settings, ecfg)
+        if sets:
+            if sets < 2 or calibration_sets < 1:
+                raise UserError("--sets needs 2 or more test sets and --calibration-sets 1 or more")
+            run_sets(settings, ecfg, sets, calibration_sets, reference_size)
+        else:
+            run_compare(settings, ecfg)
     else:
         if not model:
             raise UserError("finestyle eval: give MODEL (an export folder, or a base model with --adapter)")

@@ -463,9 +463,17 @@ class EvalConfig:
     """Precision of the tuned model's runtime (torch, openvino): auto | fp32 | bf16 | fp16."""
     seed: int = 20_000_000
     """First seed (each prompt uses seed .. seed+seeds-1); keep it apart from any training seed."""
+    calibration_seed: int = 30_000_000
+    """First seed of the base-model images the world judge's object thresholds are calibrated on."""
 
     def __post_init__(self) -> None:
         _check(self.seeds >= 1, "eval.seeds", self.seeds, "at least 1")
+        _check(
+            abs(self.calibration_seed - self.seed) >= self.seeds,
+            "eval.calibration_seed",
+            self.calibration_seed,
+            "seeds apart from seed .. seed+seeds-1",
+        )
         _check(
             self.runtime in ("auto", "onnxruntime", "openvino", "torch", "tensorrt"),
             "eval.runtime",

@@ -9,7 +9,11 @@
 
 Every variant trains with the same steps, rank, learning rate and seed, and is evaluated on the same
 prompts and seeds against the same base-model images; leakage counts the concepts of the attention
-dataset (the references' concepts) for all four.
+dataset (the references' concepts, or their truth from `labels.jsonl`) for all four.
+
+`run_sets` (`--compare --sets N`) repeats FineStyle against plain tuning over N independent world
+reference sets plus calibration sets drawn from seeds of their own, and decides with the rule of
+`finestyle.eval.verdict`, fixed before any run.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from finestyle.config import EvalConfig, PrepareConfig, TrainConfig
 from finestyle.core.fs import read_json, write_json
 from finestyle.prepare.stage import run_prepare
 from finestyle.train.loop import run_train
+from finestyle.world.data import render_reference_set
 
-from .run import _log, report_markdown, run_eval, save_grid
+from .run import log_line, report_markdown, run_eval, save_grid
+from .verdict import decide, verdict_markdown
 
 GRID_COLS = 8
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -61,7 +67,79 @@ class CompareSettings:
     """Which variants to run."""
 
 
-def run_compare(s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+SET_SEEDS = {"calibration": 40_000_000, "test": 50_000_000}
+"""First seed of each kind of reference set: calibration and test sets never share a seed."""
+SETS_VARIANTS = ("finestyle", "plain")
+SET_FIGURES = ("prompt_fidelity", "style_fidelity", "leakage", "background_leakage")
+
+
+def set_figures(ev: dict[str, Any]) -> dict[str, float]:
+    """One variant's figures on one set; with a λ1 sweep, each λ1's too (`leakage@λ1=1`)."""
+    out = {k: float(ev[k]) for k in SET_FIGURES if isinstance(ev.get(k), int | float)}
+    for point in ev.get("sweep") or []:
+        for k in SET_FIGURES:
+            if isinstance(point.get(k), int | float):
+                out[f"{k}@λ1={point['style_guidance']:g}"] = float(point[k])
+    return out
+
+
+def run_sets(
+    s: CompareSettings,
+    ecfg: EvalConfig,
+    n_test: int,
+    n_calibration: int,
+    reference_size: int = 256,
+    log: Callable[[str], None] = log_line,
+) -> dict[str, Any]:
+    """FineStyle against plain tuning over `n_calibration` + `n_test` world reference sets, each drawn
+    from a seed of its own (`render_reference_set`), every variant with the same settings; the verdict
+    from the paired per-set differences (`finestyle.eval.verdict.decide`)."""
+    out = Path(ecfg.out)
+    figures: dict[str, list[dict[str, Any]]] = {"calibration": [], "test": []}
+    for role, n in (("calibration", n_calibration), ("test", n_test)):
+        for k in range(n):
+            name = f"{role}-{k:02d}"
+            folder = out / "sets" / name
+            refs = render_reference_set(folder / "references", SET_SEEDS[role] + k, reference_size)
+            log(f"sets: {name} ({role} set {k + 1}/{n})")
+            rep = run_compare(
+                replace(s, images=str(refs), variants=SETS_VARIANTS), replace(ecfg, out=str(folder)), log
+            )
+            figures[role].append({"set": name, **{v: set_figures(rep["variants"][v]) for v in SETS_VARIANTS}})
+    verdict = decide(figures["calibration"], figures["test"])
+    report = {
+        "verdict": verdict,
+        "sets": figures,
+        "settings": {k: getattr(s, k) for k in s.__dataclass_fields__ if k != "images"},
+        "set_seeds": SET_SEEDS,
+        "reference_size": reference_size,
+        "eval": {"judge": ecfg.judge, "seeds": ecfg.seeds, "steps": ecfg.steps, "n_prompts": ecfg.n_prompts},
+    }
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(verdict_markdown(verdict) + "\n" + sets_table(figures))
+    log(f"sets: {verdict['outcome']}: {verdict['why']}")
+    return report
+
+
+def sets_table(figures: dict[str, list[dict[str, Any]]]) -> str:
+    """Per set: each variant's style fidelity and leakage."""
+    lines = [
+        "| set | FineStyle style | plain style | FineStyle leakage | plain leakage | difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for role in ("calibration", "test"):
+        for f in figures[role]:
+            a, b = f["finestyle"], f["plain"]
+            lines.append(
+                f"| {f['set']} | {a['style_fidelity']:.3f} | {b['style_fidelity']:.3f} | "
+                f"{a['leakage']:+.3f} | {b['leakage']:+.3f} | {a['leakage'] - b['leakage']:+.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(
+    s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None] = log_line
+) -> dict[str, Any]:
     out = Path(ecfg.out)
     bad = [v for v in s.variants if v not in VARIANTS]
     if bad:

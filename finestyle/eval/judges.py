@@ -2,7 +2,10 @@
 
 - `world` (`world` = builtin:world-judge, or `world:FOLDER`): the world's trained classifier. Prompt
   fidelity: every object the prompt names is detected. Style fidelity: the judge's most likely style is
-  the target (plus its mean probability). Concepts: the reference objects it detects (probability ≥ 0.5).
+  the target (plus its mean probability). Objects: present above a per-object threshold calibrated on
+  base-model images of prompts that do not name the object (the larger of 0.5 and the
+  WORLD_CALIBRATION_QUANTILE of their probabilities), on calibration seeds of their own. Backgrounds:
+  the judge's most likely background.
 - `clip:MODEL` (a hub id such as openai/clip-vit-large-patch14, a local folder, or builtin:tiny-clip).
   Prompt fidelity: CLIP-T, the cosine between the image and the prompt's content text. Style fidelity:
   CLIP-I, the mean cosine to the reference images, and a Gram-matrix similarity of mid-layer vision
@@ -20,14 +23,18 @@ import torch
 
 from finestyle.core.errors import UserError
 from finestyle.core.models import load_clip, load_judge
+from finestyle.world.data import BACKGROUND_SLICE
 from finestyle.world.judge import OBJECT_THRESHOLD, judge_probs
-from finestyle.world.scene import OBJECTS, STYLES
+from finestyle.world.scene import BACKGROUNDS, OBJECTS, STYLES
 
 from .prompts import Prompt
 
 # A concept is present in a CLIP judge's view when its score exceeds this quantile of the scores of
 # base-model images whose prompts do not name it.
 CLIP_CALIBRATION_QUANTILE = 0.95
+# A world object is present when its probability exceeds the larger of OBJECT_THRESHOLD and this
+# quantile of its probabilities on base-model calibration images whose prompts do not name it.
+WORLD_CALIBRATION_QUANTILE = 0.98
 
 
 @dataclass
@@ -45,11 +52,23 @@ class WorldJudge:
     kind = "world"
     prompt_metric = "share of images where the judge finds every object the prompt names"
     style_metric = "share of images the judge assigns to the target style (argmax)"
+    object_thresholds = np.full(len(OBJECTS), OBJECT_THRESHOLD)  # until `calibrate`
 
     def __init__(self, spec: str, device: str = "cpu"):
         folder = spec.split(":", 1)[1] if spec.startswith("world:") else "builtin:world-judge"
         self.name = folder
         self.model = load_judge(folder, device=device)
+
+    def calibrate(self, base: Scores, prompts: list[Prompt]) -> None:
+        """Per world object: the larger of 0.5 and the WORLD_CALIBRATION_QUANTILE of its probability on
+        `base` (base-model images, calibration seeds) whose prompts do not name it."""
+        objs = base.extra["objects"]
+        th = []
+        for j, o in enumerate(OBJECTS):
+            vals = objs[[i for i, p in enumerate(prompts) if not p.names(o)], j]
+            q = float(np.quantile(vals, WORLD_CALIBRATION_QUANTILE)) if len(vals) else OBJECT_THRESHOLD
+            th.append(max(OBJECT_THRESHOLD, q))
+        self.object_thresholds = np.array(th)
 
     def concepts(self, concepts: list[str]) -> tuple[list[str], list[str]]:
         """(judged concepts: world objects named by the dataset's concepts, concepts it cannot judge)."""
@@ -75,17 +94,11 @@ class WorldJudge:
         objs = p[:, : len(OBJECTS)]
         styles = p[:, len(p[0]) - len(STYLES) :]
         t = STYLES.index(self.target(style))
-        asked = [[o for o in OBJECTS if o in pr.content.lower().split()] for pr in prompts]
-        prompt_ok = np.array(
-            [
-                all(objs[i, OBJECTS.index(o)] >= OBJECT_THRESHOLD for o in a) and bool(a)
-                for i, a in enumerate(asked)
-            ],
-            dtype=float,
-        )
+        asked = np.array([[pr.names(o) for o in OBJECTS] for pr in prompts], dtype=bool).reshape(objs.shape)
+        seen = objs > self.object_thresholds[None, :]
+        prompt_ok = np.array([bool(a.any()) and bool(seen[i, a].all()) for i, a in enumerate(asked)], float)
         # the control for leakage: world objects neither asked for nor among the references' concepts
         others = [k for k, o in enumerate(OBJECTS) if o not in concepts]
-        unasked = np.array([[OBJECTS[k] not in a for k in others] for a in asked], dtype=bool)
         return Scores(
             prompt=prompt_ok,
             style=(styles.argmax(1) == t).astype(float),
@@ -93,11 +106,17 @@ class WorldJudge:
             concepts=np.stack([objs[:, OBJECTS.index(c)] for c in concepts], 1)
             if concepts
             else np.zeros((len(images), 0)),
-            extra={"other_objects": (objs[:, others] >= OBJECT_THRESHOLD) & unasked.reshape(len(images), -1)},
+            extra={
+                "other_objects": seen[:, others] & ~asked[:, others],
+                "other_unasked": ~asked[:, others],
+                "reference_unasked": asked[:, [OBJECTS.index(c) for c in concepts]] == 0,
+                "objects": objs,
+                "background": p[:, BACKGROUND_SLICE].argmax(1),
+            },
         )
 
     def thresholds(self, base: Scores, prompts: list[Prompt], concepts: list[str]) -> np.ndarray:
-        return np.full(len(concepts), OBJECT_THRESHOLD)
+        return np.array([self.object_thresholds[OBJECTS.index(c)] for c in concepts])
 
 
 class ClipJudge:
@@ -195,3 +214,36 @@ def leak_matrix(
 def leaked(scores: Scores, thresholds: np.ndarray, prompts: list[Prompt], concepts: list[str]) -> np.ndarray:
     """Per image: whether a reference concept that its prompt does not name is present."""
     return leak_matrix(scores, thresholds, prompts, concepts).any(1)
+
+
+def object_leakage(
+    tuned: Scores, base: Scores, leak: np.ndarray, base_leak: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per image, on the same prompt and seed (world judge): the share of the references' objects shown
+    unasked (`leak`, a leak matrix) and of the control objects shown unasked (world objects neither
+    asked for nor in the references), with the adapter and for the base model. `excess` is the
+    reference rise minus the control rise: reference content, not extra objects of every kind."""
+    ref_n, ctl_n = tuned.extra["reference_unasked"], tuned.extra["other_unasked"]
+    rows = {
+        "reference_tuned": _share(leak, ref_n),
+        "reference_base": _share(base_leak, ref_n),
+        "control_tuned": _share(tuned.extra["other_objects"], ctl_n),
+        "control_base": _share(base.extra["other_objects"], ctl_n),
+    }
+    rows["excess"] = (rows["reference_tuned"] - rows["reference_base"]) - (
+        rows["control_tuned"] - rows["control_base"]
+    )
+    return rows
+
+
+def background_leakage(scores: Scores, backgrounds: list[str]) -> np.ndarray:
+    """Per image (world judge): whether the judge reads one of the references' `backgrounds` (prompts
+    that ask for another background)."""
+    idx = [list(BACKGROUNDS).index(b) for b in backgrounds if b in BACKGROUNDS]
+    return np.isin(scores.extra["background"], idx)
+
+
+def _share(shown: np.ndarray, unasked: np.ndarray) -> np.ndarray:
+    """Per image: the share of the unasked objects that are shown (0 where none is unasked)."""
+    n = unasked.sum(1)
+    return np.where(n > 0, (shown & unasked).sum(1) / np.maximum(n, 1), 0.0)

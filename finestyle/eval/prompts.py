@@ -54,10 +54,17 @@ def real_prompts(n: int | None = None) -> list[Prompt]:
 
 
 def world_prompts(
-    reference_objects: set[str], objects: tuple[str, ...], colours: list[str], n: int, seed: int = 0
+    reference_objects: set[str],
+    objects: tuple[str, ...],
+    colours: list[str],
+    n: int,
+    seed: int = 0,
+    backgrounds: list[str] | None = None,
 ) -> list[Prompt]:
     """`n` prompts "a COLOUR OBJECT" over the world's objects that are NOT in the references, so that a
-    reference object in an image is leakage."""
+    reference object in an image is leakage. With `backgrounds` (phrases of world backgrounds other than
+    the references', e.g. "on the grass"), each prompt also asks for one of them in turn: "a red cup on
+    the grass", so that a reference background in an image is leakage too."""
     new = [o for o in objects if o not in reference_objects]
     if not new:
         raise UserError("the references contain every world object; no prompt can test for leakage")
@@ -68,4 +75,7 @@ def world_prompts(
     picks = [
         (order[o][(i // len(new)) % len(colours)], o) for i, o in ((i, new[i % len(new)]) for i in range(n))
     ]
-    return [Prompt(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {o}") for c, o in picks]
+    texts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {o}" for c, o in picks]
+    if backgrounds:
+        texts = [f"{t} {backgrounds[i % len(backgrounds)]}" for i, t in enumerate(texts)]
+    return [Prompt(t) for t in texts]

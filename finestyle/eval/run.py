@@ -2,9 +2,17 @@
 
 - prompt fidelity: the judge finds what the prompt asks for;
 - style fidelity: the judge sees the target style;
-- leakage: the share of images showing a concept of the references that the prompt does not name, with
-  the adapter, MINUS the same share for the base model on the same prompts and seeds (0 when the
-  adapter adds no reference content). The raw rates are reported too.
+- leakage: with a CLIP judge, the share of images showing a concept of the references that the prompt
+  does not name, with the adapter, MINUS the same share for the base model on the same prompts and
+  seeds (0 when the adapter adds no reference content). With the world judge, per object and image:
+  the rise of the references' objects shown unasked MINUS the rise of the control objects (world
+  objects neither asked for nor in the references), so that an adapter drawing extra objects of every
+  kind does not count as leaking the references. The raw rates are reported too.
+- background leakage (world references with their `labels.jsonl` truth): prompts ask for another
+  background; the share of images the judge reads as a reference background, tuned minus base.
+
+The world judge's object thresholds are calibrated on base-model images at `calibration_seed`, seeds
+apart from the test images'.
 
 Images are cached under OUT/images by content key (model and adapter fingerprints, prompt, seed, steps,
 guidance weights), so a re-run with the same inputs generates nothing again.
@@ -12,6 +20,7 @@ guidance weights), so a re-run with the same inputs generates nothing again.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +34,25 @@ from finestyle.core.env import cpu_name, gpu_name, library_versions
 from finestyle.core.errors import UserError
 from finestyle.core.fs import hash_json, read_json, write_json
 from finestyle.core.models import model_fingerprint, pick_device
+from finestyle.prepare.stage import common_root
 from finestyle.runtime.generate import GenerationRequest, generate_batch, load_backend
-from finestyle.world.scene import COLOURS, OBJECTS
+from finestyle.world.scene import BACKGROUNDS, COLOURS, OBJECTS
 
-from .judges import ClipJudge, Scores, WorldJudge, check_judge_spec, leak_matrix, load_eval_judge
+from .judges import (
+    ClipJudge,
+    Scores,
+    WorldJudge,
+    background_leakage,
+    check_judge_spec,
+    leak_matrix,
+    load_eval_judge,
+    object_leakage,
+)
 from .prompts import Prompt, read_prompt_file, real_prompts, world_prompts
 
 
-def _log(msg: str) -> None:
+def log_line(msg: str) -> None:
+    """The eval stages' progress line (stdout, flushed)."""
     print(msg, flush=True)
 
 
@@ -53,12 +73,43 @@ def read_references(dataset: str | Path) -> dict[str, Any]:
         "concepts": concepts,
         "images": [r["image"] for r in rows],
         "fingerprint": dataset_fingerprint(folder),
+        "truth": read_truth(
+            [
+                str(Path(common_root(report.get("config", {}).get("images") or [])) / img.get("source", ""))
+                for img in report.get("images", [])
+            ]
+        ),
     }
 
 
-def default_prompts(judge: Any, judged_concepts: list[str], n: int, seed: int) -> list[Prompt]:
+def read_truth(sources: list[str]) -> dict[str, list[str]] | None:
+    """The references' true objects and backgrounds from the `labels.jsonl` that `finestyle world
+    render` writes beside its images; None unless every source image has a line there."""
+    objects, backgrounds, found = set(), set(), 0
+    tables: dict[Path, dict[str, dict]] = {}
+    for src in sources:
+        path = Path(src)
+        labels = path.parent / "labels.jsonl"
+        if path.parent not in tables:
+            lines = labels.read_text().splitlines() if labels.is_file() else []
+            tables[path.parent] = {d["file_name"]: d for d in map(json.loads, filter(str.strip, lines))}
+        line = tables[path.parent].get(path.name)
+        if line:
+            found += 1
+            objects.update(o["name"] for o in line.get("objects", []))
+            backgrounds.add(line.get("background", ""))
+    if not sources or found < len(sources):
+        return None
+    return {"objects": sorted(objects), "backgrounds": sorted(b for b in backgrounds if b)}
+
+
+def default_prompts(
+    judge: Any, judged_concepts: list[str], n: int, seed: int, backgrounds: list[str] | None = None
+) -> list[Prompt]:
+    """The judge's prompt set; with the references' `backgrounds` known, world prompts ask for others."""
     if isinstance(judge, WorldJudge):
-        return world_prompts(set(judged_concepts), OBJECTS, list(COLOURS), n, seed)
+        other = [v[0] for b, v in BACKGROUNDS.items() if b not in backgrounds] if backgrounds else None
+        return world_prompts(set(judged_concepts), OBJECTS, list(COLOURS), n, seed, other)
     return real_prompts(n)
 
 
@@ -142,16 +193,32 @@ def generate_all(
     return images
 
 
+def per_image_leakage(
+    scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any, base: Scores
+) -> np.ndarray:
+    """Per image, tuned minus base on the same prompt and seed: the world judge's excess of reference
+    objects over the control (`object_leakage`), or whether any reference concept shows unasked."""
+    if isinstance(judge, WorldJudge):
+        return object_leakage(scores, base, leak, base_leak)["excess"]
+    return leak.any(1).astype(float) - base_leak.any(1)
+
+
 def summarize(
-    scores: Scores, leak: np.ndarray, base_leak: np.ndarray, judge: Any, concepts: list[str], base: Scores
+    scores: Scores,
+    leak: np.ndarray,
+    base_leak: np.ndarray,
+    judge: Any,
+    concepts: list[str],
+    base: Scores,
+    backgrounds: list[str] | None = None,
 ) -> dict[str, Any]:
     """The three axes; `leak` and `base_leak` are leak matrices (images × concepts, `leak_matrix`),
-    `base` the base model's scores."""
+    `base` the base model's scores, `backgrounds` the references' true backgrounds (world judge)."""
     tuned_any, base_any = leak.any(1), base_leak.any(1)
     out = {
         "prompt_fidelity": float(scores.prompt.mean()),
         "style_fidelity": float(scores.style.mean()),
-        "leakage": float(tuned_any.mean() - base_any.mean()),
+        "leakage": float(per_image_leakage(scores, leak, base_leak, judge, base).mean()),
         "leakage_raw": {"with_adapter": float(tuned_any.mean()), "base_model": float(base_any.mean())},
         # which reference concepts leak: the share of images showing each one unasked
         "leakage_by_concept": {
@@ -166,11 +233,23 @@ def summarize(
         out["style_probability"] = float(scores.style_extra.mean())
         # per object and image: reference objects shown unasked, against the control of the other
         # world objects shown unasked; leakage is reference content only where the first rises more
-        other, base_other = scores.extra["other_objects"], base.extra["other_objects"]
+        rows = object_leakage(scores, base, leak, base_leak)
         out["leakage_per_object"] = {
-            "reference_objects": {"with_adapter": _mean(leak), "base_model": _mean(base_leak)},
-            "other_objects": {"with_adapter": _mean(other), "base_model": _mean(base_other)},
+            "reference_objects": {
+                "with_adapter": _mean(rows["reference_tuned"]),
+                "base_model": _mean(rows["reference_base"]),
+            },
+            "other_objects": {
+                "with_adapter": _mean(rows["control_tuned"]),
+                "base_model": _mean(rows["control_base"]),
+            },
         }
+        out["leakage_definition"] = "per object and image: reference objects' rise minus the control's"
+        out["leakage_any_concept"] = float(tuned_any.mean() - base_any.mean())
+        if backgrounds:
+            bt, bb = background_leakage(scores, backgrounds), background_leakage(base, backgrounds)
+            out["background_leakage"] = float(bt.mean() - bb.mean())
+            out["background_leakage_raw"] = {"with_adapter": float(bt.mean()), "base_model": float(bb.mean())}
     return out
 
 
@@ -188,6 +267,10 @@ def bootstrap_ci(
         means = sums[draws].sum(1) / counts[draws].sum(1)
         out[key] = [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
     return out
+
+
+def _object_thresholds(judge: WorldJudge) -> dict[str, float]:
+    return {o: float(t) for o, t in zip(OBJECTS, judge.object_thresholds, strict=True)}
 
 
 def _mean(a: np.ndarray) -> float:
@@ -229,7 +312,7 @@ def _backend_loaders(
 
 def run_eval(
     cfg: EvalConfig,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = log_line,
     variant: str | None = None,
     images_out: list[tuple[str, Any]] | None = None,
     cache_dir: str | Path | None = None,
@@ -247,8 +330,12 @@ def run_eval(
     style = cfg.style or refs["style"]
     judge = load_eval_judge(cfg.judge, device)
     concepts, not_judged = judge.concepts(refs["concepts"])
+    truth = refs["truth"] if isinstance(judge, WorldJudge) else None
+    if truth:  # world references: the true objects, not the captioner's words
+        concepts, not_judged = list(truth["objects"]), []
+    backgrounds = truth["backgrounds"] if truth else None
     judge.target(style)  # a world judge refuses a style it does not know, before any generation
-    prompts = given or default_prompts(judge, concepts, cfg.n_prompts, cfg.seed)
+    prompts = given or default_prompts(judge, concepts, cfg.n_prompts, cfg.seed, backgrounds)
     pairs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.seeds)]
     ps = [p for p, _ in pairs]
     texts, seeds = [p.full(style) for p, _ in pairs], [s for _, s in pairs]
@@ -261,6 +348,10 @@ def run_eval(
     base_ident = {"model": model_fingerprint(base_name), "adapter": None}
     ref_feats = judge.references(refs["images"]) if isinstance(judge, ClipJudge) else None
 
+    if isinstance(judge, WorldJudge):  # thresholds from base images on seeds of their own
+        cal_seeds = [cfg.calibration_seed + s - cfg.seed for s in seeds]
+        cal = generate_all(base_fn, base_ident, texts, cal_seeds, cfg, 0.0, cache, "calibration", log)
+        judge.calibrate(judge.score(cal, ps, concepts, style, None), ps)
     base_images = generate_all(base_fn, base_ident, texts, seeds, cfg, 0.0, cache, "base model", log)
     base_scores = judge.score(base_images, ps, concepts, style, ref_feats)
     thresholds = judge.thresholds(base_scores, ps, concepts)
@@ -279,12 +370,16 @@ def run_eval(
         first_images = first_images or images
         sc = judge.score(images, ps, concepts, style, ref_feats)
         leak = leak_matrix(sc, thresholds, ps, concepts)
-        paired = leak.any(1).astype(float) - base_leak.any(1)  # per image: tuned minus base, same seed
+        paired = per_image_leakage(sc, leak, base_leak, judge, base_scores)  # tuned minus base, same seed
         per_image = {"prompt_fidelity": sc.prompt, "style_fidelity": sc.style, "leakage": paired}
+        if backgrounds:
+            per_image["background_leakage"] = background_leakage(sc, backgrounds).astype(
+                float
+            ) - background_leakage(base_scores, backgrounds)
         sweep.append(
             {
                 "style_guidance": lam,
-                **summarize(sc, leak, base_leak, judge, concepts, base_scores),
+                **summarize(sc, leak, base_leak, judge, concepts, base_scores, backgrounds),
                 "ci95": bootstrap_ci(per_image, np.repeat(np.arange(len(prompts)), cfg.seeds)),
             }
         )
@@ -301,11 +396,21 @@ def run_eval(
             "kind": judge.kind,
             "prompt_fidelity": judge.prompt_metric,
             "style_fidelity": judge.style_metric,
-            "leakage": "share of images with a reference concept the prompt does not name, tuned minus base",
+            "leakage": "per object and image: the rise (tuned minus base) of the references' objects "
+            "shown unasked, minus the rise of the control objects"
+            if isinstance(judge, WorldJudge)
+            else "share of images with a reference concept the prompt does not name, tuned minus base",
             "target_style": judge.target(style),
             "concept_thresholds": dict(zip(concepts, map(float, thresholds), strict=True)),
+            **(
+                {"calibration_seed": cfg.calibration_seed, "object_thresholds": _object_thresholds(judge)}
+                if isinstance(judge, WorldJudge)
+                else {}
+            ),
         },
         "concepts": concepts,
+        "concepts_from": "labels.jsonl (the references' truth)" if truth else "the dataset's concepts",
+        "reference_backgrounds": backgrounds or [],
         "concepts_not_judged": not_judged,
         "provenance": provenance(cfg, refs, prompts, device),
         "images_reused": cache.hits,

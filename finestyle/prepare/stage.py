@@ -308,7 +308,7 @@ def process_chunk(
         boxes = load_boxes_file(cfg.boxes) if cfg.method == "boxes" else None
         # Models are shared per process; attention capture swaps UNet processors, so one chunk at a time.
         with _MODEL_LOCK:
-            rows, summaries, problems = extract_rows(images, cfg, root=_common_root(cfg.images), boxes=boxes)
+            rows, summaries, problems = extract_rows(images, cfg, root=common_root(cfg.images), boxes=boxes)
     with open(folder / "rows.jsonl", "w") as f:
         for i, r in enumerate(rows):
             name = f"{i:05d}.png"
@@ -404,7 +404,8 @@ def run_prepare(cfg: PrepareConfig, log=_log, chunk_size: int = 0) -> PrepareRes
     return publish_prepared(cfg, plan, manifests, log, t0)
 
 
-def _common_root(inputs: list[str]) -> str:
+def common_root(inputs: list[str]) -> str:
+    """The folder that the report's and rows' `source` paths are relative to."""
     dirs = [Path(i) for i in inputs if Path(i).is_dir()]
     return str(dirs[0]) if len(dirs) == 1 else "."
 

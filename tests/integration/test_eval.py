@@ -16,6 +16,7 @@ from finestyle.eval.judges import ClipJudge, Scores, leak_matrix, leaked
 from finestyle.eval.prompts import Prompt, read_prompt_file, real_prompts, world_prompts
 from finestyle.eval.run import run_eval
 from finestyle.train.loop import run_train
+from finestyle.world.scene import OBJECTS
 from tests.conftest import REPO, make_scene, prepare_small_dataset
 
 QUIET = dict(log=lambda m: None)
@@ -119,12 +120,127 @@ def test_the_world_judge_reports_other_unasked_objects_as_the_leakage_control():
     )
     leak = leak_matrix(sc, np.array([0.5]), prompts, ["cat"])
     out = summarize(sc, leak, np.zeros((2, 1), bool), judge, ["cat"], base)
-    assert out["leakage"] == 1.0 and out["leakage_by_concept"]["cat"] == {
-        "with_adapter": 1.0,
-        "base_model": 0.0,
-    }
+    assert out["leakage_by_concept"]["cat"] == {"with_adapter": 1.0, "base_model": 0.0}
     assert out["leakage_per_object"]["reference_objects"] == {"with_adapter": 1.0, "base_model": 0.0}
-    assert out["leakage_per_object"]["other_objects"] == {"with_adapter": 1 / 11, "base_model": 0.0}
+    # per image, 1 of the 10 unasked control objects shows (the tree, or the boat)
+    assert out["leakage_per_object"]["other_objects"] == {"with_adapter": 0.1, "base_model": 0.0}
+    # leakage is the excess over the control: the cat rises by 1, the control by 0.1 per object
+    assert out["leakage"] == pytest.approx(0.9) and out["leakage_any_concept"] == 1.0
+
+
+def _fixed_world_judge(present: list[list[str]]):
+    """A world judge whose logits say, per image, exactly the labels in `present`."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from finestyle.eval.judges import WorldJudge
+    from finestyle.world.data import JUDGE_LABELS
+
+    logits = torch.full((len(present), len(JUDGE_LABELS)), -10.0)
+    for i, labels in enumerate(present):
+        for label in labels:
+            logits[i, JUDGE_LABELS.index(label)] = 10.0
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, pixel_values):
+            return SimpleNamespace(logits=logits[: len(pixel_values)])
+
+    judge = WorldJudge.__new__(WorldJudge)
+    judge.model = Fixed()
+    return judge
+
+
+def test_leakage_is_the_reference_objects_excess_over_the_control():
+    """An adapter that draws extra objects of every kind leaks no reference content; one that adds the
+    references' cat alone does."""
+    from PIL import Image
+
+    from finestyle.eval.run import summarize
+
+    images = [Image.new("RGB", (64, 64))] * 4
+    prompts = [Prompt("a red boat"), Prompt("a blue cup"), Prompt("a red boat"), Prompt("a blue cup")]
+    concepts, th = ["cat", "tree"], np.array([0.5, 0.5])
+    style = ["style:duotone", "background:grass"]
+    base_j = _fixed_world_judge([[*style, "object:boat"], [*style, "object:cup"]] * 2)
+    base = base_j.score(images, prompts, concepts, "duotone", None)
+    base_leak = leak_matrix(base, th, prompts, concepts)
+    # every world object shows in every image: reference and control rise alike
+    crowd = _fixed_world_judge([[*style, *(f"object:{o}" for o in OBJECTS)]] * 4)
+    sc = crowd.score(images, prompts, concepts, "duotone", None)
+    out = summarize(sc, leak_matrix(sc, th, prompts, concepts), base_leak, crowd, concepts, base)
+    assert out["leakage_any_concept"] == 1.0  # the old measure: every image "leaks"
+    assert out["leakage"] == pytest.approx(0.0)  # the new one: no reference content
+    # the cat alone appears: half the reference objects, none of the control
+    cat = _fixed_world_judge(
+        [[*style, "object:boat", "object:cat"], [*style, "object:cup", "object:cat"]] * 2
+    )
+    sc = cat.score(images, prompts, concepts, "duotone", None)
+    out = summarize(sc, leak_matrix(sc, th, prompts, concepts), base_leak, cat, concepts, base)
+    assert out["leakage"] == pytest.approx(0.5)
+    assert out["leakage_per_object"]["other_objects"]["with_adapter"] == 0.0
+
+
+def test_background_leakage_counts_the_references_background_shown_unasked():
+    from PIL import Image
+
+    from finestyle.eval.run import summarize
+
+    images = [Image.new("RGB", (64, 64))] * 4
+    prompts = [Prompt("a red boat on the grass"), Prompt("a blue cup over the sea")] * 2
+    obj = [["object:boat"], ["object:cup"]] * 2
+    base_j = _fixed_world_judge([o + ["background:grass"] for o in obj[:1]] + [o + ["background:sea"] for o in obj[1:2]] + [obj[0] + ["background:grass"], obj[1] + ["background:sea"]])  # fmt: skip
+    base = base_j.score(images, prompts, [], "duotone", None)
+    # the tuned model paints the references' desert into three of the four images
+    planted = ["background:desert", "background:desert", "background:desert", "background:sea"]
+    tuned_j = _fixed_world_judge([o + [b] for o, b in zip(obj, planted, strict=True)])
+    sc = tuned_j.score(images, prompts, [], "duotone", None)
+    none = np.zeros((4, 0), bool)
+    out = summarize(sc, none, none, tuned_j, [], base, backgrounds=["desert"])
+    assert out["background_leakage"] == 0.75
+    assert out["background_leakage_raw"] == {"with_adapter": 0.75, "base_model": 0.0}
+    assert summarize(base, none, none, base_j, [], base, backgrounds=["desert"])["background_leakage"] == 0
+
+
+def test_world_object_thresholds_are_calibrated_on_base_images_of_prompts_not_naming_the_object():
+    from finestyle.eval.judges import WORLD_CALIBRATION_QUANTILE, WorldJudge
+
+    probs = np.full((100, len(OBJECTS)), 0.01)
+    boat, cat = OBJECTS.index("boat"), OBJECTS.index("cat")
+    probs[:, boat] = np.linspace(0, 0.9, 100)  # the judge sees boats where none was asked
+    probs[:50, cat] = 0.99  # ... and cats where cats were asked (not a false positive)
+    prompts = [Prompt("a red cat")] * 50 + [Prompt("a red cup")] * 50
+    judge = WorldJudge.__new__(WorldJudge)
+    judge.calibrate(Scores(np.zeros(100), np.zeros(100), np.zeros(100), np.zeros((100, 0)), {"objects": probs}), prompts)  # fmt: skip
+    assert judge.object_thresholds[boat] == pytest.approx(
+        np.quantile(probs[:, boat], WORLD_CALIBRATION_QUANTILE)
+    )
+    assert judge.object_thresholds[cat] == 0.5  # never above 0.5 where the base model is clean
+    assert judge.object_thresholds[OBJECTS.index("cup")] == 0.5
+
+
+def test_truth_is_read_from_the_labels_of_world_references(tmp_path):
+    from finestyle.eval.run import read_truth
+    from finestyle.world.data import render_folder
+
+    folder = render_folder(tmp_path / "refs", 3, 64, "heldout", seed=5)
+    lines = [json.loads(x) for x in (folder / "labels.jsonl").read_text().splitlines()]
+    truth = read_truth([str(folder / x["file_name"]) for x in lines])
+    assert truth == {
+        "objects": sorted({o["name"] for x in lines for o in x["objects"]}),
+        "backgrounds": sorted({x["background"] for x in lines}),
+    }
+    # an image without a labels line: no truth (the captioner's concepts are used)
+    other = tmp_path / "other.png"
+    other.write_bytes((folder / lines[0]["file_name"]).read_bytes())
+    assert read_truth([str(folder / lines[0]["file_name"]), str(other)]) is None
+    # world prompts then ask for the other backgrounds
+    w = world_prompts({"boat"}, ("boat", "cat", "cup"), ["red", "blue"], 4, backgrounds=["on the grass", "over the sea"])  # fmt: skip
+    assert [p.content for p in w][:2] == [w[0].content.split(" on ")[0] + " on the grass", w[1].content.split(" over ")[0] + " over the sea"]  # fmt: skip
 
 
 def test_bootstrap_intervals_resample_whole_prompts():
@@ -310,3 +426,35 @@ def test_planted_reference_objects_are_reported_as_leakage():
     base = leaked(judge.score(clean, prompts, ["boat"], "halftone", None), th, prompts, ["boat"])
     tuned = leaked(judge.score(planted, prompts, ["boat"], "halftone", None), th, prompts, ["boat"])
     assert base.mean() <= 0.1 and tuned.mean() >= 0.8
+
+
+@pytest.mark.slow
+def test_compare_over_reference_sets_reports_paired_differences_and_a_verdict(tmp_path):
+    p = _cli(
+        "--compare", "--sets", "2", "--calibration-sets", "1", "--reference-size", "64",
+        "--base", "builtin:tiny-sd", "--judge", "clip:builtin:tiny-clip", "--out", str(tmp_path / "v"),
+        "--train-steps", "2", "--n-prompts", "2", "--seeds", "1", "--steps", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert [s["set"] for s in rep["sets"]["calibration"]] == ["calibration-00"]
+    assert [s["set"] for s in rep["sets"]["test"]] == ["test-00", "test-01"]
+    v = rep["verdict"]
+    assert v["outcome"] in ("no verdict", "FineStyle wins", "FineStyle does not win") and v["why"]
+    diffs = [s["finestyle"]["leakage"] - s["plain"]["leakage"] for s in rep["sets"]["test"]]
+    assert v["paired"]["leakage"]["mean"] == pytest.approx(np.mean(diffs))
+    assert (
+        v["paired"]["leakage"]["n"] == 2 and v["paired"]["leakage"]["low"] <= v["paired"]["leakage"]["high"]
+    )
+    # each set is drawn from its own seed, with its truth: 1-3 held-out-style scenes on one background
+    for name in ("calibration-00", "test-00", "test-01"):
+        labels = (tmp_path / "v" / "sets" / name / "references" / "labels.jsonl").read_text().splitlines()
+        lines = [json.loads(x) for x in labels]
+        assert 1 <= len(lines) <= 3 and len({x["background"] for x in lines}) == 1
+        assert all(x["style"] == "duotone" and len(x["objects"]) >= 2 for x in lines)
+    md = (tmp_path / "v" / "report.md").read_text()
+    assert "Decision rule (fixed before the run)" in md and f"**Verdict: {v['outcome']}**" in md
+    assert "**Verdict:" in p.stdout
+    # --sets without --compare, or with --references, is refused with one line
+    bad = _cli("--sets", "2", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
