@@ -836,22 +836,23 @@ def world_check(
     sd: str = typer.Option("builtin:world-sd", help="Text-to-image model to check."),
     blip: str = typer.Option("builtin:world-blip", help="Captioner to check."),
     judge: str = typer.Option("builtin:world-judge", help="Judge to check and to judge with."),
+    vae: str = typer.Option("", help="VAE folder for the vae gates [world-sd's own]."),
     only: Optional[list[str]] = typer.Option(
-        None, "--only", help="judge | sd | blip | localise | adapter (repeatable)."
+        None, "--only", help="judge | sd | blip | localise | adapter | vae (repeatable)."
     ),
     scale: float = typer.Option(
         1.0, help="Fraction of the published sample sizes (e.g. 0.1 for a smoke run)."
     ),
 ) -> None:
     """Measure the world models' quality gates on fresh seeds; exit 0 only when all hold."""
-    from finestyle.world.check import CheckSettings, format_table, run_check
+    from finestyle.world.check import GROUPS, CheckSettings, format_table, run_check
 
-    s = CheckSettings(sd=sd, blip=blip, judge=judge, only=list(only or []))
+    s = CheckSettings(sd=sd, blip=blip, judge=judge, vae=vae, only=list(only or []))
     if not 0 < scale <= 1:
         raise UserError("--scale: must be in (0, 1]")
-    for name in ("n_judge", "n_sd", "n_heldout", "n_blip", "n_localise", "n_adapter"):
+    for name in ("n_judge", "n_sd", "n_heldout", "n_blip", "n_localise", "n_adapter", "n_vae"):
         setattr(s, name, max(4, round(getattr(s, name) * scale)))
-    bad = set(s.only) - {"judge", "sd", "blip", "localise", "adapter"}
+    bad = set(s.only) - set(GROUPS)
     if bad:
         raise UserError(f"--only: unknown gate group(s) {', '.join(sorted(bad))}")
     report = run_check(s, log=typer.echo)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.config import PrepareConfig, TrainConfig
@@ -28,7 +29,7 @@ from finestyle.train.loop import run_train
 
 from .data import render_folder, render_set
 from .judge import generate, judge_probs, read
-from .scene import COLOURS, HELDOUT_STYLE, OBJECTS, STYLES, TRAINED_STYLES, render_seed
+from .scene import COLOURS, HELDOUT_STYLE, OBJECTS, STYLES, TRAINED_STYLES, duotone_share, render_seed
 
 FRESH_SEED = 10_000_000
 
@@ -65,7 +66,15 @@ class CheckSettings:
     adapter_lr: float = 1e-3
     """The world's 64 px models train at 1e-3 (the train stage's 1e-4 default is for SD-scale models)."""
     steps: int = 20
+    vae: str = ""
+    """The VAE of the `vae` gates (a diffusers AutoencoderKL folder); default: world-sd's own."""
+    n_vae: int = 200
     only: list[str] = field(default_factory=list)
+
+
+GROUPS = ("judge", "sd", "blip", "localise", "adapter", "vae")
+DUOTONE_MIN_SHARE = 0.9
+"""An image reads as the held-out duotone style when this share of its pixels lies on the ramp."""
 
 
 def _log(msg: str) -> None:
@@ -98,7 +107,11 @@ def gate_sd(pipe: Any, judge: Any, s: CheckSettings) -> list[Gate]:
     asked = object_prompts(s.n_sd, TRAINED_STYLES, FRESH_SEED)
     prompts = [f"a {c} {o}, in {st} style" for c, o, st in asked]
     seeds = list(range(FRESH_SEED, FRESH_SEED + len(prompts)))
-    readings = read(judge_probs(judge, generate(pipe, prompts, seeds, s.steps)))
+    generated = generate(pipe, prompts, seeds, s.steps)
+    readings = read(judge_probs(judge, generated))
+    as_duotone = float(
+        (duotone_share(np.stack([np.asarray(im) for im in generated])) >= DUOTONE_MIN_SHARE).mean()
+    )
     found = np.mean([o in r.objects for (_, o, _), r in zip(asked, readings, strict=True)])
     styled = np.mean([st == r.style for (_, _, st), r in zip(asked, readings, strict=True)])
     extra = np.mean([bool(r.objects - {o}) for (_, o, _), r in zip(asked, readings, strict=True)])
@@ -111,11 +124,69 @@ def gate_sd(pipe: Any, judge: Any, s: CheckSettings) -> list[Gate]:
         Gate("sd_style_fidelity", float(styled), 0.80, detail=f"{len(prompts)} images"),
         Gate("sd_heldout_unknown", float(held_rate), 0.20, at_most=True, detail=f"{len(hp)} images"),
         Gate(
+            "heldout_false_positives_generated",
+            as_duotone,
+            0.02,
+            at_most=True,
+            detail=f"{len(prompts)} base generations in trained styles read as the held-out style",
+        ),
+        Gate(
             "judge_false_positives_on_generated",
             float(extra),
             0.05,
             at_most=True,
             detail="images where the judge reports an object that was not asked for",
+        ),
+    ]
+
+
+def reference_views(first_seed: int, n: int, style: str | None) -> np.ndarray:
+    """What training sees of references drawn at 256 px: every other view the whole picture resized to
+    64 px, the others one object cropped with a margin and resized (the crops' zoom)."""
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        r = render_seed(first_seed + i, 256, style or STYLES[i % len(STYLES)])
+        im = r.image
+        if i % 2:
+            x0, y0, x1, y1 = r.boxes[i // 2 % len(r.boxes)]
+            m = max(8, round(0.15 * max(x1 - x0, y1 - y0)))
+            im = im.crop((max(0, x0 - m), max(0, y0 - m), min(256, x1 + m), min(256, y1 + m)))
+        out.append(np.asarray(im.resize((64, 64), Image.BICUBIC)))
+    return np.stack(out)
+
+
+@torch.no_grad()
+def vae_round_trip(vae: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """uint8 images through the VAE (posterior mean) and back, as uint8."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        y = vae.decode(vae.encode(x.to(vae.device)).latent_dist.mean).sample.float().cpu()
+        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def gate_vae(vae: Any, n: int) -> list[Gate]:
+    """The held-out style survives the VAE round trip and the crops' zoom; no other style reads as it."""
+    held = duotone_share(vae_round_trip(vae, reference_views(FRESH_SEED + 9000, n, HELDOUT_STYLE)))
+    others = [s for s in STYLES if s != HELDOUT_STYLE]
+    views = np.concatenate([reference_views(FRESH_SEED + 9500 + 100 * k, max(1, n // len(others)), s) for k, s in enumerate(others)])  # fmt: skip
+    other = duotone_share(vae_round_trip(vae, views))
+    return [
+        Gate(
+            "heldout_survives_vae",
+            float((held >= DUOTONE_MIN_SHARE).mean()),
+            0.95,
+            detail=f"{n} held-out views of 256 px references (whole and object crops) after a VAE round trip",
+        ),
+        Gate(
+            "heldout_false_positives_renders",
+            float((other >= DUOTONE_MIN_SHARE).mean()),
+            0.02,
+            at_most=True,
+            detail=f"{len(views)} views of the other styles after a VAE round trip",
         ),
     ]
 
@@ -218,17 +289,24 @@ def gate_adapter(s: CheckSettings, judge: Any, work: Path) -> list[Gate]:
 
 def run_check(s: CheckSettings, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Measure every gate (or those named in `s.only`); the JSON report's dict."""
-    want = set(s.only) or {"judge", "sd", "blip", "localise", "adapter"}
+    want = set(s.only) or set(GROUPS)
     gates: list[Gate] = []
     t0 = time.time()
-    judge = load_judge(s.judge, device="cpu")
+    loaded: dict[str, Any] = {}
+
+    def judge() -> Any:  # loaded only for the groups that judge
+        if "judge" not in loaded:
+            loaded["judge"] = load_judge(s.judge, device="cpu")
+        return loaded["judge"]
+
     with tempfile.TemporaryDirectory(prefix="finestyle-world-check-") as tmp:
         steps: list[tuple[str, Callable[[], list[Gate]]]] = [
-            ("judge", lambda: gate_judge(judge, s.n_judge)),
-            ("sd", lambda: gate_sd(load_sd_pipeline(s.sd, device="cpu", dtype="fp32"), judge, s)),
+            ("judge", lambda: gate_judge(judge(), s.n_judge)),
+            ("sd", lambda: gate_sd(load_sd_pipeline(s.sd, device="cpu", dtype="fp32"), judge(), s)),
             ("blip", lambda: gate_blip(*load_captioner(s.blip, device="cpu", dtype="fp32"), s.n_blip)),
             ("localise", lambda: gate_localisation(s, Path(tmp))),
-            ("adapter", lambda: gate_adapter(s, judge, Path(tmp))),
+            ("adapter", lambda: gate_adapter(s, judge(), Path(tmp))),
+            ("vae", lambda: gate_vae(load_world_vae(s), s.n_vae)),
         ]
         for name, fn in steps:
             if name in want:
@@ -253,8 +331,23 @@ def run_check(s: CheckSettings, log: Callable[[str], None] = _log) -> dict[str, 
         "passed": all(g.passed for g in gates),
         "cpu": cpu_name(),
         "seconds": round(time.time() - t0, 1),
-        "models": {"sd": s.sd, "blip": s.blip, "judge": s.judge},
+        "models": {"sd": s.sd, "blip": s.blip, "judge": s.judge, "vae": s.vae or f"{s.sd} (its VAE)"},
     }
+
+
+def load_world_vae(s: CheckSettings) -> Any:
+    """`s.vae` (an AutoencoderKL folder, safetensors only), or the VAE of `s.sd`."""
+    if not s.vae:
+        return load_sd_pipeline(s.sd, device="cpu", dtype="fp32").vae
+    from diffusers import AutoencoderKL
+
+    from finestyle.core.errors import UserError
+
+    if not (Path(s.vae) / "config.json").is_file():
+        raise UserError(
+            f"--vae {s.vae!r}: not a VAE folder (no config.json); pass RUN/model of `world train --model vae`"
+        )
+    return AutoencoderKL.from_pretrained(s.vae, use_safetensors=True).eval()
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -57,3 +57,33 @@ def test_vocabulary_and_judge_labels_cover_the_world():
     assert prompts[0].endswith(" style") and np.array_equal(
         labels[3], label_vector(render_seed(3, 64, STYLES[3]))
     )
+
+
+def test_the_heldout_duotone_style_is_read_analytically_and_survives_blur_and_crops():
+    import types
+
+    import torch
+
+    from finestyle.world.check import DUOTONE_MIN_SHARE, gate_vae, reference_views
+    from finestyle.world.scene import duotone_share
+
+    held = reference_views(10, 12, HELDOUT_STYLE)  # whole pictures and zoomed object crops
+    assert held.shape == (12, 64, 64, 3)
+    assert (duotone_share(held) >= DUOTONE_MIN_SHARE).all()
+    for style in TRAINED_STYLES:
+        assert (duotone_share(reference_views(20, 12, style)) < DUOTONE_MIN_SHARE).all(), style
+    # a blur mixes ramp colours into ramp colours: the signature outlives a lossy round trip
+    blur = torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    class BlurVAE(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def encode(self, x):
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=blur(x)))
+
+        def decode(self, z):
+            return types.SimpleNamespace(sample=z)
+
+    survive, false_pos = gate_vae(BlurVAE(), 12)
+    assert survive.value == 1.0 and survive.passed
+    assert false_pos.value == 0.0 and false_pos.passed
