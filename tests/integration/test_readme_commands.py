@@ -26,6 +26,8 @@ TINY = {
     "builtin:sd15-random": "builtin:tiny-sd",
     "stabilityai/stable-diffusion-xl-base-1.0": "builtin:tiny-sdxl",
 }
+# the world builtins, where their weights are not installed
+WORLD_TINY = {"builtin:world-sd": "builtin:tiny-sd", "builtin:world-blip": "builtin:tiny-blip"}
 
 
 def readme_commands(heading: str, block: int = 0) -> list[list[str]]:
@@ -53,7 +55,7 @@ def test_world_commands(tmp_path):
     p = run(render, tmp_path)
     assert p.returncode == 0, p.stderr
     labels = (tmp_path / "runs/world/refs/labels.jsonl").read_text().splitlines()
-    assert len(labels) == 3 and all(json.loads(x)["style"] == "halftone" for x in labels)
+    assert len(labels) == 3 and all(json.loads(x)["style"] == "duotone" for x in labels)
     p = run([*train, "--steps", "2", "--batch-size", "4", "--n-train", "8"], tmp_path)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "runs/world/judge/model/model.safetensors").is_file()
@@ -87,7 +89,7 @@ def test_eval_commands(tmp_path):
     assert [s["style_guidance"] for s in rep["sweep"]] == [0.0, 0.5, 1.0, 2.0]
     assert (tmp_path / "runs/eval/watercolor/guidance.png").is_file()
     # the leakage-aware checkpoints command, on the same dataset
-    (train,) = readme_commands("## Evaluation: style, prompt and leakage", block=1)
+    (train,) = readme_commands("## Evaluation: style, prompt and leakage", block=2)
     argv = [TINY.get(a, a) for a in train]
     argv[argv.index("data/prepared/watercolor")] = "runs/compare/datasets/attention"
     for flag, value in (("--steps", "4"), ("--checkpoint-every", "2"), ("--eval-every", "2")):
@@ -97,6 +99,57 @@ def test_eval_commands(tmp_path):
     rep = json.loads((tmp_path / "runs/watercolor-best/report.json").read_text())
     assert [h["step"] for h in rep["selection"]["history"]] == [2, 4] and rep["selection"]["mode"] == "best"
     assert (tmp_path / "runs/watercolor-best/eval.png").is_file()
+
+
+def test_verdict_command(tmp_path):
+    """`eval --compare --sets`: paired per-set differences, the t-interval, the rule and the verdict."""
+    from finestyle.core.models import SHA256SUMS, weights_dir
+
+    (argv,) = readme_commands("## Evaluation: style, prompt and leakage", block=1)
+    if not (weights_dir() / "world-sd" / SHA256SUMS).is_file():
+        argv = [WORLD_TINY.get(a, a) for a in argv]
+        argv[argv.index("--judge") + 1] = "clip:builtin:tiny-clip"
+    argv[argv.index("--sets") + 1] = "2"
+    argv[argv.index("--calibration-sets") + 1] = "1"
+    small = [
+        "--reference-size",
+        "64",
+        "--train-steps",
+        "2",
+        "--n-prompts",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+    ]
+    p = run([*argv, *small, "--device", "cpu"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "runs/verdict"
+    rep = json.loads((out / "report.json").read_text())
+    assert [s["set"] for s in rep["sets"]["calibration"]] == ["calibration-00"]
+    assert [s["set"] for s in rep["sets"]["test"]] == ["test-00", "test-01"]
+    v = rep["verdict"]
+    assert v["outcome"] in ("no verdict", "FineStyle wins", "FineStyle does not win") and v["why"]
+    diffs = [s["finestyle"]["leakage"] - s["plain"]["leakage"] for s in rep["sets"]["test"]]
+    assert v["paired"]["leakage"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert (
+        v["paired"]["leakage"]["n"] == 2 and v["paired"]["leakage"]["low"] <= v["paired"]["leakage"]["high"]
+    )
+    # each set drawn from its own seed, with its truth: 1-3 held-out-style scenes on one background
+    for name in ("calibration-00", "test-00", "test-01"):
+        lines = [
+            json.loads(x) for x in (out / "sets" / name / "references/labels.jsonl").read_text().splitlines()
+        ]
+        assert 1 <= len(lines) <= 3 and len({x["background"] for x in lines}) == 1
+        assert all(x["style"] == "duotone" and len(x["objects"]) >= 2 for x in lines)
+    md = (out / "report.md").read_text()
+    assert "Decision rule (fixed before the run)" in md and f"**Verdict: {v['outcome']}**" in md
+    assert "**Verdict:" in p.stdout
+    # --sets without --compare, or with --references, is refused with one line and exit 2
+    for bad in (["eval", "--sets", "2", "--out", "x"], [*argv[:2], *argv[2:], "--references", "refs"]):
+        p = run(["finestyle", *bad[1:]] if bad[0] == "finestyle" else ["finestyle", *bad], tmp_path)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_openvino_commands(tmp_path):
