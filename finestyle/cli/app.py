@@ -354,6 +354,10 @@ def concepts(export_dir: Path = typer.Argument(..., help="Export folder.")) -> N
     from finestyle.runtime.generate import export_concepts
 
     c = export_concepts(export_dir)
+    if "styles" in c:  # a swappable export: each style's own words
+        for name, v in c["styles"].items():
+            typer.echo(f"{name}: style: {v['style'] or '-'}; concepts: " + (", ".join(v["concepts"]) or "-"))
+        return
     typer.echo(f"style: {c['style'] or '-'}")
     typer.echo("concepts: " + (", ".join(c["concepts"]) or "-"))
 
@@ -793,7 +797,7 @@ def world_train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     n_train: Optional[int] = typer.Option(None, help="Distinct training renders."),
     threads: Optional[int] = typer.Option(None, help="torch threads [1]."),
-    vae: Optional[str] = typer.Option(None, help="sd only: trained VAE folder [OUT/../vae/model]."),
+    vae: Optional[str] = typer.Option(None, help="sd, judge: trained VAE folder [OUT/../vae/model]."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu | auto [auto: cuda when present]."),
 ) -> None:
     """Train one of the world's models from a seed: progress, checkpoints, resume."""

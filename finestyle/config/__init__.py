@@ -14,6 +14,7 @@ from finestyle.config.base import (
 )
 from finestyle.config.stages import (
     DEFAULT_STYLE,
+    EMPTY_PROMPT,
     SCHEDULERS,
     TARGET_PRESETS,
     EvalConfig,
@@ -29,6 +30,7 @@ from finestyle.config.stages import (
 
 __all__ = [
     "DEFAULT_STYLE",
+    "EMPTY_PROMPT",
     "SCHEDULERS",
     "TARGET_PRESETS",
     "EvalConfig",

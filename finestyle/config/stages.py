@@ -490,6 +490,11 @@ class EvalConfig:
         )
 
 
+EMPTY_PROMPT = (
+    "prompt: empty; give the text to draw, e.g. 'a red boat' (the CLI and the server refuse it alike)"
+)
+
+
 @dataclass
 class RequestOptions:
     """What one generation asks for. `generate`'s options, the runtime's request and the server's two
@@ -523,6 +528,8 @@ class RequestOptions:
             raise UserError(
                 f"generate.scheduler: unknown scheduler {self.scheduler!r}; use one of: {', '.join(SCHEDULERS)}"
             )
+        if not self.prompt.strip():
+            raise UserError(EMPTY_PROMPT)
         _check(1 <= self.steps <= 1000, "generate.steps", self.steps, "must be 1..1000")
         _check(self.guidance >= 0, "generate.guidance", self.guidance, "must be >= 0")
         _check(self.style_guidance >= 0, "generate.style_guidance", self.style_guidance, "must be >= 0")

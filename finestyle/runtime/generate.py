@@ -893,7 +893,16 @@ def run_generate(cfg: GenerateConfig, log=_log) -> GenerateResult:
 
 
 def export_concepts(export_dir: str | Path) -> dict[str, Any]:
-    """The style and concept words the export's adapter learned (from its manifest)."""
+    """The style and concept words the export's adapter learned (from its manifest); for a swappable
+    export, each style's under `styles` (name -> style text and concepts)."""
 
     m = verify_export(export_dir, deep=False)
+    styles = (m.get("swappable") or {}).get("styles")
+    if styles is not None:
+        per = {n: {"style": v.get("style"), "concepts": v.get("concepts", [])} for n, v in styles.items()}
+        return {
+            "style": None,
+            "concepts": sorted({c for v in per.values() for c in v["concepts"]}),
+            "styles": per,
+        }
     return {"style": m.get("style"), "concepts": m.get("concepts", [])}

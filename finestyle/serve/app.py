@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finestyle.artifacts.manifest import export_native_size, verify_export
-from finestyle.config import ServeConfig
+from finestyle.config import EMPTY_PROMPT, ServeConfig
 from finestyle.runtime.generate import (
     SCHEDULERS,
     Backend,
@@ -235,7 +235,6 @@ def request_fields(cfg: ServeConfig, omit: tuple[str, ...] = ()) -> dict[str, An
     from finestyle.config import RequestOptions, field_docs
 
     bounds: dict[str, dict[str, Any]] = {
-        "prompt": dict(min_length=1),
         "steps": dict(ge=cfg.min_steps, le=cfg.max_steps),
         "guidance": dict(ge=0, le=50),
         "style_guidance": dict(ge=0, le=50),
@@ -286,11 +285,14 @@ def request_model(cfg: ServeConfig) -> Any:
 
 def _model_info(be: Backend, cfg: ServeConfig) -> dict[str, Any]:
     m = be.manifest
+    styles = (m.get("swappable") or {}).get("styles") or {}
+    default = styles.get(be.default_style or "", {}) if styles else m
     return {
         "runtime": be.name,
         "base_model": m.get("base_model"),
-        "style": m.get("style"),
-        "concepts": m.get("concepts", []),
+        "style": default.get("style"),
+        "concepts": default.get("concepts", []),  # a swappable export's: its default style's
+        "style_concepts": {n: v.get("concepts", []) for n, v in styles.items()} or None,
         "lora_scale": m.get("lora_scale"),
         "precision": m.get("precision"),
         "style_guidance": be.unet_base is not None or be.kv is not None,
@@ -308,6 +310,8 @@ def _model_info(be: Backend, cfg: ServeConfig) -> dict[str, Any]:
 
 def _request_problem(body: Any, be: Backend, cfg: ServeConfig) -> tuple[int, str] | None:
     """What makes a schema-valid request unservable by this backend ((status, message)), or None."""
+    if not body.prompt.strip():
+        return 422, EMPTY_PROMPT
     for name in ("prompt", "negative_prompt"):
         n_tok = len(be.tokenizer(getattr(body, name)).input_ids)
         if n_tok > cfg.max_prompt_tokens:

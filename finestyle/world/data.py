@@ -13,7 +13,17 @@ import numpy as np
 
 from finestyle.core.errors import UserError
 
-from .scene import BACKGROUNDS, HELDOUT_STYLE, OBJECTS, STYLES, Render, render, render_seed, sample_scene
+from .scene import (
+    BACKGROUNDS,
+    HELDOUT_STYLE,
+    OBJECTS,
+    STYLES,
+    Render,
+    render,
+    render_seed,
+    sample_hard_scene,
+    sample_scene,
+)
 
 # Label vector of the judge: object presence, then background, then style.
 JUDGE_LABELS = (
@@ -37,13 +47,19 @@ def label_vector(r: Render) -> np.ndarray:
 
 
 def render_set(
-    first_seed: int, n: int, size: int = 64, styles: tuple[str, ...] = STYLES, cache: Path | None = None
+    first_seed: int,
+    n: int,
+    size: int = 64,
+    styles: tuple[str, ...] = STYLES,
+    cache: Path | None = None,
+    hard: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`n` renders from consecutive seeds: uint8 images (n, size, size, 3), judge labels, prompts.
 
-    Seed k draws its style as `styles[k % len(styles)]`, so every style has the same share.
+    Seed k draws its style as `styles[k % len(styles)]`, so every style has the same share. `hard`:
+    scenes of `sample_hard_scene` (one object filling the frame, or one object drawn twice).
     """
-    key = f"world-{first_seed}-{n}-{size}-{'_'.join(styles)}.npz"
+    key = f"world{'-hard' if hard else ''}-{first_seed}-{n}-{size}-{'_'.join(styles)}.npz"
     if cache is not None and (cache / key).exists():
         z = np.load(cache / key, allow_pickle=False)
         return z["images"], z["labels"], [str(t) for t in z["prompts"]]
@@ -52,7 +68,12 @@ def render_set(
     prompts = []
     for i in range(n):
         seed = first_seed + i
-        r = render_seed(seed, size, styles[seed % len(styles)])
+        style = styles[seed % len(styles)]
+        r = (
+            render(sample_hard_scene(random.Random(seed), style), size)
+            if hard
+            else render_seed(seed, size, style)
+        )
         images[i] = np.asarray(r.image)
         labels[i] = label_vector(r)
         prompts.append(r.scene.prompt())

@@ -128,8 +128,27 @@ def sample_scene(
     return Scene(tuple(placed), rng.choice(list(BACKGROUNDS)), style or rng.choice(list(styles)))
 
 
-def _sample_box(rng: random.Random, kind: str) -> tuple[float, float, float, float]:
-    side = rng.uniform(0.36, 0.6)
+def sample_hard_scene(rng: random.Random, style: str) -> Scene:
+    """What generated images show and clean scenes rarely do, for training the judge: one object filling
+    70-90% of the frame (half the draws), or the same object drawn twice (the other half)."""
+    kind, background = rng.choice(OBJECTS), rng.choice(list(BACKGROUNDS))
+    if rng.random() < 0.5:
+        box = _sample_box(rng, kind, (0.7, 0.9))
+        return Scene((WorldObject(kind, rng.choice(list(COLOURS)), box),), background, style)
+    placed: list[WorldObject] = []
+    for _ in range(2):
+        for _ in range(60):
+            box = _sample_box(rng, kind, (0.3, 0.45))
+            if all(_overlap(box, o.box) < 0.08 for o in placed):
+                break
+        placed.append(WorldObject(kind, rng.choice(list(COLOURS)), box))
+    return Scene(tuple(placed), background, style)
+
+
+def _sample_box(
+    rng: random.Random, kind: str, sides: tuple[float, float] = (0.36, 0.6)
+) -> tuple[float, float, float, float]:
+    side = rng.uniform(*sides)
     aspect = _ASPECT[kind]
     w, h = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
     x0, y0 = rng.uniform(0.02, 0.98 - w), rng.uniform(0.02, 0.98 - h)

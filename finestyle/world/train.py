@@ -64,7 +64,8 @@ class WorldTrainConfig:
     device: str = "auto"
     """cuda | cpu | auto (cuda when present)."""
     vae: str = ""
-    """sd only: the trained world VAE folder (default: OUT/../vae/model)."""
+    """sd and judge: the trained world VAE folder (default: OUT/../vae/model; the judge trains on its
+    round trips too where it exists)."""
 
 
 # Per model: the settings its shipped weights were trained with (see each model card).
@@ -175,9 +176,24 @@ def _vae_task(cfg: WorldTrainConfig, cache: Path) -> Task:
     return Task({"vae": model}, lambda idx, g: _vae_loss(model, to_tensor(images[idx]), g), len(images), save)
 
 
+HARD_SEED = 5_000_000
+"""First seed of the judge's hard scenes (objects filling the frame, objects drawn twice)."""
+
+
 def _judge_task(cfg: WorldTrainConfig, cache: Path) -> Task:
+    """The judge reads clean renders, hard scenes (a quarter as many) and, where the world VAE is
+    trained, every image once more after a VAE round trip: what generated images look like."""
     model = judge_model()
     images, labels, _ = render_set(0, cfg.n_train, 64, STYLES, cache=cache)
+    hard, hard_labels, _ = render_set(HARD_SEED, max(1, cfg.n_train // 4), 64, STYLES, cache=cache, hard=True)
+    images, labels = np.concatenate([images, hard]), np.concatenate([labels, hard_labels])
+    vae_dir = Path(cfg.vae) if cfg.vae else Path(cfg.out).parent / "vae" / "model"
+    if (vae_dir / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+        trips = _round_trips(vae, images, Path(cfg.out) / "round-trips.npz")
+        images, labels = np.concatenate([images, trips]), np.concatenate([labels, labels])
 
     def loss(idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
         return _judge_loss(model, to_tensor(images[idx]), torch.from_numpy(labels[idx]), g)
@@ -186,6 +202,20 @@ def _judge_task(cfg: WorldTrainConfig, cache: Path) -> Task:
         mods["judge"].save_pretrained(folder, safe_serialization=True)
 
     return Task({"judge": model}, loss, len(images), save)
+
+
+@torch.no_grad()
+def _round_trips(vae: Any, images: np.ndarray, path: Path) -> np.ndarray:
+    """Every image through the VAE (posterior mean) and back, cached beside the run."""
+    if path.exists():
+        return np.load(path, allow_pickle=False)["images"]
+    out = []
+    for i in range(0, len(images), 256):
+        y = vae.decode(vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean).sample
+        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    trips = np.concatenate(out)
+    save_npz(path, images=trips)
+    return trips
 
 
 def _scene_texts(first_seed: int, n: int, styles: tuple[str, ...]) -> list[tuple[str, str, str]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from finestyle.config import ExportConfig, ServeConfig
+from finestyle.config import EMPTY_PROMPT, ExportConfig, ServeConfig
 from finestyle.export.steps import run_export
 from finestyle.serve.app import create_app
 
@@ -102,7 +104,8 @@ def test_good_request_bad_requests_and_metrics(export_dir):
         )
         assert Image.open(io.BytesIO(again.content)).tobytes() == Image.open(io.BytesIO(r1.content)).tobytes()
         bad = [
-            ({"prompt": ""}, "prompt"),
+            ({"prompt": ""}, EMPTY_PROMPT),
+            ({"prompt": " \t "}, EMPTY_PROMPT),  # the CLI's own message (below)
             ({"prompt": "x", "steps": 0}, "steps"),
             ({"prompt": "x", "steps": 11}, "steps"),
             ({"prompt": "x", "width": 60}, "multiple of 8"),
@@ -118,6 +121,13 @@ def test_good_request_bad_requests_and_metrics(export_dir):
             r = httpx.post(s.url + "/v1/generate", json=body, timeout=30)
             assert 400 <= r.status_code < 500, (body, r.status_code)
             assert word in r.text, (body, r.text)
+        cli = subprocess.run(
+            [sys.executable, "-m", "finestyle.cli", "generate", str(export_dir), " \t ", "--out", "x.png"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 2 and cli.stderr.strip() == f"error: {EMPTY_PROMPT}"
         r = httpx.post(
             s.url + "/v1/generate",
             content=b'{"prompt": "' + b"a" * 3000 + b'"}',

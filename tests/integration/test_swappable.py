@@ -158,6 +158,12 @@ def test_server_styles_openai_client_hot_add_and_admin_token(swx, adapters, tmp_
             models["data"][1]["style"]
             == json.loads((adapters["ink"] / "finestyle_adapter.json").read_text())["style"]
         )
+        # one truth per export: /v1/model and `finestyle concepts` list each style's concepts
+        ink = json.loads((work / "manifest.json").read_text())["swappable"]["styles"]["ink"]["concepts"]
+        info = httpx.get(s.url + "/v1/model").json()
+        assert ink and info["concepts"] == ink and info["style_concepts"] == {"ink": ink}
+        out = _cli("concepts", str(work)).stdout
+        assert out.startswith("ink: style: ") and ", ".join(ink) in out
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
         res = client.images.generate(
             model="ink",
