@@ -826,8 +826,57 @@ def _explain_load_failure(name: str, exc: BaseException) -> ModelLoadError:
     )
 
 
+_HUB_PROBED: list[bool] = []
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return (
+        not name.startswith(("builtin:", "/", ".", "~"))
+        and name.count("/") == 1
+        and not Path(name).expanduser().exists()
+    )
+
+
+def offline_unless_hub_reachable(timeout: float = 3.0) -> bool:
+    """With HF_HUB_OFFLINE unset, probe the hub once per process (a TCP connect to its endpoint within
+    `timeout` s). When it is unreachable, switch this process to offline mode, so that a cached model
+    loads and any other fails at once rather than after the hub client's retries. True when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    if _HUB_PROBED:
+        return _HUB_PROBED[0]
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        _HUB_PROBED.append(False)
+        return False
+    except OSError:
+        pass
+    _HUB_PROBED.append(True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    from huggingface_hub.utils import reset_sessions
+
+    reset_sessions()  # new sessions refuse requests at once (offline adapters)
+    try:
+        import transformers.utils.hub as tf_hub
+
+        tf_hub._is_offline_mode = True
+    except (ImportError, AttributeError):
+        pass
+    return True
+
+
 def _guarded_load(name: str, load: Callable[[], Any]) -> Any:
-    """Run a `from_pretrained` call; turn hub/folder failures into one clear ModelLoadError."""
+    """Run a `from_pretrained` call; turn hub/folder failures into one clear ModelLoadError. A hub id
+    with the hub unreachable is tried offline (`offline_unless_hub_reachable`)."""
+    if _looks_like_hub_id(name):
+        offline_unless_hub_reachable()
     try:
         with quiet_hf_logs():
             return load()

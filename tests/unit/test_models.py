@@ -82,6 +82,33 @@ def test_missing_models_give_one_clear_error(tmp_path):
         load_sd_pipeline("builtin:tiny-blip")
 
 
+def test_a_hub_id_without_network_fails_with_one_line_when_offline_mode_is_unset(tmp_path):
+    """No hub here: the first load probes it once, switches the process offline, and the hub client's
+    retry blocks (five MaxRetryError tracebacks over ~30 s before) never start."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finestyle.cli",
+            "generate",
+            "org/model",
+            "a boat",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hub is unreachable" in lines[0], r.stderr
+    assert "MaxRetryError" not in r.stderr + r.stdout
+
+
 def test_device_and_dtype_choice():
     dev = pick_device()
     assert dev.type in ("cuda", "mps", "cpu")
