@@ -97,6 +97,31 @@ def make_scene(size: tuple[int, int] = (160, 128), seed: int = 0):
     return im
 
 
+def scene_boxes(size: tuple[int, int] = (160, 128), seed: int = 0) -> list[dict]:
+    """The true boxes of `make_scene(size, seed)`'s two shapes, as `prepare --boxes` takes them.
+
+    Tests that need concept rows use these rather than the random tiny captioner's grid captions: a
+    random-weight BLIP barely looks at the image, so whether its crop captions differ from the whole
+    image's (and survive deduplication) depends on the CPU's arithmetic."""
+    import random
+
+    rng = random.Random(seed)
+    w, h = size
+    x = rng.randint(5, w // 3)
+    return [
+        {"concept": "yellow sun", "bbox": [x, 20, x + w // 4, 20 + w // 4]},
+        {"concept": "red block", "bbox": [w // 2, h // 2, w // 2 + w // 4, h // 2 + h // 4]},
+    ]
+
+
+def write_scene_boxes(path: Path, scenes: dict[str, tuple[tuple[int, int], int]]) -> str:
+    """A boxes JSON for the `make_scene` images named in `scenes` (file name -> (size, seed))."""
+    import json
+
+    path.write_text(json.dumps({name: scene_boxes(size, seed) for name, (size, seed) in scenes.items()}))
+    return str(path)
+
+
 @pytest.fixture
 def scene_dir(tmp_path: Path) -> Path:
     """A folder of three distinct synthetic reference images."""
@@ -108,22 +133,24 @@ def scene_dir(tmp_path: Path) -> Path:
 
 
 def prepare_small_dataset(root: Path, n: int = 2, style: str = "paper-cut", sizes=None) -> Path:
-    """`n` synthetic scenes under root/refs, prepared at 64 px with a 2x2 grid of concepts into root/ds."""
+    """`n` synthetic scenes under root/refs, prepared at 64 px with their two true concept boxes into
+    root/ds."""
     from finestyle.config import PrepareConfig
     from finestyle.prepare.stage import run_prepare
 
     refs = root / "refs"
     refs.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        make_scene(sizes[i] if sizes else (128, 96), seed=i).save(refs / f"s{i}.png")
+    scenes = {f"s{i}.png": (sizes[i] if sizes else (128, 96), i) for i in range(n)}
+    for name, (size, seed) in scenes.items():
+        make_scene(size, seed=seed).save(refs / name)
     out = root / "ds"
     run_prepare(
         PrepareConfig(
             images=[str(refs)],
             style=style,
             out=str(out),
-            concepts="grid",
-            grid_scales=[2],
+            concepts="boxes",
+            boxes=write_scene_boxes(root / "boxes.json", scenes),
             max_concepts=2,
             resolution=64,
             num_beams=1,

@@ -27,7 +27,7 @@ from finestyle.eval.run import default_prompts, read_references, run_eval
 from finestyle.train.loop import TrainHooks, TrainResult, TrainState, adapter_meta, run_train, save_adapter
 
 STYLE_MARGIN = 0.05
-SELECTION_SEED = 30_000_000  # apart from training seeds and from EvalConfig's 20_000_000
+SELECTION_SEED = 30_000_000  # apart from training seeds, EvalConfig's 20_000_000 and calibration 35_000_000
 
 
 def selection_prompts(judge: Any, concepts: list[str], n: int) -> list[Prompt]:

@@ -355,7 +355,6 @@ def run_eval(
     base_images = generate_all(base_fn, base_ident, texts, seeds, cfg, 0.0, cache, "base model", log)
     base_scores = judge.score(base_images, ps, concepts, style, ref_feats)
     thresholds = judge.thresholds(base_scores, ps, concepts)
-    base_leak = leak_matrix(base_scores, thresholds, ps, concepts)
 
     loaded: dict[str, Any] = {}
 
@@ -369,18 +368,11 @@ def run_eval(
         images = generate_all(tuned, ident, texts, seeds, cfg, lam, cache, variant or f"λ1={lam:g}", log)
         first_images = first_images or images
         sc = judge.score(images, ps, concepts, style, ref_feats)
-        leak = leak_matrix(sc, thresholds, ps, concepts)
-        paired = per_image_leakage(sc, leak, base_leak, judge, base_scores)  # tuned minus base, same seed
-        per_image = {"prompt_fidelity": sc.prompt, "style_fidelity": sc.style, "leakage": paired}
-        if backgrounds:
-            per_image["background_leakage"] = background_leakage(sc, backgrounds).astype(
-                float
-            ) - background_leakage(base_scores, backgrounds)
+        groups = np.repeat(np.arange(len(prompts)), cfg.seeds)
         sweep.append(
             {
                 "style_guidance": lam,
-                **summarize(sc, leak, base_leak, judge, concepts, base_scores, backgrounds),
-                "ci95": bootstrap_ci(per_image, np.repeat(np.arange(len(prompts)), cfg.seeds)),
+                **sweep_point(sc, base_scores, thresholds, judge, ps, concepts, backgrounds, groups),
             }
         )
     report = {
@@ -391,23 +383,7 @@ def run_eval(
             "style_fidelity": float(base_scores.style.mean()),
         },
         "sweep": sweep if len(sweep) > 1 else [],
-        "judge": {
-            "spec": cfg.judge,
-            "kind": judge.kind,
-            "prompt_fidelity": judge.prompt_metric,
-            "style_fidelity": judge.style_metric,
-            "leakage": "per object and image: the rise (tuned minus base) of the references' objects "
-            "shown unasked, minus the rise of the control objects"
-            if isinstance(judge, WorldJudge)
-            else "share of images with a reference concept the prompt does not name, tuned minus base",
-            "target_style": judge.target(style),
-            "concept_thresholds": dict(zip(concepts, map(float, thresholds), strict=True)),
-            **(
-                {"calibration_seed": cfg.calibration_seed, "object_thresholds": _object_thresholds(judge)}
-                if isinstance(judge, WorldJudge)
-                else {}
-            ),
-        },
+        "judge": judge_info(cfg, judge, style, concepts, thresholds),
         "concepts": concepts,
         "concepts_from": "labels.jsonl (the references' truth)" if truth else "the dataset's concepts",
         "reference_backgrounds": backgrounds or [],
@@ -430,6 +406,54 @@ def run_eval(
         save_guidance_plot(out / "guidance.png", sweep)
     log(f"eval: wrote {out / 'report.json'}")
     return report
+
+
+def sweep_point(
+    sc: Scores,
+    base: Scores,
+    thresholds: np.ndarray,
+    judge: Any,
+    prompts: list[Prompt],
+    concepts: list[str],
+    backgrounds: list[str] | None,
+    groups: np.ndarray,
+) -> dict[str, Any]:
+    """The axes of one λ1, with 95% intervals resampling whole prompts (`groups`: each image's prompt)."""
+    leak = leak_matrix(sc, thresholds, prompts, concepts)
+    base_leak = leak_matrix(base, thresholds, prompts, concepts)
+    paired = per_image_leakage(sc, leak, base_leak, judge, base)  # tuned minus base, same seed
+    per_image = {"prompt_fidelity": sc.prompt, "style_fidelity": sc.style, "leakage": paired}
+    if backgrounds:
+        tuned_bg, base_bg = background_leakage(sc, backgrounds), background_leakage(base, backgrounds)
+        per_image["background_leakage"] = tuned_bg.astype(float) - base_bg
+    return {
+        **summarize(sc, leak, base_leak, judge, concepts, base, backgrounds),
+        "ci95": bootstrap_ci(per_image, groups),
+    }
+
+
+def judge_info(
+    cfg: EvalConfig, judge: Any, style: str, concepts: list[str], thresholds: np.ndarray
+) -> dict[str, Any]:
+    """What the report says of its judge: kind, metrics, target style and thresholds."""
+    world = isinstance(judge, WorldJudge)
+    return {
+        "spec": cfg.judge,
+        "kind": judge.kind,
+        "prompt_fidelity": judge.prompt_metric,
+        "style_fidelity": judge.style_metric,
+        "leakage": "per object and image: the rise (tuned minus base) of the references' objects shown "
+        "unasked, minus the rise of the control objects"
+        if world
+        else "share of images with a reference concept the prompt does not name, tuned minus base",
+        "target_style": judge.target(style),
+        "concept_thresholds": dict(zip(concepts, map(float, thresholds), strict=True)),
+        **(
+            {"calibration_seed": cfg.calibration_seed, "object_thresholds": _object_thresholds(judge)}
+            if world
+            else {}
+        ),
+    }
 
 
 def provenance(cfg: EvalConfig, refs: dict[str, Any], prompts: list[Prompt], device: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from finestyle.artifacts.manifest import export_native_size, verify_export
 from finestyle.config import EMPTY_PROMPT, ServeConfig
+from finestyle.core.errors import UserError
 from finestyle.runtime.generate import (
     SCHEDULERS,
     Backend,
@@ -446,8 +447,6 @@ async def reload_styles(state: dict[str, Any]) -> Any:
     """Re-read a swappable export's styles without a restart (admin endpoint and SIGHUP)."""
     from fastapi.responses import JSONResponse
 
-    from finestyle.core.errors import UserError
-
     be: Backend = state["backend"]
     if be.reload is None:
         return JSONResponse({"detail": "this export is not swappable: nothing to reload"}, status_code=409)
@@ -719,11 +718,28 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     return app
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A UserError naming the address when nothing can listen on it (as uvicorn would bind it)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses that port or "
+                "pass another --port"
+            ) from None
+
+
 def run_config(cfg: ServeConfig) -> None:
     """Start uvicorn for a complete ServeConfig (what `finestyle serve` builds from flags and YAML)."""
     import uvicorn
 
     verify_export(cfg.export)  # fail fast, before binding, with the manifest's message
+    check_port_free(cfg.host, cfg.port)  # before loading the model: a busy port is one line, exit 2
     uvicorn.run(
         create_app(cfg),
         host=cfg.host,

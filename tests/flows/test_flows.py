@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import make_scene
+from tests.conftest import make_scene, write_scene_boxes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,8 +21,10 @@ def _pipeline_config(tmp_path, refs, steps=4):
         "prepare": {
             "images": [str(refs)],
             "style": "ink",
-            "concepts": "grid",
-            "grid_scales": [2],
+            "concepts": "boxes",
+            "boxes": write_scene_boxes(
+                tmp_path / "boxes.json", {f"s{i}.png": ((128, 96), i) for i in range(2)}
+            ),
             "max_concepts": 2,
             "resolution": 64,
             "num_beams": 1,
@@ -217,8 +219,8 @@ def test_dask_runner_builds_the_same_dataset(refs, tmp_path):
     base = {
         "images": [str(refs)],
         "style": "ink",
-        "concepts": "grid",
-        "grid_scales": [2],
+        "concepts": "boxes",
+        "boxes": write_scene_boxes(tmp_path / "boxes.json", {f"s{i}.png": ((128, 96), i) for i in range(2)}),
         "max_concepts": 2,
         "resolution": 64,
         "num_beams": 1,

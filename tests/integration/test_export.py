@@ -24,7 +24,7 @@ Q = {"log": lambda m: None}
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
-    from tests.conftest import make_scene
+    from tests.conftest import make_scene, write_scene_boxes
 
     root = tmp_path_factory.mktemp("exp")
     (root / "refs").mkdir()
@@ -34,8 +34,8 @@ def adapter(tmp_path_factory) -> Path:
             images=[str(root / "refs")],
             style="ink",
             out=str(root / "ds"),
-            concepts="grid",
-            grid_scales=[2],
+            concepts="boxes",
+            boxes=write_scene_boxes(root / "boxes.json", {"a.png": ((128, 96), 1)}),
             max_concepts=2,
             resolution=64,
             num_beams=1,

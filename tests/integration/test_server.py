@@ -266,6 +266,13 @@ def test_cli_serve_applies_every_limit_flag(export_dir, tmp_path):
         assert (
             httpx.post(url + "/v1/generate", json={"prompt": "x", "steps": 3}, timeout=60).status_code == 200
         )
+        # a second server on the same (now busy) port: one line, exit 2, before loading anything
+        busy = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2, busy.stderr
+        assert busy.stderr.strip().splitlines() == [
+            f"error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what uses that port "
+            "or pass another --port"
+        ]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
