@@ -6,6 +6,8 @@ orchestration layer; the library (`finestyle/`) never imports prefect or flows.
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,6 +61,21 @@ def demo(
         generate_prompt="a lighthouse on a cliff, in flat pastel paper-cut illustration style",
     )
     _run_pipeline(cfg, force or [])
+    random = [m for m in (base, cfg.prepare.captioner) if _random_builtin(m)]
+    if random:
+        typer.echo(
+            f"\nnote: {' and '.join(random)} have random weights: this run proves the pipeline, not the "
+            "method. Their captions are word salad and their images coloured noise. The world's trained "
+            "models draw real objects: `finestyle world render runs/world/refs --n 3 --size 256 --style "
+            "heldout` shows the world, and `finestyle models` lists which trained builtins are installed."
+        )
+
+
+def _random_builtin(model: str) -> bool:
+    from finestyle.core.models import BUILTINS
+
+    b = BUILTINS.get(model)
+    return b is not None and not b.folder
 
 
 def _run_pipeline(cfg: Any, force: list[str]) -> None:
@@ -74,14 +91,29 @@ def _run_pipeline(cfg: Any, force: list[str]) -> None:
     print_summary("pipeline: done", result.summary)
 
 
+STAGE_LINE = re.compile(r"^(prepare|train|export|generate|eval|pipeline|compare|sets|skipped)\b")
+"""FineStyle's own log lines (each stage's one-line account and skipped inputs)."""
+
+
+class FinestyleLines(logging.Filter):
+    """Quiet mode's console: FineStyle's own lines, and any warning or error; not Prefect's
+    per-run bookkeeping (run names, states, the temporary server's start and stop)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or bool(STAGE_LINE.match(record.getMessage()))
+
+
 def _quiet_prefect_server() -> None:
-    """In the CLI's quiet mode, mute one logger in Prefect's logging config: `sqlalchemy.pool`, which
-    prints a traceback when Prefect's temporary server is stopped while its database connection is
-    being returned (a shutdown race, more likely on a busy CPU; the runs are complete and recorded).
-    The config is Prefect's own file plus that logger, written to the state folder; a
-    PREFECT_LOGGING_SETTINGS_PATH you set is left alone, and `--verbose` keeps everything."""
+    """In the CLI's quiet mode, Prefect's console shows FineStyle's own lines only, without Prefect's
+    timestamps and run names (`FinestyleLines`), and mutes `sqlalchemy.pool`, which prints a traceback
+    when Prefect's temporary server is stopped while its database connection is being returned (a
+    shutdown race, more likely on a busy CPU; the runs are complete and recorded). The config is
+    Prefect's own file with those changes, written to the state folder; a PREFECT_LOGGING_SETTINGS_PATH
+    you set is left alone, and `--verbose` keeps everything."""
     import importlib.util
     import os
+
+    import yaml
 
     from finestyle.core.env import state_dir
 
@@ -91,13 +123,18 @@ def _quiet_prefect_server() -> None:
     default = Path(spec.origin).parent / "logging" / "logging.yml" if spec and spec.origin else None
     if default is None or not default.is_file():
         return
-    text = default.read_text()
-    if "\nloggers:\n" not in text:
+    conf = yaml.safe_load(default.read_text())
+    if not isinstance(conf, dict) or "console" not in conf.get("handlers", {}):
         return
-    text = text.replace("\nloggers:\n", "\nloggers:\n  sqlalchemy.pool:\n    level: CRITICAL\n\n", 1)
+    conf.setdefault("loggers", {})["sqlalchemy.pool"] = {"level": "CRITICAL"}
+    conf.setdefault("formatters", {})["finestyle"] = {"format": "%(message)s"}
+    conf.setdefault("filters", {})["finestyle_lines"] = {"()": "flows.cli.FinestyleLines"}
+    console = conf["handlers"]["console"]
+    console.update(formatter="finestyle", filters=["finestyle_lines"])
+    console.pop("styles", None)
     path = state_dir() / "prefect-logging.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
     os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(path)
 
 

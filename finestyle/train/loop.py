@@ -846,7 +846,8 @@ def finish(st: TrainState, loop_s: float, log=_log) -> TrainResult:
     write_json(out / "report.json", report)
     n_train, n_unet = report["trainable_params"], report["unet_params"]
     log(
-        f"train: {st.step} steps, {report['steps_per_s']:.2f} steps/s, {n_train:,} trainable params "
+        f"train: {st.step} steps, loss {report['final_loss']:.4f} (last 10), {report['steps_per_s']:.2f} "
+        f"steps/s, {n_train:,} trainable params "
         f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}"
     )
     _barrier(st.world)

@@ -74,8 +74,17 @@ def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
             "RESUME",
             "Loading pipeline components",
             "Saving the dataset",
+            "Flow run",  # Prefect's bookkeeping: run names, states, the temporary server
+            "Task run",
+            "temporary server",
         ):
             assert noise not in text, (noise, text[-3000:])
+    # FineStyle's own account of each stage, one line each, and what the pictures are
+    lines = first.stderr.splitlines() + first.stdout.splitlines()
+    assert any(x.startswith("prepare: ") and " rows from " in x for x in lines), first.stderr
+    assert any(x.startswith("train: ") and " loss " in x for x in lines), first.stdout
+    assert any(x.startswith("export: parity ") for x in lines), first.stderr
+    assert "have random weights" in first.stdout and "finestyle world render" in first.stdout
     assert second.returncode == 0 and "prepare reused, train reused, export reused" in second.stdout
     verbose = subprocess.run(
         [str(exe), "--verbose", "models"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
@@ -83,7 +92,7 @@ def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
     assert verbose.returncode == 0 and "builtin:tiny-sd" in verbose.stdout
 
 
-def test_quiet_mode_mutes_only_sqlalchemy_pool_in_prefects_logging_config(tmp_path, monkeypatch):
+def test_quiet_mode_shows_finestyle_lines_and_mutes_sqlalchemy_pool(tmp_path, monkeypatch):
     from prefect.logging.configuration import load_logging_config
 
     from flows.cli import _quiet_prefect_server
@@ -97,6 +106,20 @@ def test_quiet_mode_mutes_only_sqlalchemy_pool_in_prefects_logging_config(tmp_pa
     assert path == str(tmp_path / "prefect-logging.yml")
     assert cfg["loggers"]["sqlalchemy.pool"]["level"] == "CRITICAL"
     assert "prefect" in cfg["loggers"] and cfg["root"]["level"] == "WARNING"  # Prefect's own, kept
+    console = cfg["handlers"]["console"]
+    assert console["formatter"] == "finestyle" and console["filters"] == ["finestyle_lines"]
+    import logging
+
+    from flows.cli import FinestyleLines
+
+    keep = FinestyleLines()
+
+    def rec(msg, level=logging.INFO):
+        return logging.LogRecord("prefect.task_runs", level, "", 0, msg, None, None)  # noqa: E731
+
+    assert keep.filter(rec("prepare: 27 rows from 4 image(s) -> runs/demo/dataset"))
+    assert not keep.filter(rec("Finished in state Completed()"))
+    assert keep.filter(rec("something went wrong", logging.WARNING))
     monkeypatch.setenv("PREFECT_LOGGING_SETTINGS_PATH", "/mine.yml")  # the user's own wins
     _quiet_prefect_server()
     assert os.environ["PREFECT_LOGGING_SETTINGS_PATH"] == "/mine.yml"
