@@ -277,6 +277,25 @@ def _mean(a: np.ndarray) -> float:
     return float(a.mean()) if a.size else 0.0
 
 
+def check_style_guidance(cfg: EvalConfig) -> None:
+    """Refuse a λ1 > 0 sweep that the tuned model cannot run, before any image is generated: an export
+    needs its base UNet (`--with-base-unet`) or the swappable format."""
+    path = Path(cfg.model)
+    if (
+        cfg.adapter
+        or not any(lam > 0 for lam in cfg.style_guidance)
+        or not (path / "manifest.json").is_file()
+    ):
+        return
+    m = read_json(path / "manifest.json")
+    if m.get("kind") == "swappable" or m.get("has_base_unet"):
+        return
+    raise UserError(
+        f"--style-guidance {','.join(f'{x:g}' for x in cfg.style_guidance)}: {cfg.model} has no base UNet; "
+        "re-export with --with-base-unet, or evaluate the base model with --adapter RUN/adapter"
+    )
+
+
 def _backend_loaders(
     model: str, adapter: str | None, device: str, runtime: str = "auto", dtype: str = "auto"
 ) -> tuple[Callable[[], Any], Callable[[], Any], str]:
@@ -327,6 +346,7 @@ def run_eval(
     given = read_prompt_file(cfg.prompts) if cfg.prompts else None
     check_judge_spec(cfg.judge)
     refs = read_references(cfg.references)
+    check_style_guidance(cfg)
     style = cfg.style or refs["style"]
     judge = load_eval_judge(cfg.judge, device)
     concepts, not_judged = judge.concepts(refs["concepts"])

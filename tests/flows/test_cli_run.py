@@ -3,6 +3,7 @@ run reusing every stage across processes is checked on the demo."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,6 +87,15 @@ def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
     assert any(x.startswith("export: parity ") for x in lines), first.stderr
     assert "have random weights" in first.stdout and "finestyle world render" in first.stdout
     assert second.returncode == 0 and "prepare reused, train reused, export reused" in second.stdout
+    # the README's offline eval example, as written, on the demo's export
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("finestyle eval runs/demo/export"))
+    ev = subprocess.run(
+        [str(exe), *line.split()[1:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    rep = json.loads((tmp_path / "runs/demo/eval/report.json").read_text())
+    assert rep["n_images"] == 8 and rep["judge"]["kind"] == "clip" and rep["concepts"]
     verbose = subprocess.run(
         [str(exe), "--verbose", "models"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
     )

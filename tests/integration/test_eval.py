@@ -336,7 +336,24 @@ def test_bad_input_is_one_line_and_exit_2(refs_dataset, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
     base = ["builtin:tiny-sd", "--adapter", "x", "--out", str(tmp_path / "o")]
+    export = tmp_path / "export"  # a plain export without its base UNet: λ1 > 0 cannot run
+    export.mkdir()
+    (export / "manifest.json").write_text(
+        json.dumps({"base_model": "builtin:tiny-sd", "has_base_unet": False})
+    )
     cases = [
+        (
+            [
+                str(export),
+                "--references",
+                str(refs_dataset),
+                "--style-guidance",
+                "0,1",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "has no base UNet",
+        ),
         ([*base, "--references", str(refs_dataset), "--prompts", str(empty)], "has no prompts"),
         ([*base, "--references", str(refs_dataset), "--judge", "oracle"], "--judge 'oracle'"),
         ([*base, "--references", str(tmp_path)], "holds no prepared dataset"),
