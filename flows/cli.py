@@ -25,8 +25,12 @@ from finestyle.core.errors import UserError
 @command
 def run(
     config: Path = typer.Argument(..., help="Pipeline YAML (workdir, prepare, train, export)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override, e.g. train.steps=100."),
-    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="<str>", help="Override, e.g. train.steps=100."
+    ),
+    force: Optional[list[str]] = typer.Option(
+        None, "--force", metavar="<str>", help="Re-run a stage: prepare|train|export."
+    ),
 ) -> None:
     """Run the whole DAG (prepare -> train -> export) as one Prefect flow run."""
     from finestyle.config import load_pipeline_config
@@ -43,7 +47,9 @@ def demo(
     base: str = typer.Option(
         "builtin:tiny-sd", "--base", help="Base model: builtin:tiny-sd, builtin:tiny-sdxl, or any SD/SDXL."
     ),
-    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run a stage: prepare|train|export."),
+    force: Optional[list[str]] = typer.Option(
+        None, "--force", metavar="<str>", help="Re-run a stage: prepare|train|export."
+    ),
 ) -> None:
     """The whole DAG on builtin models and data/examples, offline, in minutes on a CPU."""
     from finestyle.config import PipelineConfig, PrepareConfig, TrainConfig

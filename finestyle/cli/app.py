@@ -26,6 +26,25 @@ from finestyle.config import (
 )
 from finestyle.core.errors import UserError, VerificationError
 
+
+def _usage_name(self: Any) -> str:
+    """Click's usage convention (typer's plain help writes {name}): NAME required, [NAME] optional."""
+    name = self.display_name_raw.upper()
+    return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
+if hasattr(typer.core.TyperArgument, "display_type"):
+    _typer_display_type = typer.core.TyperArgument.display_type
+
+    def _display_type(self: Any, ctx: Any) -> str:
+        """A repeated value shows its item's type (<str>, not <list[str]>)."""
+        shown = _typer_display_type(self, ctx)
+        return shown.replace("<list[", "<").replace("]>", ">") if shown.startswith("<list[") else shown
+
+    typer.core.TyperArgument.display_type = _display_type
+
 app = typer.Typer(
     name="finestyle",
     no_args_is_help=True,
@@ -209,6 +228,7 @@ def export(
     adapter: Optional[list[Path]] = typer.Option(
         None,
         "--adapter",
+        metavar="<path>",
         help="Adapter folder (RUN/adapter), or 'none' to export the base model as it is; "
         "repeatable with --swappable (one style each).",
     ),
@@ -216,7 +236,10 @@ def export(
         False, "--swappable", help="One shared UNet with K/V inputs; each --adapter becomes a style."
     ),
     name: Optional[list[str]] = typer.Option(
-        None, "--name", help="Style name per --adapter (or --add-style) [the style text as a slug]."
+        None,
+        "--name",
+        metavar="<str>",
+        help="Style name per --adapter (or --add-style) [the style text as a slug].",
     ),
     add_style: Optional[Path] = typer.Option(
         None, "--add-style", help="Add this adapter as a style to the swappable export --to DIR."
@@ -842,7 +865,7 @@ def world_check(
     judge: str = typer.Option("builtin:world-judge", help="Judge to check and to judge with."),
     vae: str = typer.Option("", help="VAE folder for the vae gates [world-sd's own]."),
     only: Optional[list[str]] = typer.Option(
-        None, "--only", help="judge | sd | blip | localise | adapter | vae (repeatable)."
+        None, "--only", metavar="<str>", help="judge | sd | blip | localise | adapter | vae (repeatable)."
     ),
     scale: float = typer.Option(
         1.0, help="Fraction of the published sample sizes (e.g. 0.1 for a smoke run)."

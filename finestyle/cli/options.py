@@ -48,6 +48,10 @@ class OptionSpec:
         return [f for f in dataclasses.fields(self.cls) if f.name not in self.skip]
 
 
+LIST_METAVAR = "<str>"
+"""A list option's value as --help shows it: each occurrence (or comma-separated item) is a string."""
+
+
 def _default_text(f: dataclasses.Field) -> str | None:
     if f.default is not dataclasses.MISSING:
         value = f.default
@@ -79,9 +83,14 @@ def _parameter(spec: OptionSpec, f: dataclasses.Field, tp: Any, doc: str) -> ins
     list_field = getattr(tp, "__origin__", None) is list
     if f.name in spec.arguments:
         if default is not None:
-            help_text += f" [default: {default}]"
+            help_text += f"  [default: {default}]"
         annotation: Any = list[str] if list_field else str
-        arg = typer.Argument(... if f.name in spec.required else None, help=help_text, show_default=False)
+        arg = typer.Argument(
+            ... if f.name in spec.required else None,
+            help=help_text,
+            show_default=False,
+            metavar=f.name.upper(),  # the usage line reads MODEL PROMPT, as click's convention
+        )
         return inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=arg, annotation=Optional[annotation]
         )
@@ -98,9 +107,13 @@ def _parameter(spec: OptionSpec, f: dataclasses.Field, tp: Any, doc: str) -> ins
         annotation = Optional[tp if tp in (int, float, str) else str]
         decl = spec.decls.get(f.name, spec.flag(f.name))
     if default is not None:
-        help_text += f" [default: {default}]"
+        help_text += f"  [default: {default}]"  # two spaces, as click puts before [required]
     opt = typer.Option(
-        ... if f.name in spec.required else None, *decl.split(" "), help=help_text, show_default=False
+        ... if f.name in spec.required else None,
+        *decl.split(" "),
+        help=help_text,
+        show_default=False,
+        metavar=LIST_METAVAR if list_field else None,
     )
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation)
 

@@ -132,6 +132,23 @@ def test_help_at_80_columns_shows_every_flag_whole():
     assert seen > 150
 
 
+def test_help_reads_as_click_writes_it():
+    """Usage lines name arguments NAME / [NAME] (not {name}), repeated values show their item's type
+    (not <list[str]>), and every [default: ...] sits two spaces after its text, as [required] does."""
+    import re
+
+    for path, cmd, ctx in _commands():
+        text = cmd.get_help(ctx)
+        usage = text.splitlines()[0]
+        assert "{" not in usage and "}" not in usage, (path, usage)
+        assert "<list[" not in text, path
+        for line in text.splitlines():  # within a line (a wrapped line may start with it)
+            for m in re.finditer(r"(\S)(\s*)\[default: ", line):
+                assert m.group(2) == "  ", (path, line)
+    gen = next(c.get_help(x) for p, c, x in _commands() if p == ("generate",))
+    assert gen.splitlines()[0].endswith("[OPTIONS] MODEL PROMPT")
+
+
 def test_help_piped_fits_80_columns():
     r = subprocess.run(
         [sys.executable, "-m", "flows.cli", "train", "--help"],
