@@ -418,7 +418,10 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         done = step + 1
         if done % 50 == 0:
             rate = (time.time() - t0) / (done - start)
-            log(f"{cfg.model} step {done}/{cfg.steps} loss {np.mean(losses[-50:]):.4f} {rate:.2f}s/step")
+            log(
+                f"{cfg.model} step {done}/{cfg.steps} loss {np.mean(losses[-50:]):.4f} {rate:.2f}s/step "
+                f"eta {_duration(rate * (cfg.steps - done))}"
+            )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_checkpoint(ckpt, task, ema, opt, done, before + time.time() - t0)
     model_dir = out / "model"
@@ -438,6 +441,14 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return model_dir
+
+
+def _duration(seconds: float) -> str:
+    """1h05m, 12m30s or 45s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 @torch.no_grad()

@@ -85,6 +85,23 @@ def test_world_train_checkpoints_and_resumes(tmp_path):
     assert report["config"]["steps"] == 4 and report["cpu"]
 
 
+def test_the_judge_trains_on_hard_scenes_and_vae_round_trips_and_the_log_has_an_eta(tmp_path):
+    from finestyle.world.models import vae_model
+    from finestyle.world.train import WorldTrainConfig, _duration, _judge_task, train_world_model
+
+    vae_model().save_pretrained(tmp_path / "vae" / "model", safe_serialization=True)
+    cfg = WorldTrainConfig(model="judge", out=str(tmp_path / "judge"), n_train=16)
+    assert _judge_task(cfg, tmp_path / "cache").n == 2 * (16 + 4)  # clean + hard, then all round-tripped
+    assert (tmp_path / "judge" / "round-trips.npz").is_file()
+    alone = WorldTrainConfig(model="judge", out=str(tmp_path / "no-vae" / "judge"), n_train=16)
+    assert _judge_task(alone, tmp_path / "cache").n == 16 + 4  # no world VAE: renders only
+    logs: list[str] = []
+    alone.steps, alone.batch_size, alone.checkpoint_every = 50, 2, 50
+    train_world_model(alone, log=logs.append)
+    assert any(m.startswith("judge step 50/50 ") and m.endswith("eta 0s") for m in logs), logs
+    assert [_duration(x) for x in (45, 750, 3725)] == ["45s", "12m30s", "1h02m"]
+
+
 @pytest.fixture
 def weights(tmp_path):
     """A weights folder holding a (random) world-judge with its SHA256SUMS."""
