@@ -822,6 +822,9 @@ def world_train(
     threads: Optional[int] = typer.Option(None, help="torch threads [1]."),
     vae: Optional[str] = typer.Option(None, help="sd, judge: trained VAE folder [OUT/../vae/model]."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu | auto [auto: cuda when present]."),
+    init: Optional[str] = typer.Option(
+        None, help="Saved model folder to continue from (weights only), e.g. an installed builtin's."
+    ),
 ) -> None:
     """Train one of the world's models from a seed: progress, checkpoints, resume."""
     from finestyle.world.train import DEFAULTS, WorldTrainConfig, train_world_model
@@ -830,7 +833,14 @@ def world_train(
         raise UserError(f"--model: {model!r} is not one of {', '.join(DEFAULTS)}")
     cfg = WorldTrainConfig(model=model, out=str(out), **DEFAULTS[model])
     given = dict(
-        steps=steps, batch_size=batch_size, lr=lr, n_train=n_train, threads=threads, vae=vae, device=device
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        n_train=n_train,
+        threads=threads,
+        vae=vae,
+        device=device,
+        init=init,
     )
     for k, v in given.items():
         if v is not None:

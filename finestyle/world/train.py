@@ -63,6 +63,9 @@ class WorldTrainConfig:
     """bf16 autocast on a GPU, or where the CPU has AVX-512 (fp32 otherwise)."""
     device: str = "auto"
     """cuda | cpu | auto (cuda when present)."""
+    init: str = ""
+    """A saved model folder to start from (weights only; fresh optimizer and schedule): continues a
+    shipped model, e.g. `finestyle models save builtin:world-sd DIR`. Ignored when resuming."""
     vae: str = ""
     """sd and judge: the trained world VAE folder (default: OUT/../vae/model; the judge trains on its
     round trips too where it exists)."""
@@ -340,6 +343,24 @@ def _blip_task(cfg: WorldTrainConfig, cache: Path) -> Task:
     return Task({"blip": model}, loss, len(images), save)
 
 
+INIT_FOLDERS = {"unet": "unet", "text_encoder": "text_encoder"}
+"""Where a saved pipeline keeps each trained module (the others are the folder itself)."""
+
+
+def init_weights(task: Task, folder: Path, ema: dict[str, torch.nn.Module]) -> None:
+    """Load every module of `task` (and its EMA copy) from a saved model folder, safetensors only."""
+    from finestyle.core.errors import UserError
+
+    for name, module in task.modules.items():
+        sub = folder / INIT_FOLDERS.get(name, "")
+        if not (sub / "config.json").is_file():
+            raise UserError(f"--init {str(folder)!r}: no {name} model there ({sub}/config.json is missing)")
+        saved = type(module).from_pretrained(sub, use_safetensors=True)
+        module.load_state_dict(saved.state_dict())
+        if name in ema:
+            ema[name].load_state_dict(saved.state_dict())
+
+
 def _update_ema(ema: dict[str, torch.nn.Module], mods: dict[str, torch.nn.Module], decay: float) -> None:
     with torch.no_grad():
         for name, m in mods.items():
@@ -393,6 +414,9 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     params = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     start, before, ckpt = 0, 0.0, out / "checkpoint.pt"
+    if cfg.init and not ckpt.exists():
+        init_weights(task, Path(cfg.init), ema)
+        log(f"{cfg.model}: weights from {cfg.init}")
     if ckpt.exists():
         start, before = _load_checkpoint(ckpt, task, ema, opt)
         log(f"resumed {cfg.model} at step {start}")

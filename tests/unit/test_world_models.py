@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from finestyle.core.errors import UserError
 from finestyle.core.models import BUILTINS, write_sha256sums
 from finestyle.world.models import judge_model, world_tokenizer
 from finestyle.world.scene import HELDOUT_STYLE
@@ -83,6 +84,18 @@ def test_world_train_checkpoints_and_resumes(tmp_path):
     assert (model_dir / "model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["steps"] == 4 and report["cpu"]
+    # a new run continues from the saved model's weights (--init), not from scratch
+    import torch
+
+    from finestyle.world.train import Task, init_weights
+
+    fresh = judge_model()
+    task = Task({"judge": fresh}, lambda idx, g: None, 1, lambda m, f: None)
+    init_weights(task, model_dir, {})
+    saved = type(fresh).from_pretrained(model_dir, use_safetensors=True).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(UserError, match="no judge model there"):
+        init_weights(task, tmp_path, {})
 
 
 def test_the_judge_trains_on_hard_scenes_and_vae_round_trips_and_the_log_has_an_eta(tmp_path):
