@@ -659,7 +659,11 @@ def bench_export_cmd(
         typer.echo(
             f"{m}: one UNet step, batch {batch}, latent {latent}x{latent}, {r['gflop_per_step']:.1f} GFLOP | "
             f"{r['cpu']} | matmul peaks: fp32 {r['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 "
-            f"{r['matmul_bf16_gflops']:.0f} GFLOP/s"
+            + (
+                f"{r['matmul_bf16_gflops']:.0f} GFLOP/s"
+                if r["matmul_bf16_gflops"]
+                else "none (no bf16 units: bf16 rows run a slow fallback)"
+            )
         )
         typer.echo(
             f"  {'runtime':<46} {'ms':>9} {'vs eager':>9} {'GFLOP/s':>8} {'of peak':>12} {'rel diff':>9}"
@@ -668,7 +672,9 @@ def bench_export_cmd(
             rel = f"{row['rel_diff']:.1e}" if row["rel_diff"] is not None else "-"
             typer.echo(
                 f"  {row['runtime']:<46} {row['ms']:>9.1f} {row['vs_eager_fp32']:>8.2f}x "
-                f"{row['gflops']:>8.0f} {100 * row['share_of_peak']:>4.0f}% {row['precision']:<5}"
+                f"{row['gflops']:>8.0f} "
+                + (f"{100 * row['share_of_peak']:>4.0f}%" if row["share_of_peak"] is not None else "    -")
+                + f" {row['precision']:<5}"
                 f"  {rel:>9}"
             )
         if r["openvino"] != "ran":

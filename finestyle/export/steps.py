@@ -26,7 +26,7 @@ from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.artifacts.manifest import MANIFEST, verify_export
 from finestyle.config import ExportConfig, keyed_fields, to_dict
-from finestyle.core.env import cpu_name
+from finestyle.core.env import cpu_name, quiet_progress_bars
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.fs import (
     clean_stale_temps,
@@ -177,6 +177,8 @@ def onnx_export(merged_dir: Path, onnx_dir: Path, fp16: bool, opset: int | None)
     half precision with fp32 inputs and outputs (`to_fp16`); returns that conversion's report.
     """
     from optimum.exporters.onnx import main_export
+
+    quiet_progress_bars()  # optimum loads the pipeline with diffusers' loading bars
 
     kw: dict[str, Any] = {}
     if opset:

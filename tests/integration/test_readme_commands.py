@@ -167,6 +167,7 @@ def test_openvino_commands(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OpenVINO fp32 (the same ONNX)" in p.stdout and "whole image (64 px" in p.stdout
+    assert "Loading pipeline components" not in p.stderr  # the quiet CLI's own output only
 
 
 def test_many_styles_commands(tmp_path, monkeypatch):
