@@ -18,6 +18,7 @@ import base64
 import dataclasses
 import io
 import secrets
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -538,6 +539,7 @@ def _lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, Any], 
         state["batcher"] = Batcher(be, cfg, metrics)
         state["batcher"].task = asyncio.create_task(state["batcher"].run())
         _on_sighup(state)
+        _on_sigterm(state, cfg)
         state["ready"] = True
         try:
             yield
@@ -629,6 +631,41 @@ def _on_sighup(state: dict[str, Any]) -> None:
         pass
 
 
+async def drain_then_exit(state: dict[str, Any], cfg: ServeConfig) -> None:
+    """SIGTERM: turn not-ready at once (new requests get 503 with Retry-After), let the accepted ones
+    finish for up to `drain_s`, then stop the server, which exits 0."""
+    import signal
+
+    if state.get("terminating"):
+        return
+    state.update(terminating=True, draining=True, ready=False)
+    print(
+        f"serve: SIGTERM: not ready; draining {state['in_flight']} request(s) in flight (up to {cfg.drain_s:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    t_end = time.monotonic() + cfg.drain_s
+    while state["in_flight"] and time.monotonic() < t_end:
+        await asyncio.sleep(0.05)
+    server = state.get("server")
+    if server is not None:
+        server.should_exit = True
+    else:  # run by another launcher: hand it the usual graceful stop
+        signal.raise_signal(signal.SIGINT)
+
+
+def _on_sigterm(state: dict[str, Any], cfg: ServeConfig) -> None:
+    """Take SIGTERM over from uvicorn (which would stop listening first and exit 143): drain, exit 0."""
+    import signal
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: asyncio.ensure_future(drain_then_exit(state, cfg))
+        )
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (e.g. embedded)
+        pass
+
+
 def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     """Build the FastAPI app. `backend` may be given (tests); otherwise the export is loaded at start-up."""
     from fastapi import FastAPI
@@ -651,10 +688,17 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
         return {"status": "ok"}
 
     @app.get("/readyz")
+    @app.get("/health/ready")
     async def readyz():
+        """Readiness: 503 while loading and from the moment a drain starts (SIGTERM)."""
         if state["ready"] and not state["draining"]:
             return {"status": "ready"}
         return JSONResponse({"status": "draining" if state["draining"] else "loading"}, status_code=503)
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """Liveness: 200 for as long as the process serves, draining included."""
+        return {"status": "draining" if state["draining"] else "ok"}
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
@@ -740,10 +784,15 @@ def run_config(cfg: ServeConfig) -> None:
 
     verify_export(cfg.export)  # fail fast, before binding, with the manifest's message
     check_port_free(cfg.host, cfg.port)  # before loading the model: a busy port is one line, exit 2
-    uvicorn.run(
-        create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        log_level="info",
-        timeout_graceful_shutdown=int(cfg.drain_s) + 5,
+    app = create_app(cfg)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level="info",
+            timeout_graceful_shutdown=int(cfg.drain_s) + 5,
+        )
     )
+    app.state.finestyle["server"] = server  # SIGTERM's drain stops it (`drain_then_exit`)
+    server.run()

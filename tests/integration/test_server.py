@@ -286,3 +286,48 @@ def test_size_limit_follows_the_model(export_dir):
         assert r.status_code == 422
         r = httpx.post(s.url + "/v1/generate", json={"prompt": "x", "steps": 1, "width": 128}, timeout=60)
         assert r.status_code == 200
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(export_dir, tmp_path):
+    """Kubernetes' stop: SIGTERM with 8 requests in flight. Readiness turns 503 at once, liveness stays
+    200, a new request gets 503 with Retry-After, all 8 accepted requests complete 200, exit code 0."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    args = [sys.executable, "-m", "finestyle.cli", "serve", str(export_dir), "--port", str(port)]
+    args += ["--max-batch", "1", "--max-steps", "200", "--drain-s", "60"]
+    env = {**os.environ, "FINESTYLE_HOME": str(tmp_path / "state")}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, 120)
+        body = {"prompt": "a red boat", "steps": 150, "seed": 1}
+        with ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(httpx.post, url + "/v1/generate", json=body, timeout=300) for _ in range(8)]
+            t_end = time.monotonic() + 60
+            while time.monotonic() < t_end:  # all 8 accepted (queued or running)
+                m = httpx.get(url + "/metrics").text
+                if "finestyle_in_flight 8.0" in m:
+                    break
+                time.sleep(0.05)
+            assert "finestyle_in_flight 8.0" in m
+            proc.send_signal(signal.SIGTERM)
+            t_end = time.monotonic() + 10
+            while httpx.get(url + "/health/ready").status_code != 503 and time.monotonic() < t_end:
+                time.sleep(0.02)
+            assert httpx.get(url + "/health/ready").status_code == 503
+            assert httpx.get(url + "/health/live").status_code == 200
+            late = httpx.post(url + "/v1/generate", json={"prompt": "x", "steps": 2}, timeout=30)
+            assert late.status_code == 503 and late.headers.get("Retry-After")
+            codes = [f.result().status_code for f in futs]
+        assert codes == [200] * 8
+        assert proc.wait(60) == 0
+        assert "SIGTERM: not ready; draining" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
