@@ -108,6 +108,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(f"verification failed: {exc}", 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Exception as exc:  # a full disk is the user's to fix: one line, exit 2
+            from finestyle.core.fs import disk_full, disk_full_message
+
+            full = disk_full(exc)
+            if full is None:
+                raise
+            _fail(disk_full_message(full), 2)
 
     return wrapper
 

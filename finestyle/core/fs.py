@@ -102,3 +102,43 @@ def clean_stale_temps(parent: str | os.PathLike, name: str) -> int:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 n += 1
     return n
+
+
+_DISK_FULL_ERRNOS = {28, 27, 122}  # ENOSPC, EFBIG (the file-size limit), EDQUOT
+_DISK_FULL_TEXT = (
+    "No space left on device",
+    "File too large",
+    "Disk quota exceeded",
+    "os error 28",
+    "os error 27",
+)
+
+
+def disk_full(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the disk (or the file-size limit, or a quota) is full."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _DISK_FULL_ERRNOS:
+            return cur
+        if any(t in str(cur) for t in _DISK_FULL_TEXT):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def disk_full_message(exc: BaseException) -> str:
+    """One line: what could not be written, the free space there, and what to do."""
+    path = getattr(exc, "filename", None)
+    where = Path(path).parent if path else Path.cwd()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free / 2**20
+    what = f"writing {path}" if path else f"writing under {where}"
+    limit = getattr(exc, "errno", None) == 27 or "too large" in str(exc)
+    kind = "the file-size limit was reached" if limit else "the disk is full"
+    return (
+        f"{kind} {what} ({free:,.0f} MB free there); nothing half-written was published: free space "
+        "(or raise the limit) and re-run; finished stages are reused"
+    )
