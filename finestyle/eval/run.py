@@ -185,8 +185,10 @@ def generate_all(
             for i, out in zip(idx, generate_batch(backend, reqs), strict=True):
                 images[i] = out[0]
                 cache.put(keys[i], out[0])
+            done, spent = min(b + cfg.batch, len(todo)), time.time() - t0
             log(
-                f"eval: {label}: {min(b + cfg.batch, len(todo))}/{len(todo)} images ({time.time() - t0:.0f} s)"
+                f"eval: {label}: {done}/{len(todo)} images ({spent:.0f} s, "
+                f"eta {spent / done * (len(todo) - done):.0f} s)"
             )
     else:
         log(f"eval: {label}: all {len(keys)} images reused")

@@ -94,6 +94,7 @@ def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
         [str(exe), *line.split()[1:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "eval: base model: 8/8 images (" in ev.stdout and " eta " in ev.stdout  # progress with an ETA
     rep = json.loads((tmp_path / "runs/demo/eval/report.json").read_text())
     assert rep["n_images"] == 8 and rep["judge"]["kind"] == "clip" and rep["concepts"]
     verbose = subprocess.run(

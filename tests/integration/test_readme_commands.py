@@ -106,7 +106,7 @@ def test_verdict_command(tmp_path):
     from finestyle.core.models import SHA256SUMS, weights_dir
 
     (argv,) = readme_commands("## Evaluation: style, prompt and leakage", block=1)
-    if not (weights_dir() / "world-sd" / SHA256SUMS).is_file():
+    if not all((weights_dir() / f"world-{m}" / SHA256SUMS).is_file() for m in ("sd", "blip", "judge")):
         argv = [WORLD_TINY.get(a, a) for a in argv]
         argv[argv.index("--judge") + 1] = "clip:builtin:tiny-clip"
     argv[argv.index("--sets") + 1] = "2"
