@@ -84,29 +84,11 @@ def test_leakage_counts_only_concepts_the_prompt_does_not_name():
 def test_the_world_judge_reports_other_unasked_objects_as_the_leakage_control():
     """A judge that sees a boat, a cat and a tree in every image; the prompt asks for the boat, the
     references' concept is the cat: the cat is leakage, the tree is the control."""
-    from types import SimpleNamespace
-
-    import torch
     from PIL import Image
 
-    from finestyle.eval.judges import WorldJudge
     from finestyle.eval.run import summarize
-    from finestyle.world.data import JUDGE_LABELS
 
-    logits = torch.full((2, len(JUDGE_LABELS)), -10.0)
-    for label in ("object:boat", "object:cat", "object:tree", "style:halftone"):
-        logits[:, JUDGE_LABELS.index(label)] = 10.0
-
-    class Fixed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, pixel_values):
-            return SimpleNamespace(logits=logits[: len(pixel_values)])
-
-    judge = WorldJudge.__new__(WorldJudge)
-    judge.model = Fixed()
+    judge = _fixed_world_judge([["object:boat", "object:cat", "object:tree", "style:halftone"]] * 2)
     images = [Image.new("RGB", (64, 64))] * 2
     prompts = [Prompt("a red boat"), Prompt("a tree")]
     sc = judge.score(images, prompts, ["cat"], "halftone", None)
