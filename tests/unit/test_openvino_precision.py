@@ -22,7 +22,12 @@ def test_auto_follows_the_cpu_flags():
     assert hardware_precision(AVX2) == "fp32"
 
 
-def test_auto_picks_bf16_only_with_the_units_and_a_passing_check(capsys):
+def test_auto_picks_bf16_only_with_the_units_and_a_passing_check(capsys, monkeypatch):
+    import finestyle.runtime.openvino as ov_runtime
+
+    # "said once" per process: start from a process that has said nothing (on a CPU without bf16
+    # units an earlier OpenVINO run in this worker has said it already)
+    monkeypatch.setattr(ov_runtime, "_said", set())
     assert resolve_precision("auto", checked("bf16", True), AMX) == "bf16"
     assert resolve_precision(None, checked("bf16", True), EPYC) == "bf16"
     # no bf16 units: fp32, said once
