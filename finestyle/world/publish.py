@@ -41,6 +41,7 @@ def model_card(name: str, reports: list[dict[str, Any]], gates: dict[str, Any] |
             f"- {c.get('model')}: {c.get('steps')} steps, batch {c.get('batch_size')}, lr {c.get('lr')}, "
             f"{c.get('n_train')} renders, {r.get('seconds_total', r.get('seconds_this_run', 0)) / 60:.0f} min "
             f"on {r.get('cpu', 'a CPU')}, final loss {r.get('final_loss', 0):.4f}"
+            + (f" ({r['note']})" if r.get("note") else "")
         )
     if gates:
         lines += [

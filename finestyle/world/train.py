@@ -457,7 +457,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         "config": asdict(cfg),
         "seconds_this_run": time.time() - t0,
         "seconds_total": before + time.time() - t0,
-        "final_loss": float(np.mean(losses[-50:] or [0])),
+        "final_loss": float(np.mean(losses[-50:])) if losses else _previous_loss(out),
         "cpu": cpu_name(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch_threads": cfg.threads,
@@ -465,6 +465,14 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return model_dir
+
+
+def _previous_loss(out: Path) -> float:
+    """A run that resumed at its last step trained nothing now: its loss is the earlier report's."""
+    try:
+        return float(json.loads((out / "report.json").read_text())["final_loss"])
+    except (OSError, ValueError, KeyError):
+        return float("nan")
 
 
 def _duration(seconds: float) -> str:
