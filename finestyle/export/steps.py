@@ -10,545 +10,64 @@ of every file, parity figures and thresholds, versions) is written last.
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from finestyle import __version__
-from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
-from finestyle.artifacts.manifest import MANIFEST, verify_export
-from finestyle.config import ExportConfig, keyed_fields, to_dict
-from finestyle.core.env import cpu_name, quiet_progress_bars
-from finestyle.core.errors import UserError, VerificationError
+from finestyle.artifacts.manifest import MANIFEST
+from finestyle.config import ExportConfig
 from finestyle.core.fs import (
-    clean_stale_temps,
-    hash_json,
     hash_tree,
-    publish_dir,
-    write_json,
 )
-from finestyle.core.memory import check_fits
-from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
-from finestyle.core.onnxrt import ort_providers, ort_session, require_tensorrt
-from finestyle.core.sd import (
-    SDXL,
-    folder_family,
-    onnx_cond_feeds,
-    pack_cond,
-    pipe_family,
-    pooled_dim,
-    unet_kwargs,
+from finestyle.core.models import load_sd_pipeline, pick_device
+from finestyle.core.onnxrt import ort_providers
+from finestyle.export.merge import (
+    PARITY_BATCHES,
+    PARITY_TIMESTEPS,
+    merge_adapter,
+    probe_size_hw,
+    release_memory,
+    unet_outputs,
+    unet_probe_inputs,
 )
-from finestyle.core.stage import find_reusable
+from finestyle.export.onnx_files import (
+    EXTERNAL_DATA_BYTES,
+    ONNX_COMPONENTS,
+    check_onnx_files,
+    onnx_export,
+    optimize_unet,
+    quiet_export_warnings,
+    to_fp16,
+)
+from finestyle.export.parity import (
+    BF16_IMAGE_MEAN_ATOL,
+    FP16_IMAGE_ATOL,
+    FP16_UNET_ATOL,
+    bf16_image_check,
+    image_parity,
+    openvino_image_check,
+    probe_parity,
+    unet_parity,
+)
+from finestyle.export.publish import (
+    ExportResult,
+    abort_export,
+    adapter_eval,
+    begin_export,
+    check_reuse,
+    copy_adapter_info,
+    export_cache_key,
+    export_thresholds,
+    export_versions,
+    log_line,
+    parity_summary,
+    publish_export,
+)
 from finestyle.export.tensorrt import build_engines
-from finestyle.runtime.generate import GenerationRequest, generate, openvino_backend, torch_backend
-from finestyle.runtime.openvino import OV_IMAGE_MEAN_ATOL, hardware_precision
-
-ONNX_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-PARITY_TIMESTEPS = (999, 500, 1)
-PARITY_BATCHES = (1, 2)
-FP16_UNET_ATOL = 2e-2  # stated looser threshold for half precision (plus a NaN/inf check)
-FP16_IMAGE_ATOL = 3e-2
-# The CPU reduced-precision path (torch, bf16 weights): mean |bf16 - fp32| over the image, pixels in
-# [0, 1]. bf16 keeps 8 mantissa bits, so per-pixel maxima of a few 1e-2 are expected; the mean is the
-# stable figure. Measured 2.5e-3 on the tiny builtin at 10 steps.
-BF16_IMAGE_MEAN_ATOL = 2e-2
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def quiet_export_warnings():
-    import warnings
-
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    # torch.jit tracer warnings about python control flow in diffusers blocks: expected, noisy.
-    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-    # The TorchScript exporter (dynamo=False) is chosen on purpose: it traces diffusers' UNet as
-    # optimum does, and the project's parity checks prove its graphs.
-    warnings.filterwarnings(
-        "ignore",
-        category=DeprecationWarning,
-        message="You are using the legacy TorchScript-based ONNX export",
-    )
-    return ctx
-
-
-# ------------------------------------------------------------------------------------------------
-# 1. merge
-
-
-def unet_probe_inputs(
-    unet: Any, batch: int, seed: int = 0, size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed (sample, conditioning) for equivalence checks; for SDXL the conditioning rows also
-    carry a pooled embedding (`core.sd.pack_cond`)."""
-    g = torch.Generator().manual_seed(seed + batch)
-    s = size or min(unet.config.sample_size, 32)  # keep checks cheap on big UNets
-    x = torch.randn(batch, unet.config.in_channels, s, s, generator=g)
-    c = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
-    pdim = pooled_dim(unet.config)
-    if pdim:
-        c = pack_cond(c, torch.randn(batch, pdim, generator=g))
-    return x, c
-
-
-def probe_size_hw(x: torch.Tensor) -> tuple[int, int]:
-    """The image size the probe's SDXL time ids state (any fixed value works: both sides use it)."""
-    return (x.shape[-2] * 8, x.shape[-1] * 8)
-
-
-@torch.no_grad()
-def unet_outputs(unet: Any, timesteps=PARITY_TIMESTEPS, batches=PARITY_BATCHES) -> dict[str, torch.Tensor]:
-    out = {}
-    for b in batches:
-        x, c = unet_probe_inputs(unet, b)
-        kw = unet_kwargs(unet.config, c.to(unet.device, unet.dtype), probe_size_hw(x))
-        for t in timesteps:
-            out[f"b{b}_t{t}"] = (
-                unet(x.to(unet.device, unet.dtype), torch.tensor(t, device=unet.device), **kw)
-                .sample.float()
-                .cpu()
-            )
-    return out
-
-
-def merge_adapter(
-    base: str, adapter: str | None, lora_scale: float, device: torch.device, atol: float
-) -> tuple[Any, dict[str, Any]]:
-    """Load base + adapter, fuse at `lora_scale`, unload, and prove merged == unmerged.
-
-    Returns (merged pipeline in fp32, merge report). Raises VerificationError past `atol`.
-    """
-
-    pipe = load_sd_pipeline(base, device=device, dtype=torch.float32)
-    if adapter is None:
-        return pipe, {"adapter": None, "max_abs_diff": 0.0, "atol": atol}
-    info = adapter_info(adapter)
-    weight_name = info.get("weight_name", ADAPTER_WEIGHTS)
-    if not (Path(adapter) / weight_name).exists():
-        raise UserError(f"adapter {adapter!r} lacks {weight_name}")
-    base_ref = unet_outputs(pipe.unet, timesteps=(500,), batches=(1,))
-    pipe.load_lora_weights(adapter, weight_name=weight_name, adapter_name="finestyle")
-    pipe.set_adapters(["finestyle"], adapter_weights=[lora_scale])
-    ref = unet_outputs(pipe.unet)
-    # the adapter's scale is already set on the adapter: fuse it as is
-    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["finestyle"])
-    pipe.unload_lora_weights()
-    leftover = [k for k in pipe.unet.state_dict() if "base_layer" in k or "lora_" in k]
-    if leftover:
-        raise VerificationError(f"merged UNet still holds peft wrapper weights, e.g. {leftover[0]}")
-    merged = unet_outputs(pipe.unet)
-    diff = max(float((merged[k] - ref[k]).abs().max()) for k in ref)
-    effect = float((ref["b1_t500"] - base_ref["b1_t500"]).abs().max())
-    if not diff <= atol:
-        raise VerificationError(
-            f"merged UNet differs from UNet+adapter by {diff:.3g} max abs (> {atol:g}); "
-            "the fuse did not reproduce the adapter"
-        )
-    return pipe, {
-        "adapter": str(adapter),
-        "max_abs_diff": diff,
-        "atol": atol,
-        "adapter_effect": effect,
-        "checked": sorted(ref),
-        "lora_scale": lora_scale,
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. ONNX export and parity
-
-
-def onnx_export(merged_dir: Path, onnx_dir: Path, fp16: bool, opset: int | None) -> dict[str, Any] | None:
-    """optimum's exporter on the merged diffusers folder -> text_encoder/ unet/ vae_*/ model.onnx.
-
-    The export itself is always fp32 (on any device). With `fp16`, the graphs are then converted to
-    half precision with fp32 inputs and outputs (`to_fp16`); returns that conversion's report.
-    """
-    from optimum.exporters.onnx import main_export
-
-    quiet_progress_bars()  # optimum loads the pipeline with diffusers' loading bars
-
-    kw: dict[str, Any] = {}
-    if opset:
-        kw["opset"] = opset
-    ctx = quiet_export_warnings()
-    try:
-        main_export(
-            str(merged_dir),
-            output=str(onnx_dir),
-            task="text-to-image",
-            library_name="diffusers",
-            do_validation=False,
-            **kw,
-        )
-    finally:
-        ctx.__exit__(None, None, None)
-    return to_fp16(onnx_dir) if fp16 else None
-
-
-# protobuf cannot serialise a message over 2 GB: bigger models keep their weights in model.onnx_data
-EXTERNAL_DATA_BYTES = 1_900_000_000
-
-
-def _save_onnx(model: Any, path: Path) -> None:
-    import onnx
-
-    try:
-        big = model.ByteSize() > EXTERNAL_DATA_BYTES
-    except Exception:  # protobuf refuses to even size a message over 2 GB
-        big = True
-    for f in path.parent.glob("model.onnx*"):
-        f.unlink()
-    onnx.save(model, str(path), save_as_external_data=big, location="model.onnx_data" if big else None)
-
-
-def to_fp16(
-    onnx_dir: Path, components: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "unet_base")
-) -> dict[str, Any]:
-    """Convert graphs to fp16 keeping fp32 inputs/outputs; the VAE only if it is proven NaN-free.
-
-    SD's VAE decoder is known to overflow in fp16 at real resolutions. The fp16 decoder is kept only
-    if, on probe latents (a VAE-encoded probe image and scaled noise), it returns finite values within
-    FP16_IMAGE_ATOL of the fp32 decoder; otherwise both VAE graphs stay fp32 (recorded).
-    """
-    import onnx
-
-    rep: dict[str, Any] = {"converted": [], "keep_io_types": True}
-    for comp in components:
-        path = onnx_dir / comp / "model.onnx"
-        if path.exists():
-            m = _half(path)
-            _save_onnx(m, path)
-            del m
-            release_memory()
-            rep["converted"].append(comp)
-    # VAE: convert candidates, probe, keep or drop
-    dec32 = onnx_dir / "vae_decoder" / "model.onnx"
-    enc32 = onnx_dir / "vae_encoder" / "model.onnx"
-    cand = onnx_dir / "vae_decoder" / "model.fp16-candidate.onnx"
-    onnx.save(_half(dec32), str(cand))
-    probe = _vae_probe(enc32, dec32, cand)
-    rep["vae_probe"] = probe
-    if probe["ok"]:
-        m = onnx.load(str(cand))
-        cand.unlink()
-        _save_onnx(m, dec32)
-        _save_onnx(_half(enc32), enc32)
-        rep["converted"] += ["vae_decoder", "vae_encoder"]
-        rep["vae"] = "fp16"
-    else:
-        cand.unlink()
-        rep["vae"] = "fp32"
-    return rep
-
-
-def _half(path: Path) -> Any:
-    """fp16 weights and compute, fp32 inputs/outputs; re-sorted so onnx.checker accepts the graph
-    (the converter appends its input casts at the end of the node list).
-
-    Takes the file path: the converter then runs shape inference on the file, which works past
-    protobuf's 2 GB limit (SD1.5's fp32 UNet is 3.4 GB); on an in-memory model it fails there."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    om = OnnxModel(convert_float_to_float16(str(path), keep_io_types=True))
-    om.topological_sort()
-    return om.model
-
-
-def _vae_probe(enc32: Path, dec32: Path, dec16: Path) -> dict[str, Any]:
-    cfg = json.loads((dec32.parent / "config.json").read_text())
-    sf = float(cfg.get("scaling_factor", 0.18215))
-    up = 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    size = 64 * up // 2 if up > 2 else 64
-    g = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    img = np.stack([np.sin(6 * xx), np.cos(5 * yy), xx * yy * 2 - 1])[None].astype(np.float32)
-    params = ort_session(enc32).run(None, {"sample": img})[0]  # latent_parameters: mean ++ logvar
-    lat = params[:, : params.shape[1] // 2]  # the posterior mean: what the decoder takes (unscaled)
-    probes = [lat, (g.standard_normal(lat.shape) / sf).astype(np.float32)]
-    d32, d16 = ort_session(dec32), ort_session(dec16)
-    worst, finite = 0.0, True
-    for z in probes:
-        a = d32.run(None, {"latent_sample": z})[0]
-        b = d16.run(None, {"latent_sample": z})[0]
-        finite &= bool(np.isfinite(b).all())
-        if finite:
-            worst = max(worst, float(np.abs(a - b).max()) / 2)  # decoder range [-1, 1] -> image [0, 1]
-    return {
-        "finite": finite,
-        "max_abs_diff": worst,
-        "atol": FP16_IMAGE_ATOL,
-        "ok": finite and worst <= FP16_IMAGE_ATOL,
-    }
-
-
-def check_onnx_files(onnx_dir: Path) -> dict[str, str]:
-    """onnx.checker (full check) on every model.onnx; path-based so external data works."""
-    import onnx
-
-    res = {}
-    for comp in sorted(p.parent.name for p in onnx_dir.glob("*/model.onnx")):
-        try:
-            onnx.checker.check_model(str(onnx_dir / comp / "model.onnx"), full_check=True)
-        except Exception as exc:  # noqa: BLE001
-            raise VerificationError(f"onnx.checker rejected {comp}/model.onnx: {exc}") from exc
-        res[comp] = "ok"
-    return res
-
-
-def unet_parity(
-    unet: Any, onnx_path: Path, atol: float, providers: list[str] | None = None
-) -> dict[str, Any]:
-    """ORT vs torch UNet on fixed inputs at several timesteps and batch sizes."""
-    ref = unet_outputs(unet)  # before the session exists: the two need not share memory
-    sess = ort_session(onnx_path, providers)
-
-    def feeds(x: torch.Tensor, c: torch.Tensor, t: int) -> dict[str, np.ndarray]:
-        return _cast_feeds(
-            sess,
-            {
-                "sample": x.numpy().astype(np.float32),
-                "timestep": np.array(t, dtype=np.float32),
-                **onnx_cond_feeds(unet.config, c, probe_size_hw(x)),
-            },
-        )
-
-    return probe_parity(sess, feeds, ref, unet, atol, "ONNX UNet", "PyTorch")
-
-
-def probe_parity(
-    sess: Any, feeds: Any, ref: dict[str, torch.Tensor], unet: Any, atol: float, what: str, against: str
-) -> dict[str, Any]:
-    """`sess` on `feeds(x, c, t)` for every probe input vs the reference outputs `ref` (from
-    `unet_outputs`); a NaN/inf or a difference past `atol` raises VerificationError."""
-    worst, per = 0.0, {}
-    for b in PARITY_BATCHES:
-        x, c = unet_probe_inputs(unet, b)
-        for t in PARITY_TIMESTEPS:
-            got = sess.run(None, feeds(x, c, t))[0].astype(np.float32)
-            if not np.isfinite(got).all():
-                raise VerificationError(f"{what} produced NaN/inf at batch {b}, timestep {t}")
-            d = float(np.abs(got - ref[f"b{b}_t{t}"].numpy()).max())
-            per[f"b{b}_t{t}"] = d
-            worst = max(worst, d)
-    if not worst <= atol:
-        raise VerificationError(
-            f"{what} differs from {against} by {worst:.3g} max abs (> {atol:g}); per input: {per}"
-        )
-    return {"max_abs_diff": worst, "atol": atol, "per_input": per}
-
-
-def _cast_feeds(sess: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    types = {i.name: i.type for i in sess.get_inputs()}
-    out = {}
-    for k, v in feeds.items():
-        t = types.get(k, "tensor(float)")
-        out[k] = v.astype(np.float16) if t == "tensor(float16)" else v
-    return out
-
-
-def image_parity(
-    merged: Any,
-    onnx_dir: Path,
-    steps: int,
-    atol: float,
-    providers: list[str] | None = None,
-    size: int | None = None,
-) -> dict[str, Any]:
-    """A whole image by optimum's ORT pipeline and by the torch merged pipeline, same latents/scheduler.
-
-    SDXL exports are read by `ORTStableDiffusionXLPipeline`, which proves optimum's SDXL layout."""
-    from optimum.onnxruntime import ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline
-
-    ort_cls = ORTStableDiffusionXLPipeline if pipe_family(merged) == SDXL else ORTStableDiffusionPipeline
-    ort_pipe = ort_cls.from_pretrained(str(onnx_dir), provider=(providers or ["CPUExecutionProvider"])[0])
-    ort_pipe.set_progress_bar_config(disable=True)
-    s = size or merged.unet.config.sample_size * merged.vae_scale_factor
-    lat_shape = (
-        1,
-        merged.unet.config.in_channels,
-        s // merged.vae_scale_factor,
-        s // merged.vae_scale_factor,
-    )
-    latents = torch.randn(lat_shape, generator=torch.Generator().manual_seed(1234))
-    prompt = "a lighthouse on a cliff at night"
-    a = merged(
-        prompt,
-        num_inference_steps=steps,
-        latents=latents.to(merged.device),
-        height=s,
-        width=s,
-        output_type="np",
-        guidance_scale=7.5,
-    ).images[0]
-    b = ort_pipe(
-        prompt,
-        num_inference_steps=steps,
-        latents=latents.clone(),
-        height=s,
-        width=s,
-        output_type="np",
-        guidance_scale=7.5,
-    ).images[0]
-    if not np.isfinite(b).all():
-        raise VerificationError("ONNX pipeline image holds NaN/inf")
-    diff = float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
-    if not diff <= atol:
-        raise VerificationError(
-            f"ONNX image differs from PyTorch by {diff:.3g} max abs (> {atol:g}) at {steps} steps"
-        )
-    return {"max_abs_diff": diff, "atol": atol, "steps": steps, "size": s, "prompt": prompt}
-
-
-def optimize_unet(onnx_dir: Path, target: str) -> dict[str, Any]:
-    """onnxruntime's diffusion graph optimizer on the UNet, with fusions that suit the target.
-
-    On CPU the GPU-only fusions (NhwcConv, GroupNorm, BiasSplitGelu, ...) are turned off: they have no CPU kernels.
-    """
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    path = onnx_dir / "unet" / "model.onnx"
-    opts = FusionOptions("unet")
-    if target == "cpu":
-        for name in (
-            "enable_nhwc_conv",
-            "enable_group_norm",
-            "enable_skip_group_norm",
-            "enable_bias_splitgelu",
-            "enable_packed_qkv",
-            "enable_packed_kv",
-            "enable_bias_add",
-        ):
-            if hasattr(opts, name):
-                setattr(opts, name, False)
-    model = optimize_model(
-        str(path), model_type="unet", opt_level=0, optimization_options=opts, use_gpu=target != "cpu"
-    )
-    # The SD1.5 UNet (3.4 GB fp32) lives in external data: `path` itself is only the graph, so the
-    # size that decides external data is the loaded model's. _save_onnx keeps optimum's
-    # `model.onnx_data` name and removes the old data file.
-    model.topological_sort()
-    if any(n.domain == "com.microsoft" for n in model.model.graph.node) and not any(
-        o.domain == "com.microsoft" for o in model.model.opset_import
-    ):
-        model.model.opset_import.add(domain="com.microsoft", version=1)
-    _save_onnx(model.model, path)
-    return {
-        "target": target,
-        "fused_ops": {k: v for k, v in model.get_fused_operator_statistics().items() if v},
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. manifest and verification
-
-
-@dataclass
-class ExportResult:
-    """What an export made: its folder and the parity it proved (as text); for a swappable export,
-    its styles, and the style an --add-style or --remove-style changed."""
-
-    out: str
-    parity: dict[str, str] = field(default_factory=dict)
-    cache_key: str = ""
-    reused: bool = False
-    styles: list[str] = field(default_factory=list)
-    added: str | None = None
-    removed: str | None = None
-
-
-def export_cache_key(cfg: ExportConfig) -> str:
-
-    conf = keyed_fields(cfg)
-    adapter = None
-    if cfg.adapter:
-        ap = Path(cfg.adapter)
-        adapter = hash_tree(ap) if ap.is_dir() else cfg.adapter
-    return hash_json(
-        {"stage": "export", "v": 1, "base": model_fingerprint(cfg.base), "adapter": adapter, "config": conf}
-    )
-
-
-def export_versions() -> dict[str, str]:
-    import diffusers
-    import onnx
-    import onnxruntime
-    import optimum
-    import transformers
-
-    return {
-        "finestyle": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "optimum": getattr(optimum, "__version__", "?"),
-    }
-
-
-def check_reuse(cfg: ExportConfig, log=_log) -> ExportResult | None:
-    """An existing, verified export with the same content key, or None."""
-    out = Path(cfg.out)
-    if cfg.adapter and not Path(cfg.adapter).is_dir():
-        raise UserError(
-            f"adapter folder {cfg.adapter!r} does not exist; pass RUN/adapter from `finestyle train`"
-        )
-    if cfg.format == "tensorrt":
-        require_tensorrt()
-    key = export_cache_key(cfg)
-    old = find_reusable(
-        out,
-        MANIFEST,
-        key,
-        stage="export",
-        same="base, adapter and options",
-        force=cfg.force,
-        load=verify_export,
-        log=log,
-    )
-    if old is None:
-        return None
-    return ExportResult(out=str(out), reused=True, parity=parity_summary(old["parity"]), cache_key=key)
-
-
-def begin_export(cfg: ExportConfig) -> str:
-    """Create the temporary sibling folder the export is built in (published by `publish_export`).
-
-    First refuses, with one line, a model whose export clearly cannot fit in this machine's memory."""
-    check_fits(
-        "export",
-        cfg.base,
-        "the ONNX export runs in fp32 whatever the final precision; run it on a machine with more memory",
-    )
-    out = Path(cfg.out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out.parent, out.name)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return str(tmp)
-
-
-def abort_export(tmp: str) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _thresholds(cfg: ExportConfig) -> tuple[float, float]:
-    return (FP16_UNET_ATOL if cfg.fp16 else cfg.unet_atol, FP16_IMAGE_ATOL if cfg.fp16 else cfg.image_atol)
+from finestyle.runtime.openvino import hardware_precision
 
 
 def _providers(cfg: ExportConfig) -> list[str]:
@@ -559,28 +78,14 @@ def _load_merged(tmp: str) -> Any:
     return load_sd_pipeline(str(Path(tmp) / "merged"), device="cpu", dtype=torch.float32)
 
 
-def release_memory() -> None:
-    """Free what a step dropped before the next one loads its models: collect reference cycles
-    (diffusers/peft modules hold some), then hand freed heap pages back to the OS (glibc keeps them
-    otherwise, and an SD1.5 export's steps would stack on each other's leftovers)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
+def step_merge(cfg: ExportConfig, tmp: str, log=log_line) -> dict[str, Any]:
     """1. Merge the adapter (proven equal to UNet+adapter) and save `merged/` in safetensors."""
     t = time.perf_counter()
     merged, rep = merge_adapter(
         cfg.base, cfg.adapter or None, cfg.lora_scale, pick_device(cfg.device), cfg.merge_atol
     )
     merged.save_pretrained(Path(tmp) / "merged", safe_serialization=True)
-    _copy_adapter_info(cfg.adapter, Path(tmp) / "merged")
+    copy_adapter_info(cfg.adapter, Path(tmp) / "merged")
     del merged
     release_memory()
     rep["seconds"] = time.perf_counter() - t
@@ -588,7 +93,7 @@ def step_merge(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     return rep
 
 
-def step_onnx(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
+def step_onnx(cfg: ExportConfig, tmp: str, log=log_line) -> dict[str, Any]:
     """2. optimum ONNX export of the merged pipeline (+ the base UNet when asked), checker-verified."""
     t = time.perf_counter()
     onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", False, cfg.opset)
@@ -613,9 +118,9 @@ def step_onnx(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
     return {"checker": checker, "fp16": fp16, "seconds": time.perf_counter() - t}
 
 
-def step_validate(cfg: ExportConfig, tmp: str, suffix: str = "", log=_log) -> dict[str, Any]:
+def step_validate(cfg: ExportConfig, tmp: str, suffix: str = "", log=log_line) -> dict[str, Any]:
     """3. Parity ORT vs PyTorch: UNet (timesteps × batches) and a whole image. Fails past threshold."""
-    unet_atol, image_atol = _thresholds(cfg)
+    unet_atol, image_atol = export_thresholds(cfg)
     providers = _providers(cfg)
     merged = _load_merged(tmp)
     onnx_dir = Path(tmp) / "onnx"
@@ -639,30 +144,7 @@ def step_validate(cfg: ExportConfig, tmp: str, suffix: str = "", log=_log) -> di
     return parity
 
 
-def bf16_image_check(merged_dir: str | Path, steps: int, size: int | None = None) -> dict[str, Any]:
-    """Same seed, same scheduler: torch fp32 vs torch bf16 (channels_last) image. Fails past the threshold."""
-
-    req = GenerationRequest(
-        "a lighthouse on a cliff at night", steps=steps, seed=1234, width=size, height=size
-    )
-    a = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "fp32"), req)[0], np.float32) / 255
-    release_memory()
-    b = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "bf16"), req)[0], np.float32) / 255
-    mean, mx = float(np.abs(a - b).mean()), float(np.abs(a - b).max())
-    if not mean <= BF16_IMAGE_MEAN_ATOL:
-        raise VerificationError(
-            f"the bf16 CPU path differs from fp32 by {mean:.3g} mean abs (> {BF16_IMAGE_MEAN_ATOL:g})"
-        )
-    return {
-        "mean_abs_diff": mean,
-        "max_abs_diff": mx,
-        "mean_atol": BF16_IMAGE_MEAN_ATOL,
-        "steps": steps,
-        "how": "finestyle generate EXPORT PROMPT --runtime torch --dtype bf16",
-    }
-
-
-def step_bf16(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | None:
+def step_bf16(cfg: ExportConfig, tmp: str, log=log_line) -> dict[str, Any] | None:
     """3b. The CPU reduced-precision path (merged/ as bf16 + channels_last): its image vs fp32."""
     if not cfg.check_bf16 or cfg.fp16:
         return None
@@ -672,32 +154,7 @@ def step_bf16(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | None:
     return rep
 
 
-def openvino_image_check(
-    export_dir: Path, merged_dir: Path, precision: str, steps: int, files: dict[str, str]
-) -> dict[str, Any]:
-    """Same seed, same scheduler: torch fp32 (merged/) vs OpenVINO over the ONNX files at `precision`.
-    Returns the figures and whether they pass; never raises on a tolerance miss."""
-    import openvino as ov
-
-    req = GenerationRequest("a lighthouse on a cliff at night", steps=steps, seed=1234)
-    a = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "fp32"), req)[0], np.float32) / 255
-    release_memory()
-    be = openvino_backend(export_dir, precision, manifest={}, files=files)
-    b = np.asarray(generate(be, req)[0], np.float32) / 255
-    mean, mx = float(np.abs(a - b).mean()), float(np.abs(a - b).max())
-    return {
-        "mean_abs_diff": mean,
-        "max_abs_diff": mx,
-        "mean_atol": OV_IMAGE_MEAN_ATOL,
-        "pass": bool(mean <= OV_IMAGE_MEAN_ATOL),
-        "steps": steps,
-        "openvino": ov.__version__,
-        "cpu": cpu_name(),
-        "how": f"finestyle generate EXPORT PROMPT --runtime openvino --dtype {precision}",
-    }
-
-
-def step_openvino(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | None:
+def step_openvino(cfg: ExportConfig, tmp: str, log=log_line) -> dict[str, Any] | None:
     """3c. OpenVINO over the ONNX files, at the precision `--dtype auto` picks on this CPU.
 
     Recorded, not enforced: the export stands on its fp32 parity; a failed reduced-precision check
@@ -728,7 +185,7 @@ def step_openvino(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any] | Non
     return {"checks": {precision: rep}}
 
 
-def step_optimize(cfg: ExportConfig, tmp: str, log=_log) -> dict[str, Any]:
+def step_optimize(cfg: ExportConfig, tmp: str, log=log_line) -> dict[str, Any]:
     """4. onnxruntime's diffusion optimizer on the UNet, then parity again."""
     release_memory()
     rep = optimize_unet(Path(tmp) / "onnx", "cuda" if pick_device(cfg.device).type == "cuda" else "cpu")
@@ -744,85 +201,7 @@ def step_tensorrt(cfg: ExportConfig, tmp: str) -> dict[str, Any]:
     return build_engines(Path(tmp) / "onnx", Path(tmp) / "tensorrt", cfg)
 
 
-def publish_export(
-    cfg: ExportConfig,
-    tmp: str,
-    merge_rep: dict[str, Any],
-    onnx_rep: dict[str, Any],
-    parity: dict[str, Any],
-    opt_rep: dict[str, Any] | None,
-    trt_rep: dict[str, Any] | None,
-    log=_log,
-    reduced: dict[str, Any] | None = None,
-    ov_rep: dict[str, Any] | None = None,
-) -> ExportResult:
-    """6. Write manifest.json last (sha256 of every file), then rename the folder into place."""
-    unet_atol, image_atol = _thresholds(cfg)
-    parity = dict(parity)
-    if opt_rep:
-        parity.update(opt_rep.pop("parity"))
-    info = json.loads((Path(cfg.adapter) / "finestyle_adapter.json").read_text()) if cfg.adapter else {}
-    key = export_cache_key(cfg)
-    manifest = {
-        "format": "finestyle-export",
-        "version": 1,
-        "cache_key": key,
-        "base_model": cfg.base,
-        "adapter": cfg.adapter,
-        "adapter_fingerprint": hash_json(hash_tree(cfg.adapter)) if cfg.adapter else None,
-        "lora_scale": cfg.lora_scale,
-        "options": to_dict(cfg),
-        "merge": merge_rep,
-        "onnx_checker": onnx_rep["checker"],
-        "parity": parity,
-        "thresholds": {"merge_atol": cfg.merge_atol, "unet_atol": unet_atol, "image_atol": image_atol},
-        "optimize": opt_rep,
-        "tensorrt": trt_rep,
-        "has_base_unet": cfg.with_base_unet,
-        "cpu_bf16": reduced,
-        "openvino": ov_rep,
-        "family": folder_family(Path(tmp) / "merged"),
-        "eval": adapter_eval(cfg.adapter),
-        "style": info.get("style"),
-        "concepts": info.get("concepts", []),
-        "precision": "fp16" if cfg.fp16 else "fp32",
-        "fp16": onnx_rep.get("fp16"),
-        "versions": export_versions(),
-        "files": hash_tree(tmp, exclude=("manifest.json",)),
-    }
-    write_json(Path(tmp) / "manifest.json", manifest)
-    publish_dir(Path(tmp), Path(cfg.out).absolute())
-    log(f"export: {cfg.out} verified and published")
-    summary = parity_summary(parity)
-    for prec, chk in ((ov_rep or {}).get("checks") or {}).items():
-        summary[f"openvino {prec}"] = f"{chk['mean_abs_diff']:.2e} mean (<= {chk['mean_atol']:g})" + (
-            "" if chk["pass"] else ": FAILED, marked unusable"
-        )
-    return ExportResult(out=str(cfg.out), parity=summary, cache_key=key)
-
-
-def adapter_eval(adapter: str | None) -> dict[str, Any] | None:
-    """The evaluation the adapter's training run recorded (`train --eval-every`), for the manifest:
-    the step adapter/ holds, how it was chosen, and its style, prompt and leakage figures."""
-    if not adapter:
-        return None
-    report = Path(adapter).parent / "report.json"
-    try:
-        sel = json.loads(report.read_text()).get("selection") if report.is_file() else None
-    except ValueError:
-        return None
-    if not sel:
-        return None
-    return {
-        "source": "train --eval-every",
-        "step": sel["step"],
-        "select": sel["mode"],
-        "judge": sel["judge"],
-        **sel["figures"],
-    }
-
-
-def run_export(cfg: ExportConfig, log=_log) -> ExportResult:
+def run_export(cfg: ExportConfig, log=log_line) -> ExportResult:
     """Merge, export, verify, optionally optimize / build TensorRT, publish with a manifest."""
     reused = check_reuse(cfg, log)
     if reused:
@@ -842,10 +221,49 @@ def run_export(cfg: ExportConfig, log=_log) -> ExportResult:
         raise
 
 
-def parity_summary(parity: dict[str, Any]) -> dict[str, str]:
-    return {k: f"{v['max_abs_diff']:.2e} (<= {v['atol']:g})" for k, v in parity.items()}
-
-
-def _copy_adapter_info(adapter: str | None, dest: Path) -> None:
-    if adapter and (Path(adapter) / "finestyle_adapter.json").exists():
-        shutil.copy2(Path(adapter) / "finestyle_adapter.json", dest / "finestyle_adapter.json")
+__all__ = [
+    "BF16_IMAGE_MEAN_ATOL",
+    "EXTERNAL_DATA_BYTES",
+    "ExportResult",
+    "FP16_IMAGE_ATOL",
+    "FP16_UNET_ATOL",
+    "ONNX_COMPONENTS",
+    "PARITY_BATCHES",
+    "PARITY_TIMESTEPS",
+    "copy_adapter_info",
+    "_load_merged",
+    "log_line",
+    "_providers",
+    "export_thresholds",
+    "abort_export",
+    "adapter_eval",
+    "begin_export",
+    "bf16_image_check",
+    "check_onnx_files",
+    "check_reuse",
+    "export_cache_key",
+    "export_versions",
+    "image_parity",
+    "merge_adapter",
+    "onnx_export",
+    "openvino_image_check",
+    "optimize_unet",
+    "parity_summary",
+    "probe_parity",
+    "probe_size_hw",
+    "publish_export",
+    "quiet_export_warnings",
+    "release_memory",
+    "run_export",
+    "step_bf16",
+    "step_merge",
+    "step_onnx",
+    "step_openvino",
+    "step_optimize",
+    "step_tensorrt",
+    "step_validate",
+    "to_fp16",
+    "unet_outputs",
+    "unet_parity",
+    "unet_probe_inputs",
+]

@@ -279,6 +279,7 @@ def _float_types(path) -> tuple[set[int], set[int]]:
 
 
 def test_fp16_export_keeps_fp32_io_and_probes_the_vae(adapter, tmp_path, monkeypatch):
+    import finestyle.export.onnx_files as onnx_files
     import finestyle.export.steps as E
 
     out = tmp_path / "e16"
@@ -292,7 +293,7 @@ def test_fp16_export_keeps_fp32_io_and_probes_the_vae(adapter, tmp_path, monkeyp
     assert inits == {10} and 10 not in io  # fp16 weights, fp32 inputs/outputs
     assert m["fp16"]["vae_probe"]["finite"] and m["fp16"]["vae"] == "fp16"
     # a VAE that fails the probe stays fp32
-    monkeypatch.setattr(E, "_vae_probe", lambda *a: {"finite": False, "max_abs_diff": None, "ok": False})
+    monkeypatch.setattr(onnx_files, "_vae_probe", lambda *a: {"finite": False, "max_abs_diff": None, "ok": False})
     out2 = tmp_path / "e16b"
     run_export(
         ExportConfig(
@@ -318,6 +319,7 @@ def test_optimize_and_fp16_keep_external_data_layout_and_parity(export_dir, tmp_
 
     import onnx
 
+    import finestyle.export.onnx_files as onnx_files
     import finestyle.export.steps as ex
 
     onnx_dir = tmp_path / "onnx"
@@ -325,7 +327,7 @@ def test_optimize_and_fp16_keep_external_data_layout_and_parity(export_dir, tmp_
     unet = onnx_dir / "unet" / "model.onnx"
     m = onnx.load(str(unet))
     onnx.save(m, str(unet), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
-    monkeypatch.setattr(ex, "EXTERNAL_DATA_BYTES", 0)  # treat the tiny UNet as if it were over 2 GB
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)  # treat the tiny UNet as if it were over 2 GB
     rep = ex.optimize_unet(onnx_dir, "cpu")
     assert sum(rep["fused_ops"].values()) > 0, rep
     assert sorted(p.name for p in unet.parent.iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]

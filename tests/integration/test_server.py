@@ -191,6 +191,7 @@ def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
     import asyncio
 
     import finestyle.serve.app as srv
+    import finestyle.serve.batcher as batcher
     from finestyle.runtime.generate import GenerationRequest
 
     sizes: list[int] = []
@@ -199,7 +200,7 @@ def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
         sizes.append(len(reqs))
         return [["img"] for _ in reqs]
 
-    monkeypatch.setattr(srv, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(batcher, "generate_batch", fake_generate_batch)
 
     async def scenario() -> float:
         cfg = ServeConfig(export="unused", max_batch=8, max_wait_ms=5000, max_gap_ms=20)

@@ -151,7 +151,7 @@ def test_kill_and_resume_is_bit_exact(dataset, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(dataset, tmp_path, monkeypatch):
-    import finestyle.train.loop as T
+    import finestyle.train.step as T
 
     real = T.diffusion_loss
     calls = {"n": 0}

@@ -1,5 +1,5 @@
 """The architecture as checked facts: import layers, no cycles, no private names across modules,
-no function over 100 lines. The README's Layout section describes what these enforce."""
+no function over 100 lines, no source file over 600 lines. The README's Layout section describes what these enforce."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tests.conftest import REPO
 
 LIB = REPO / "finestyle"
 MAX_FUNCTION_LINES = 100
+MAX_FILE_LINES = 600
 
 
 def _modules() -> dict[str, Path]:
@@ -94,6 +95,18 @@ def test_no_function_over_100_lines():
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name} has {n} lines")
+    assert not long, "\n".join(long)
+
+
+def test_no_source_file_over_600_lines():
+    """Files sized to be read: a module that grows past this is split along its seams."""
+    roots = [LIB, REPO / "flows", REPO / "scripts", REPO / "tests"]
+    long = [
+        f"{p.relative_to(REPO)} has {n} lines"
+        for root in roots
+        for p in sorted(root.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    ]
     assert not long, "\n".join(long)
 
 

@@ -95,17 +95,17 @@ def _squash(text: str) -> str:
 def test_every_config_field_is_an_option_with_its_doc():
     import dataclasses
 
-    from finestyle.cli import app as cli
+    from finestyle.cli import evaluate, inference, stages
     from finestyle.cli.options import flags_of
     from finestyle.config import field_docs
 
     specs = {
-        "prepare": cli.PREPARE,
-        "train": cli.TRAIN,
-        "export": cli.EXPORT,
-        "generate": cli.GENERATE,
-        "serve": cli.SERVE,
-        "eval": cli.EVAL,
+        "prepare": stages.PREPARE,
+        "train": stages.TRAIN,
+        "export": stages.EXPORT,
+        "generate": inference.GENERATE,
+        "serve": inference.SERVE,
+        "eval": evaluate.EVAL,
     }
     helps = {path[-1]: cmd.get_help(ctx) for path, cmd, ctx in _commands() if len(path) == 1}
     for name, spec in specs.items():

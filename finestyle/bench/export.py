@@ -1,0 +1,246 @@
+"""`finestyle bench export` on a CPU: one UNet step in PyTorch eager and bf16, onnxruntime and OpenVINO,
+with the share of the measured matmul peak and where onnxruntime's time goes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finestyle.bench.common import matmul_peak, time_call
+from finestyle.core.env import cpu_name
+from finestyle.core.models import (
+    load_sd_pipeline,
+    save_builtin,
+)
+from finestyle.core.onnxrt import ort_providers
+from finestyle.export.steps import onnx_export, ort_session
+
+
+def _ort_op_times(onnx_path: Any, feeds: dict[str, Any], runs: int = 2) -> dict[str, float]:
+    """Seconds per run by ONNX op type, from onnxruntime's own profiler (a separate session)."""
+    import json as _json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        so.profile_file_prefix = f"{d}/ort"
+        sess = ort.InferenceSession(str(onnx_path), so, providers=ort_providers(["CPUExecutionProvider"]))
+        for _ in range(runs + 1):
+            sess.run(None, feeds)
+        events = _json.loads(open(sess.end_profiling()).read())
+    per: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            per[op] = per.get(op, 0.0) + e["dur"] / 1e6
+    return {k: v / (runs + 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
+def bench_unet_step(
+    model: str, latent: int = 32, batch: int = 2, iters: int = 3, image_size: int | None = None
+) -> dict[str, Any]:
+    """One UNet step: PyTorch eager fp32 vs onnxruntime fp32 (the export) vs bf16 candidates."""
+    import tempfile
+
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with tempfile.TemporaryDirectory() as d:
+        src = save_builtin(model, Path(d) / "model") if model.startswith("builtin:") else Path(model)
+        onnx_export(src, Path(d) / "onnx", fp16=False, opset=None)
+        pipe = load_sd_pipeline(str(src), device="cpu")
+        unet = pipe.unet.eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, unet.config.in_channels, latent, latent, generator=g)
+        c = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
+        t = torch.tensor(500)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            ref = unet(x, t, encoder_hidden_states=c).sample
+        gflop = fc.get_total_flops() / 1e9
+        by_aten = {str(k): v / 1e9 for k, v in fc.get_flop_counts()["Global"].items()}
+
+        def torch_fp32() -> None:
+            with torch.no_grad():
+                unet(x, t, encoder_hidden_states=c)
+
+        sess = ort_session(Path(d) / "onnx" / "unet" / "model.onnx")
+        feeds = {
+            "sample": x.numpy(),
+            "timestep": np.array(500, dtype=np.float32),
+            "encoder_hidden_states": c.numpy(),
+        }
+        ort_out = sess.run(None, feeds)[0]
+
+        def ort_fp32() -> None:
+            sess.run(None, feeds)
+
+        def torch_bf16_autocast() -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return unet(x, t, encoder_hidden_states=c).sample
+
+        import copy
+
+        unet16 = copy.deepcopy(unet).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        x16, c16 = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), c.to(torch.bfloat16)
+
+        def torch_bf16_weights() -> torch.Tensor:
+            with torch.no_grad():
+                return unet16(x16, t, encoder_hidden_states=c16).sample
+
+        res: dict[str, Any] = {"model": model, "latent": latent, "batch": batch, "gflop_per_step": gflop}
+        ov = _openvino_steps(Path(d), x, c, ref)
+        # interleave the measurements so machine noise hits both alike
+        res["torch_fp32_s"] = time_call(torch_fp32, iters)
+        res["ort_fp32_s"] = time_call(ort_fp32, iters)
+        res["torch_bf16_autocast_s"] = time_call(torch_bf16_autocast, iters)
+        res["torch_bf16_weights_s"] = time_call(torch_bf16_weights, iters)
+        for prec, (fn, _) in ov.items():
+            res[f"openvino_{prec}_s"] = time_call(fn, iters)
+        res["torch_fp32_s_2"] = time_call(torch_fp32, iters)
+        t_fp32 = (res["torch_fp32_s"] + res.pop("torch_fp32_s_2")) / 2
+        res["torch_fp32_s"] = t_fp32
+        res["ort_vs_torch"] = t_fp32 / res["ort_fp32_s"]
+        res["bf16_vs_torch_fp32"] = t_fp32 / res["torch_bf16_autocast_s"]
+        res["ort_max_abs_diff"] = float(np.abs(ort_out - ref.numpy()).max())
+        bf = torch_bf16_autocast().float()
+        res["bf16_rel_diff"] = float((bf - ref).abs().mean() / ref.abs().mean())
+        res["bf16_weights_vs_torch_fp32"] = t_fp32 / res["torch_bf16_weights_s"]
+        res["bf16_weights_rel_diff"] = float(
+            (torch_bf16_weights().float() - ref).abs().mean() / ref.abs().mean()
+        )
+        res["openvino"] = "ran" if ov else "not installed"
+        for prec, (_, rel) in ov.items():
+            res[f"openvino_{prec}_rel_diff"] = rel
+        res["whole_image"] = _whole_image(res, Path(d), src, image_size or latent * 8)
+        res["ort_ops"] = _ort_op_times(Path(d) / "onnx" / "unet" / "model.onnx", feeds)
+    from finestyle.runtime.openvino import hardware_precision
+
+    # without bf16 units (AVX2) a 2048³ bf16 product runs a scalar fallback for minutes: no bf16 peak
+    peak32 = matmul_peak(torch.float32)
+    peak16 = matmul_peak(torch.bfloat16) if hardware_precision() == "bf16" else None
+    res["ort_breakdown"] = _ort_breakdown(res["ort_ops"], by_aten, gflop, peak32)
+    res.update(
+        matmul_fp32_gflops=peak32,
+        matmul_bf16_gflops=peak16,
+        ort_gflops=gflop / res["ort_fp32_s"],
+        ort_share_of_fp32_peak=gflop / res["ort_fp32_s"] / peak32,
+        cpu=cpu_name(),
+    )
+    res["runtimes"] = runtime_table(res)
+    return res
+
+
+def _ort_breakdown(ops: dict[str, float], by_aten: dict[str, float], gflop: float, peak32: float) -> dict:
+    """Where onnxruntime's fp32 time goes, and the best the graph could do on this CPU: convolutions
+    and matrix products at 100% of the matmul peak, every other op as measured."""
+    conv_gflop = by_aten.get("aten.convolution", 0.0)
+    mm_gflop = gflop - conv_gflop
+    conv_s = ops.get("Conv", 0.0) + ops.get("FusedConv", 0.0)
+    mm_s = sum(ops.get(k, 0.0) for k in ("MatMul", "Gemm", "FusedMatMul"))
+    other_s = max(sum(ops.values()) - conv_s - mm_s, 0.0)
+    return {
+        "conv_gflop": conv_gflop,
+        "conv_ms": conv_s * 1e3,
+        "conv_share_of_peak": conv_gflop / conv_s / peak32 if conv_s else float("nan"),
+        "matmul_gflop": mm_gflop,
+        "matmul_ms": mm_s * 1e3,
+        "matmul_share_of_peak": mm_gflop / mm_s / peak32 if mm_s else float("nan"),
+        "other_ops_ms": other_s * 1e3,
+        "ceiling_share_of_peak": gflop / (gflop / peak32 + other_s) / peak32,
+    }
+
+
+CPU_RUNTIMES = (
+    # (label, timing key, precision of its arithmetic, relative-difference key)
+    ("PyTorch eager fp32", "torch_fp32_s", "fp32", None),
+    ("PyTorch bf16 + channels_last (CPU fast path)", "torch_bf16_weights_s", "bf16", "bf16_weights_rel_diff"),
+    ("onnxruntime fp32 (the export)", "ort_fp32_s", "fp32", None),
+    ("OpenVINO fp32 (the same ONNX)", "openvino_fp32_s", "fp32", "openvino_fp32_rel_diff"),
+    ("OpenVINO bf16 (the same ONNX)", "openvino_bf16_s", "bf16", "openvino_bf16_rel_diff"),
+)
+
+
+def runtime_table(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per CPU runtime: ms per step, speed against eager fp32, GFLOP/s and the share of the
+    matmul peak of its own precision."""
+    rows = []
+    for label, key, prec, rel in CPU_RUNTIMES:
+        if key not in res:
+            continue
+        sec = res[key]
+        gflops = res["gflop_per_step"] / sec
+        peak = res["matmul_bf16_gflops" if prec == "bf16" else "matmul_fp32_gflops"]  # None: no bf16 units
+        rows.append(
+            {
+                "runtime": label,
+                "key": key,
+                "ms": sec * 1e3,
+                "vs_eager_fp32": res["torch_fp32_s"] / sec,
+                "gflops": gflops,
+                "precision": prec,
+                "share_of_peak": gflops / peak if peak else None,
+                "rel_diff": res.get(rel) if rel else None,
+            }
+        )
+    return rows
+
+
+def _openvino_steps(onnx_root: Any, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """OpenVINO UNet step callables (fp32 and bf16 where the CPU has bf16) over the exported ONNX,
+    each with its mean relative difference to eager fp32; {} without OpenVINO. Compiled blobs go to
+    a folder of the run, so the benchmark leaves no cache behind."""
+    import os
+
+    import numpy as np
+
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    from finestyle.runtime.openvino import OvComponent, hardware_precision
+
+    os.environ["FINESTYLE_OV_CACHE"] = str(onnx_root / "ov-cache")
+    core = ov.Core()
+    feeds = {"sample": x.numpy(), "timestep": np.array(500.0, np.float32), "encoder_hidden_states": c.numpy()}
+    out = {}
+    for prec in dict.fromkeys(("fp32", hardware_precision())):
+        comp = OvComponent(core, onnx_root / "onnx" / "unet" / "model.onnx", prec, f"bench-{prec}")
+        got = torch.from_numpy(comp(**feeds))
+        rel = float((got - ref).abs().mean() / ref.abs().mean())
+        out[prec] = ((lambda comp=comp: comp(**feeds)), rel)
+    return out
+
+
+def _whole_image(res: dict[str, Any], root: Any, src: Any, size: int) -> dict[str, Any]:
+    """Text encoder + 20 steps (with guidance) + VAE decode at `size` px, on the fastest runtime of
+    the step table."""
+    from finestyle.runtime.generate import (
+        GenerationRequest,
+        generate,
+        openvino_backend,
+        ort_backend,
+        torch_backend,
+    )
+
+    candidates = {
+        "openvino_bf16_s": lambda: openvino_backend(root, "bf16", manifest={}, files={}),
+        "openvino_fp32_s": lambda: openvino_backend(root, "fp32", manifest={}, files={}),
+        "torch_bf16_weights_s": lambda: torch_backend(str(src), None, "cpu", "bf16"),
+        "ort_fp32_s": lambda: ort_backend(root, ["CPUExecutionProvider"], manifest={}),
+        "torch_fp32_s": lambda: torch_backend(str(src), None, "cpu", "fp32"),
+    }
+    key = min((k for k in candidates if k in res), key=lambda k: res[k])
+    be = candidates[key]()
+    req = GenerationRequest("a lighthouse on a cliff at night", steps=20, width=size, height=size)
+    generate(be, GenerationRequest(req.prompt, steps=1, width=req.width, height=req.height))  # compile/warm
+    t = time.perf_counter()
+    generate(be, req)
+    return {"runtime": be.name, "size": size, "steps": 20, "seconds": time.perf_counter() - t}

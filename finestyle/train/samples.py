@@ -1,0 +1,95 @@
+"""What a run shows while it trains: sample grids on fixed prompts and seeds, and the loss plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finestyle.config import TrainConfig
+from finestyle.core.sd import (
+    text_encoders,
+)
+
+SWAP_OBJECTS = ("a sneaker", "a teapot", "a bicycle", "an owl")
+
+
+def default_sample_prompts(rows: list[dict[str, Any]], style: str) -> list[str]:
+    """Concept swaps: objects absent from the references, in the style, plus one kept concept."""
+    concepts = [
+        r["concept"]
+        for r in rows
+        if r.get("concept") and r.get("concept") != "background" and r.get("method") != "full"
+    ]
+    prompts = [f"{o}, in {style} style" for o in SWAP_OBJECTS[:3]]
+    if concepts:
+        prompts.append(f"{min(concepts, key=len)}, in {style} style")
+    return prompts
+
+
+@torch.no_grad()
+def sample_grid(pipe: Any, prompts: list[str], steps: int, size: int | None, seed: int) -> Any:
+    from PIL import Image, ImageDraw
+
+    imgs = []
+    for k, p in enumerate(prompts):
+        g = torch.Generator(device="cpu").manual_seed(seed + k)
+        out = pipe(p, num_inference_steps=steps, generator=g, height=size, width=size, output_type="pil")
+        imgs.append(out.images[0])
+    w, h = imgs[0].size
+    grid = Image.new("RGB", (w * len(imgs), h + 14), "white")
+    d = ImageDraw.Draw(grid)
+    for k, (im, p) in enumerate(zip(imgs, prompts, strict=True)):
+        grid.paste(im, (k * w, 14))
+        d.text((k * w + 2, 1), p[: max(8, w // 6)], fill=(0, 0, 0))
+    return grid
+
+
+def plot_loss(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 10:
+        k = max(5, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(range(k, len(losses) + 1), smooth, lw=1.6, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_samples(
+    pipe: Any,
+    prompts: list[str],
+    cfg: TrainConfig,
+    out: Path,
+    step: int,
+    device: torch.device,
+    final: bool = False,
+) -> None:
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    pipe.vae.to(device)
+    for _, enc in text_encoders(pipe):
+        enc.to(device)
+    try:
+        low = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
+        with torch.autocast(device.type, dtype=low, enabled=low is not None):  # bf16/fp16 UNet, fp32 VAE/text
+            grid = sample_grid(pipe, prompts, cfg.sample_steps, cfg.sample_resolution, seed=cfg.seed)
+    finally:
+        pipe.vae.to("cpu")
+        for _, enc in text_encoders(pipe):
+            enc.to("cpu")
+        if was_training:
+            pipe.unet.train()
+    (out / "samples").mkdir(exist_ok=True)
+    grid.save(out / "samples" / (f"final-step-{step:07d}.png" if final else f"step-{step:07d}.png"))
