@@ -29,6 +29,27 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def doc_pages() -> list[Path]:
+    """The README and every page of the documentation site."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def docs_text() -> str:
+    return "\n".join(p.read_text() for p in doc_pages())
+
+
+def doc_section(heading: str) -> str:
+    """The text after `heading` (a whole line, e.g. "## SDXL") on the page that has it."""
+    for page in doc_pages():
+        text = page.read_text()
+        lines = text.splitlines()
+        if heading in lines:
+            return "\n".join(lines[lines.index(heading) + 1 :])
+    raise AssertionError(f"no page of the README or docs/ has the heading {heading!r}")
+
+
 EXAMPLES = REPO / "data" / "examples"
 
 

@@ -23,15 +23,20 @@ def _usage_name(self: Any) -> str:
 
 if hasattr(typer.core.TyperArgument, "_usage_display_name"):
     typer.core.TyperArgument._usage_display_name = _usage_name
-if hasattr(typer.core.TyperArgument, "display_type"):
-    _typer_display_type = typer.core.TyperArgument.display_type
 
-    def _display_type(self: Any, ctx: Any) -> str:
+
+def _item_display_type(typer_display_type: Any) -> Any:
+    def display_type(self: Any, ctx: Any) -> str:
         """A repeated value shows its item's type (<str>, not <list[str]>)."""
-        shown = _typer_display_type(self, ctx)
+        shown = typer_display_type(self, ctx)
         return shown.replace("<list[", "<").replace("]>", ">") if shown.startswith("<list[") else shown
 
-    typer.core.TyperArgument.display_type = _display_type
+    return display_type
+
+
+for _param in (typer.core.TyperArgument, typer.core.TyperOption):
+    if hasattr(_param, "display_type"):
+        _param.display_type = _item_display_type(_param.display_type)
 
 
 app = typer.Typer(

@@ -18,7 +18,7 @@ def world_render(
     n: int = typer.Option(16, "--n", help="Number of scenes."),
     size: int = typer.Option(64, "--size", help="Image side in pixels (>= 32)."),
     style: Optional[str] = typer.Option(
-        None, "--style", help="A style name, or `heldout` [default: each scene's own]."
+        None, "--style", help="A style name, or `heldout`  [default: each scene's own]"
     ),
     seed: int = typer.Option(0, "--seed", help="First scene seed; scene i uses seed + i."),
 ) -> None:

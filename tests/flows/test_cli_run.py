@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, doc_section
 
 
 @pytest.mark.slow
@@ -87,8 +87,8 @@ def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
     assert any(x.startswith("export: parity ") for x in lines), first.stderr
     assert "have random weights" in first.stdout and "finestyle world render" in first.stdout
     assert second.returncode == 0 and "prepare reused, train reused, export reused" in second.stdout
-    # the README's offline eval example, as written, on the demo's export
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    # the offline eval example ("## The two commands", getting started), as written, on the demo's export
+    readme = doc_section("## The two commands")
     line = next(x for x in readme.splitlines() if x.startswith("finestyle eval runs/demo/export"))
     ev = subprocess.run(
         [str(exe), *line.split()[1:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600

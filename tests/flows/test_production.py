@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, doc_section
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,7 @@ CHECKOUT_ITEMS = [
 
 
 def readme_production_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Running in production (Prefect)", 1)[1]
+    section = doc_section("## Running in production (Prefect)")
     block = re.search(r"```bash\n(.*?)```", section, re.S)
     assert block, "README: no bash block under 'Running in production (Prefect)'"
     return [ln.split("  #")[0].strip() for ln in block.group(1).splitlines() if ln.strip()]
@@ -208,7 +207,7 @@ def _served(proc: subprocess.Popen, logs: Path) -> bool:
 
 
 def _readme_kubernetes_command() -> str:
-    text = (REPO / "README.md").read_text().split("## Running in production (Prefect)", 1)[1]
+    text = doc_section("## Running in production (Prefect)")
     (line,) = [
         ln for ln in text.splitlines() if ln.startswith("prefect work-pool create gpu --type kubernetes")
     ]

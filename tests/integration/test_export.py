@@ -293,7 +293,9 @@ def test_fp16_export_keeps_fp32_io_and_probes_the_vae(adapter, tmp_path, monkeyp
     assert inits == {10} and 10 not in io  # fp16 weights, fp32 inputs/outputs
     assert m["fp16"]["vae_probe"]["finite"] and m["fp16"]["vae"] == "fp16"
     # a VAE that fails the probe stays fp32
-    monkeypatch.setattr(onnx_files, "_vae_probe", lambda *a: {"finite": False, "max_abs_diff": None, "ok": False})
+    monkeypatch.setattr(
+        onnx_files, "_vae_probe", lambda *a: {"finite": False, "max_abs_diff": None, "ok": False}
+    )
     out2 = tmp_path / "e16b"
     run_export(
         ExportConfig(

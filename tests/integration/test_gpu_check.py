@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, doc_section
 
 SCRIPT = REPO / "scripts" / "gpu-check.sh"
 
 
 @pytest.mark.slow
 def test_dry_run_executes_every_step_and_writes_the_results(tmp_path):
+    """The docs' dry run ("### GPU check"), as written, into this test's folder; the docs' second line
+    is the same command without --dry-run, for a GPU machine."""
+    block = re.search(r"```bash\n(.*?)```", doc_section("### GPU check"), re.S).group(1)
+    dry, real = (shlex.split(ln.split("  #")[0]) for ln in block.strip().splitlines())
+    assert dry[0] == "scripts/gpu-check.sh" and dry[1] == "--dry-run" and real == [dry[0], dry[2]]
     out = tmp_path / "gpu-check"
-    p = subprocess.run([str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [str(REPO / dry[0]), *dry[1:-1], str(out)], capture_output=True, text=True, timeout=900
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     status = {s["step"]: s["status"] for s in res["steps"]}

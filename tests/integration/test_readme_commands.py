@@ -1,6 +1,6 @@
-"""The README's world and evaluation commands, run as written with tiny models and parameters.
+"""The documentation's commands (README and docs/), run as written with tiny models and parameters.
 
-Each command is read from the README's bash block under its heading; the test substitutes only model
+Each command is read from the bash block under its heading, on whichever page has it; the test substitutes only model
 names (real hub ids become builtins: no hub here), input paths, and appends size parameters.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, make_scene
+from tests.conftest import doc_section, make_scene
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ WORLD_TINY = {"builtin:world-sd": "builtin:tiny-sd", "builtin:world-blip": "buil
 
 def readme_commands(heading: str, block: int = 0) -> list[list[str]]:
     """The commands of the `block`-th bash block under `heading` (within its section)."""
-    text = (REPO / "README.md").read_text().split(heading, 1)[1]
+    text = doc_section(heading)
     code = re.findall(r"```bash\n(.*?)```", text, re.S)[block].replace("\\\n", " ")
     return [shlex.split(line.split("  #")[0]) for line in code.splitlines() if line.strip()]
 
@@ -199,7 +199,7 @@ def test_many_styles_commands(tmp_path, monkeypatch):
     styles = json.loads((tmp_path / "exports/studio/manifest.json").read_text())["swappable"]["styles"]
     assert sorted(styles) == ["chalk", "ink"]
     # the README's Python client snippet, against a live server of that export
-    text = (REPO / "README.md").read_text().split("## Many styles, one server", 1)[1]
+    text = doc_section("## Many styles, one server")
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     with Server(ServeConfig(export=str(tmp_path / "exports/studio"), max_steps=20, max_size=512)) as s:
         code = snippet.replace("http://127.0.0.1:8000", s.url)  # as written: no size, the export's own

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from finestyle.config import TrainConfig
 from finestyle.train.loop import ADAPTER_WEIGHTS, TrainingDiverged, run_train
+from tests.conftest import doc_section
 
 QUIET = {"log": lambda m: None}
 
@@ -225,28 +227,19 @@ def test_data_parallel_with_accelerate_launch_on_cpu(dataset, tmp_path):
     acc = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert acc, "accelerate's launcher is installed with the package"
     out = tmp_path / "ddp"
-    # --multi_gpu is accelerate's data-parallel launcher (torchrun); with --device cpu the ranks use gloo.
+    # the docs' command ("### Data-parallel training"), as written, with this test's dataset, model and
+    # out; --multi_gpu is accelerate's data-parallel launcher (torchrun), and with --device cpu the
+    # ranks use gloo; the other flags only silence accelerate's questions about its config.
+    block = re.search(r"```bash\n(.*?)```", doc_section("### Data-parallel training"), re.S).group(1)
+    argv = shlex.split(block.strip())
+    assert argv[:2] == ["accelerate", "launch"] and "--multi_gpu" in argv, argv
+    subs = {"4": "2", "DATASET": str(dataset), "MODEL": "builtin:tiny-sd", "DIR": str(out)}
+    argv = [acc] + [subs.get(a, a) for a in argv[1:]]
+    at = argv.index("-m")
+    argv[at:at] = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     r = subprocess.run(
         [
-            acc,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "finestyle.cli",
-            "train",
-            str(dataset),
-            "--base",
-            "builtin:tiny-sd",
-            "--out",
-            str(out),
+            *argv,
             "--steps",
             "4",
             "--resolution",

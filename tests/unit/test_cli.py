@@ -79,7 +79,7 @@ def _commands():
             cmd = group.get_command(parent, name)
             ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=80, max_content_width=80)
             yield (*path, name), cmd, ctx
-            if isinstance(cmd, click.Group):
+            if hasattr(cmd, "list_commands"):
                 yield from walk(cmd, (*path, name), ctx)
 
     top = click.Context(root, info_name="finestyle", terminal_width=80, max_content_width=80)

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, docs_text
 
 
 def _pyproject() -> dict:
@@ -29,7 +29,7 @@ def test_image_tag_is_the_package_version_everywhere():
     tag = f"finestyle:{_pyproject()['project']['version']}-gpu"
     assert _gpu_deployment()["work_pool"]["job_variables"]["image"] == tag
     assert f"docker build -t {tag} ." in _dockerfile()
-    assert f"docker build -t {tag} ." in (REPO / "README.md").read_text()
+    assert f"docker build -t {tag} ." in docs_text()
     tpl = json.loads((REPO / "deploy" / "k8s-gpu-job-template.json").read_text())
     assert tpl["variables"]["properties"]["image"]["default"] == tag
 
