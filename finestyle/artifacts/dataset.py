@@ -24,6 +24,7 @@ COLUMNS = (
     "source",
     "source_sha256",
     "bbox",
+    "crop",
     "method",
     "width",
     "height",
@@ -45,6 +46,7 @@ def features() -> Any:
             "source": Value("string"),
             "source_sha256": Value("string"),
             "bbox": Sequence(Value("int32"), length=4),
+            "crop": Sequence(Value("int32"), length=4),
             "method": Value("string"),
             "width": Value("int32"),
             "height": Value("int32"),
@@ -113,6 +115,29 @@ def dataset_card(report: dict[str, Any]) -> str:
         f"- captioner: `{cfg['captioner']}`; localisation model: `{cfg['base']}`\n"
         f"- text template: `{cfg['template']}`\n"
         f"- concepts: {', '.join(concepts) or '(whole images only)'}\n\n"
+        "## What the rows contain, and why\n\n"
+        "- `bbox` is the concept's box and `crop` the region each row was cut from, both xyxy in the "
+        "source image's pixels, so the recipe's rules can be checked from the dataset alone.\n"
+        f"- Context around a concept: it fills at most {cfg.get('concept_share', [1.0])} of its crop's side "
+        f"(`concept_share`, one crop per value), plus a margin of {cfg.get('margin')} of its box, and a crop "
+        f"is at least {cfg.get('min_crop')} px per side"
+        + (
+            f" and is never enlarged more than {cfg['max_upscale']}x to reach the training resolution "
+            f"(`max_upscale`)"
+            if cfg.get("max_upscale")
+            else ""
+        )
+        + ": crops that zoom a concept to fill the frame teach the concept's words to fill the frame.\n"
+        + (
+            f"- A crop's text names every concept with at least {cfg['name_covered']} of its box inside "
+            "the crop (`name_covered`), so the words of what a crop shows own its pixels.\n"
+            if cfg.get("name_covered")
+            else "- A crop's text names its own concept (`name_covered` 0).\n"
+        )
+        + "- The background row's text is the captioner's words for the background (`method` "
+        "`background`), never a bare word the text encoder does not know.\n"
+        "- Each row's `bucket` is its training size: multiples of 8 px at the aspect nearest the crop's, "
+        "so a centre crop to it cuts little.\n\n"
         "Load it with `datasets.load_from_disk(DIR)`, or as an ImageFolder from `train/` "
         "(`metadata.jsonl` holds `file_name` and `text`). `preview.png` shows every crop with its text.\n"
     )

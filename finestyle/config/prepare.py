@@ -41,6 +41,15 @@ class PrepareConfig:
     """Smallest crop side in pixels; smaller boxes are grown around their centre to this."""
     margin: float = 0.08
     """Margin added around each box, as a fraction of the box size."""
+    concept_share: list[float] = field(default_factory=lambda: [1.0])
+    """Most of a crop's side its concept may fill, one crop per value (e.g. [0.6, 0.3]: each concept at
+    two scales, with context around it); 1.0: the concept's box plus `margin`."""
+    max_upscale: float = 0.0
+    """Largest factor a crop may be enlarged by to reach the training resolution: a smaller crop grows
+    around its concept, within the image (0: no limit)."""
+    name_covered: float = 0.0
+    """Name in a crop's text every other concept with at least this share of its box inside the crop
+    ("red cat and blue car, in STYLE style"); 0: the crop's own concept only."""
     min_image_side: int = 64
     """Images whose shorter side is under this are rejected (too small to crop concepts from)."""
     max_pixels: int = 40_000_000
@@ -106,6 +115,19 @@ class PrepareConfig:
         _check(self.max_concepts >= 0, "prepare.max_concepts", self.max_concepts, "must be >= 0")
         _check(8 <= self.min_crop <= 4096, "prepare.min_crop", self.min_crop, "must be 8..4096")
         _check(0 <= self.margin <= 1, "prepare.margin", self.margin, "must be within 0..1")
+        _check(
+            bool(self.concept_share) and all(0.05 <= v <= 1 for v in self.concept_share),
+            "prepare.concept_share",
+            self.concept_share,
+            "give one or more shares within 0.05..1",
+        )
+        _check(
+            self.max_upscale == 0 or self.max_upscale >= 1,
+            "prepare.max_upscale",
+            self.max_upscale,
+            "must be 0 (no limit) or >= 1",
+        )
+        _check(0 <= self.name_covered <= 1, "prepare.name_covered", self.name_covered, "must be within 0..1")
         _check(self.min_image_side >= 16, "prepare.min_image_side", self.min_image_side, "must be >= 16")
         _check(self.max_pixels >= 1 << 16, "prepare.max_pixels", self.max_pixels, "must be >= 65536")
         _check(

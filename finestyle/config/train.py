@@ -56,10 +56,14 @@ class TrainConfig:
     grad_accum: int = 1
     """Gradient accumulation micro-steps per optimizer step."""
     resolution: int | None = None
-    """Training resolution (pixel area ~ resolution², aspect buckets in multiples of 64); default:
+    """Training resolution (pixel area ~ resolution², aspect buckets in multiples of the VAE factor, 8 px,
+    at the aspect nearest each row's, so a centre crop cuts little); default:
     the base model's native size (UNet sample_size x VAE factor: 512 for SD 1.5, 1024 for SDXL)."""
     buckets: bool = True
     """Use the dataset's aspect buckets; off: centre-crop every image to a square."""
+    whole_image_weight: float = 1.0
+    """How often a whole reference image is drawn per epoch, against once for each crop (0: crops
+    only; 3: each whole image three times)."""
     flip: bool = False
     """Random horizontal flips (latents cached for both orientations)."""
     caption_dropout: float = 0.1
@@ -120,6 +124,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.select in ("last", "best"), "train.select", self.select, "use last or best")
+        _check(
+            0 <= self.whole_image_weight <= 100,
+            "train.whole_image_weight",
+            self.whole_image_weight,
+            "must be within 0..100",
+        )
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
         _check(
             self.select == "last" or self.eval_every > 0,

@@ -91,13 +91,14 @@ _MEDIUM_WORDS = {
 
 @dataclass
 class Region:
-    """A crop of a reference image focused on one concept."""
+    """A concept of a reference image: its box, and the crop cut around it (None: the box itself)."""
 
     concept: str
     bbox: Box
     method: str
     score: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    crop: Box | None = None
 
 
 def phrases_from_caption(caption: str, extra: list[str] | None = None, limit: int = 8) -> list[str]:
@@ -127,33 +128,6 @@ def phrases_from_caption(caption: str, extra: list[str] | None = None, limit: in
             if phrase and phrase not in out:
                 out.append(phrase)
     return out[:limit]
-
-
-def expand_box(box: Box, size: tuple[int, int], margin: float, min_crop: int) -> Box:
-    """Grow a box by `margin` (fraction of its size) and to at least `min_crop`, inside the image."""
-    w, h = size
-    x0, y0, x1, y1 = box
-    bw, bh = x1 - x0, y1 - y0
-    mx, my = bw * margin, bh * margin
-    x0, x1 = x0 - mx, x1 + mx
-    y0, y1 = y0 - my, y1 + my
-    side_min = min(min_crop, w, h)
-    if x1 - x0 < side_min:
-        c = (x0 + x1) / 2
-        x0, x1 = c - side_min / 2, c + side_min / 2
-    if y1 - y0 < side_min:
-        c = (y0 + y1) / 2
-        y0, y1 = c - side_min / 2, c + side_min / 2
-    # shift inside the image rather than shrink
-    if x0 < 0:
-        x1, x0 = x1 - x0, 0
-    if y0 < 0:
-        y1, y0 = y1 - y0, 0
-    if x1 > w:
-        x0, x1 = max(0, x0 - (x1 - w)), w
-    if y1 > h:
-        y0, y1 = max(0, y0 - (y1 - h)), h
-    return (int(math.floor(x0)), int(math.floor(y0)), int(math.ceil(x1)), int(math.ceil(y1)))
 
 
 def iou(a: Box, b: Box) -> float:
@@ -479,12 +453,12 @@ def attention_regions(
     timestep: int,
     threshold: float,
     seed: int,
-    margin: float,
     min_crop: int,
     max_concepts: int,
     background: bool,
 ) -> list[Region]:
-    """Locate each phrase with cross-attention; add the background complement."""
+    """Locate each phrase with cross-attention (its box, without context: the crop around it is cut
+    later, by the recipe's rules); add the background complement."""
     # Read the phrases in the context of the caption when they all fit in the text encoder's window;
     # otherwise (long captions, truncation) from a prompt of the phrases alone.
     prompt = caption if all(p in caption for p in phrases) else f"{caption}, {', '.join(phrases)}"
@@ -496,7 +470,6 @@ def attention_regions(
         if ph not in maps:
             continue
         box, score = box_from_heatmap(maps[ph], image.size, threshold)
-        box = expand_box(box, image.size, margin, min_crop)
         if any(iou(box, r.bbox) > 0.85 for r in regions):
             continue  # same place as a phrase already kept
         regions.append(Region(ph, box, "attention", score=score))

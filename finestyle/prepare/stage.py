@@ -28,7 +28,7 @@ from finestyle.core.fs import (
     staging_dir,
     write_json,
 )
-from finestyle.core.geometry import fit_size
+from finestyle.core.geometry import bucket_size
 from finestyle.core.memory import check_fits
 from finestyle.core.models import load_captioner, load_sd_pipeline, model_fingerprint, pick_device
 from finestyle.core.stage import find_reusable
@@ -42,6 +42,7 @@ from finestyle.prepare.concepts import (
     user_regions,
 )
 from finestyle.prepare.ingest import LoadedImage, Rejected, discover, load_all
+from finestyle.prepare.recipe import background_text, concept_crops, join_concepts, named_concepts
 
 # Models are loaded once per process and reused by every chunk/task (keyed by name/device/dtype).
 _MODELS: dict[tuple[str, str, str], Any] = {}
@@ -81,7 +82,7 @@ def cache_key(cfg: PrepareConfig, candidates: list[Path]) -> str:
     return hash_json(
         {
             "stage": "prepare",
-            "v": 1,
+            "v": 2,  # 2: rows record their crop; buckets follow the VAE factor
             "inputs": inputs,
             "config": conf,
             "captioner": model_fingerprint(cfg.captioner),
@@ -127,9 +128,17 @@ def render_text(template: str, concept: str, caption: str, style: str) -> str:
     return " ".join(template.format(concept=concept, caption=caption, style=style).split())
 
 
-def _row(li: LoadedImage, region: Region, caption: str, cfg: PrepareConfig, root: str) -> dict[str, Any]:
+def _row(
+    li: LoadedImage,
+    region: Region,
+    caption: str,
+    cfg: PrepareConfig,
+    root: str,
+    names: list[str] | None = None,
+) -> dict[str, Any]:
     x0, y0, x1, y1 = region.bbox
-    crop = li.image.crop(region.bbox)
+    cut = region.crop or region.bbox
+    crop = li.image.crop(cut)
     # Keep the aspect ratio; cap stored pixels at 2x the training resolution (area), never upscale.
     cap = 2 * cfg.resolution
     if max(crop.size) > cap:
@@ -139,16 +148,41 @@ def _row(li: LoadedImage, region: Region, caption: str, cfg: PrepareConfig, root
         "image": crop,
         "concept": region.concept,
         "caption": caption,
-        "text": render_text(cfg.template, region.concept, caption, cfg.style),
+        "text": render_text(cfg.template, join_concepts(names or [region.concept]), caption, cfg.style),
         "source": _rel(li.path, root),
         "source_sha256": li.sha256,
         "bbox": [x0, y0, x1, y1],
+        "crop": list(cut),
         "method": region.method,
         "width": crop.width,
         "height": crop.height,
-        "bucket": list(fit_size(crop.size, cfg.resolution, 64)),
+        "bucket": list(bucket_size(crop.size, cfg.resolution, 8)),
         "resolution": cfg.resolution,
     }
+
+
+def _name_background(
+    li: LoadedImage,
+    regions: list[Region],
+    caption: str,
+    captioner: Captioner,
+    pipe: Any,
+    problems: list[Rejected],
+) -> list[Region]:
+    """Give the background region the captioner's words for it, or drop it (reported) when no text for
+    it is known to the model's tokenizer."""
+    bg = [r for r in regions if r.concept == "background" and r.method != "boxes"]
+    if not bg:
+        return regions
+    (crop_cap,) = captioner.caption([li.image.crop(bg[0].crop or bg[0].bbox)])
+    concepts = [r.concept for r in regions if r.concept != "background"]
+    text = background_text(crop_cap, caption, concepts, getattr(pipe, "tokenizer", None))
+    if text is None:
+        problems.append(Rejected(li.path, f"background row skipped: no known words for it ({crop_cap!r})"))
+        return [r for r in regions if r.concept != "background"]
+    for r in bg:
+        r.concept, r.method = text, "background"
+    return regions
 
 
 def _rel(path: str, root: str) -> str:
@@ -193,7 +227,6 @@ def extract_rows(
                 timestep=cfg.attention_timestep,
                 threshold=cfg.threshold,
                 seed=cfg.seed,
-                margin=cfg.margin,
                 min_crop=cfg.min_crop,
                 max_concepts=cfg.max_concepts,
                 background=cfg.background,
@@ -220,20 +253,23 @@ def extract_rows(
             regions, bad = user_regions(entries, (w, h), Path(li.path).name)
             problems.extend(Rejected(li.path, f"box skipped: {b}") for b in bad)
             regions = regions[: cfg.max_concepts] if cfg.max_concepts else regions
-        # 4. rows
+        # 4. rows: the crop cut around each concept, the concepts its text names, the background's words
+        regions = concept_crops(regions, (w, h), cfg)
+        regions = _name_background(li, regions, cap, captioner, pipe, problems)
         if cfg.full_image:
             rows.append(_row(li, Region(cap or "the whole scene", (0, 0, w, h), "full"), cap, cfg, root))
         for r in regions:
-            rows.append(_row(li, r, cap, cfg, root))
+            rows.append(_row(li, r, cap, cfg, root, named_concepts(r, regions, cfg.name_covered)))
         summaries.append(
             {
                 "source": _rel(li.path, root),
                 "sha256": li.sha256,
                 "size": [w, h],
                 "caption": cap,
-                "concepts": [r.concept for r in regions],
+                "concepts": list(dict.fromkeys(r.concept for r in regions if r.method != "background")),
+                "background": next((r.concept for r in regions if r.method == "background"), None),
                 "notes": li.notes,
-                "boxes": {r.concept: list(r.bbox) for r in regions},
+                "boxes": {r.concept: list(r.bbox) for r in regions if r.method != "background"},
             }
         )
     return rows, summaries, problems

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from finestyle.config import TrainConfig
-from finestyle.core.geometry import fit_size
+from finestyle.core.geometry import bucket_size
 from finestyle.core.sd import (
     encode_texts,
     pack_cond,
@@ -23,17 +23,18 @@ class Example:
     latent_ids: tuple[int, ...]  # cache ids: (plain,) or (plain, flipped)
     # SDXL's micro-conditioning: (original h, w, crop top, left, target h, w); unused by SD 1.x/2.x
     time_ids: tuple[int, ...] = ()
+    whole: bool = False  # a whole reference image (the `full` row), weighted by whole_image_weight
 
 
 def bucket_of(
-    image_size: tuple[int, int], cfg: TrainConfig, resolution: int | None = None
+    image_size: tuple[int, int], cfg: TrainConfig, resolution: int | None = None, step: int = 8
 ) -> tuple[int, int]:
-    """The (w, h) training bucket of an image; `resolution` overrides cfg's (the model's native size
-    when cfg leaves it unset)."""
+    """The (w, h) training bucket of an image, in multiples of `step` (the VAE factor); `resolution`
+    overrides cfg's (the model's native size when cfg leaves it unset)."""
     res = resolution or cfg.resolution or 512
     if not cfg.buckets:
         return (res, res)
-    return fit_size(image_size, res, 64)
+    return bucket_size(image_size, res, step)
 
 
 def crop_to_bucket(image: Any, size: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
@@ -58,13 +59,25 @@ def resize_to_bucket(image: Any, size: tuple[int, int]) -> Any:
     return crop_to_bucket(image, size)[0]
 
 
-def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    examples: list[Example], batch_size: int, seed: int, epoch: int, whole_weight: float = 1.0
+) -> list[list[int]]:
     """The batches of one epoch: a seeded shuffle, grouped so a batch holds one bucket size.
 
-    Pure function of (seed, epoch): resume needs only the epoch and the position within it.
+    A whole image appears `whole_weight` times per epoch on average (the integer part each epoch, the
+    fraction by a seeded draw), every other row once. Pure function of (seed, epoch): resume needs only
+    the epoch and the position within it.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
+    pool = list(range(len(examples)))
+    if whole_weight != 1.0:
+        draws = torch.rand(len(examples), generator=g).tolist()
+        pool = [
+            i
+            for i, ex in enumerate(examples)
+            for _ in range(int(whole_weight) + (draws[i] < whole_weight % 1) if ex.whole else 1)
+        ] or pool
+    order = [pool[k] for k in torch.randperm(len(pool), generator=g).tolist()]
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in order:
         by_bucket.setdefault(examples[i].size, []).append(i)
@@ -98,8 +111,9 @@ def build_caches(
     latents: list[tuple[torch.Tensor, torch.Tensor]] = []
     examples: list[Example] = []
     vae = pipe.vae
+    step = int(getattr(pipe, "vae_scale_factor", 8))
     for r in rows:
-        size = bucket_of(r["image"].size, cfg, resolution)
+        size = bucket_of(r["image"].size, cfg, resolution, step)
         img, top_left = crop_to_bucket(r["image"], size)
         ow, oh = r["image"].size
         tids = (oh, ow, *top_left, size[1], size[0])
@@ -110,5 +124,5 @@ def build_caches(
             dist = vae.encode(v[None].to(device, vae.dtype)).latent_dist
             latents.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
             ids.append(len(latents) - 1)
-        examples.append(Example(text_index[r["text"]], size, tuple(ids), tids))
+        examples.append(Example(text_index[r["text"]], size, tuple(ids), tids, r.get("method") == "full"))
     return examples, latents, text_emb

@@ -120,7 +120,7 @@ def setup(cfg: TrainConfig, log=log_line) -> TrainState:
     _maybe_resume(st, log)
     st.style = dataset_style(cfg.dataset) or "the reference"
     st.prompts = cfg.sample_prompts or default_sample_prompts(st.rows, st.style)
-    st.batches = epoch_batches(st.examples, cfg.batch_size, cfg.seed, st.epoch)
+    st.batches = epoch_batches(st.examples, cfg.batch_size, cfg.seed, st.epoch, cfg.whole_image_weight)
     return st
 
 
@@ -334,7 +334,13 @@ def adapter_meta(st: TrainState) -> dict[str, Any]:
         "kohya_weight_name": KOHYA_WEIGHTS,
         "style": st.style,
         # concept words the crops taught (whole-image rows carry a caption, not one concept)
-        "concepts": sorted({r["concept"] for r in st.rows if r.get("concept") and r.get("method") != "full"}),
+        "concepts": sorted(
+            {
+                r["concept"]
+                for r in st.rows
+                if r.get("concept") and r.get("method") not in ("full", "background")
+            }
+        ),
         "train_config": to_dict(cfg),
         "step": st.step,
         "cache_key": train_cache_key(cfg),

@@ -21,7 +21,9 @@ def default_sample_prompts(rows: list[dict[str, Any]], style: str) -> list[str]:
     concepts = [
         r["concept"]
         for r in rows
-        if r.get("concept") and r.get("concept") != "background" and r.get("method") != "full"
+        if r.get("concept")
+        and r.get("concept") != "background"
+        and r.get("method") not in ("full", "background")
     ]
     prompts = [f"{o}, in {style} style" for o in SWAP_OBJECTS[:3]]
     if concepts:

@@ -63,7 +63,9 @@ def _next_batch(st: TrainState) -> list[Example]:
     for r in range(st.world):
         if st.pos >= len(st.batches):
             st.epoch, st.pos = st.epoch + 1, 0
-            st.batches = epoch_batches(st.examples, st.cfg.batch_size, st.cfg.seed, st.epoch)
+            st.batches = epoch_batches(
+                st.examples, st.cfg.batch_size, st.cfg.seed, st.epoch, st.cfg.whole_image_weight
+            )
         if r == st.rank:
             batch = [st.examples[i] for i in st.batches[st.pos]]
         st.pos += 1

@@ -13,11 +13,11 @@ import pytest
 
 from finestyle.config import PrepareConfig
 from finestyle.core.errors import UserError
+from finestyle.core.geometry import context_crop
 from finestyle.prepare.concepts import (
     attention_heatmaps,
     background_region,
     box_from_heatmap,
-    expand_box,
     phrases_from_caption,
     token_spans,
 )
@@ -46,6 +46,15 @@ def test_examples_attention_dataset_has_every_column(tmp_path):
     assert all(t.endswith("in paper-cut style") for t in ds["text"])
     # the user's word was localised in every image
     assert sum(c == "boat" for c in ds["concept"]) == n_images
+    # the background rows speak the captioner's words, which the text encoder knows: never the bare
+    # word "background" (unknown to the world's tokenizer)
+    from finestyle.core.models import load_sd_pipeline
+    from finestyle.prepare.recipe import known_text
+
+    tok = load_sd_pipeline("builtin:tiny-sd", device="cpu").tokenizer
+    bgs = [r for r in ds if r["method"] == "background"]
+    assert all(r["concept"] != "background" and known_text(tok, r["concept"]) for r in bgs)
+    assert all(r["text"] == f"{r['concept']}, in paper-cut style" for r in bgs)
     # ImageFolder copy holds the same rows
     meta = [json.loads(x) for x in (tmp_path / "ds" / "train" / "metadata.jsonl").read_text().splitlines()]
     assert [m["text"] for m in meta] == ds["text"]
@@ -67,7 +76,7 @@ def test_crops_follow_their_boxes(tmp_path):
         x0, y0, x1, y1 = row["bbox"]
         w, h = row["image"].size
         assert abs(w / h - (x1 - x0) / (y1 - y0)) < 0.05  # crops keep their aspect ratio
-        assert max(w, h) <= 2 * 64 and row["bucket"][0] % 64 == 0
+        assert max(w, h) <= 2 * 64 and row["bucket"][0] % 8 == 0 and row["crop"] == row["bbox"]
     grid_caps = [c for c, m in zip(ds["concept"], ds["method"], strict=True) if m == "grid"]
     assert len(grid_caps) == len(set(zip(ds["source"], ds["concept"], strict=True))) or grid_caps
 
@@ -253,6 +262,67 @@ def test_box_geometry():
     heat[7, 0] = 0.9  # a smaller separate blob is ignored
     box, score = box_from_heatmap(heat, (80, 80), threshold=0.5)
     assert box == (50, 20, 70, 40) and score > 0.9
-    assert expand_box((0, 0, 10, 10), (100, 50), margin=0.1, min_crop=32) == (0, 0, 32, 32)
+    assert context_crop((0, 0, 10, 10), (100, 50), margin=0.1, min_side=32) == (0, 0, 32, 32)
     bg = background_region((100, 100), [(0, 0, 100, 40)], min_crop=16)
     assert bg is not None and bg.bbox[1] >= 40 and bg.concept == "background"
+
+
+def test_recipe_rows_keep_scale_name_what_they_show_and_fit_every_bucket(tmp_path):
+    """Crops keep context (concept_share), are never enlarged past max_upscale, record where they were
+    cut, name every concept they show, and lose at most 10% of their concept's box to the centre crop
+    to a bucket at 64, 512 and 1024 px."""
+    from datasets import load_from_disk
+
+    from finestyle.core.geometry import box_kept_share, bucket_size
+    from tests.conftest import make_scene, write_scene_boxes
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    scenes = {"s0.png": ((160, 128), 0), "s1.png": ((256, 160), 1)}
+    for name, (size, seed) in scenes.items():
+        make_scene(size, seed).save(refs / name)
+    boxes = write_scene_boxes(tmp_path / "boxes.json", scenes)
+    shares, upscale = [0.6, 0.3], 1.5
+    c = cfg(
+        tmp_path / "ds",
+        [refs],
+        concepts="boxes",
+        boxes=boxes,
+        concept_share=shares,
+        max_upscale=upscale,
+        name_covered=0.5,
+        margin=0.0,
+    )
+    run_prepare(c, log=lambda m: None)
+    ds = load_from_disk(str(tmp_path / "ds"))
+    rows = [r for r in ds if r["method"] == "boxes"]
+    assert len(rows) == 2 * 2 * len(shares)  # two concepts per scene, one crop per share
+    for r in rows:
+        (x0, y0, x1, y1), (cx0, cy0, cx1, cy1) = r["bbox"], r["crop"]
+        iw, ih = scenes[r["source"]][0]
+        assert cx0 <= x0 and cy0 <= y0 and x1 <= cx1 and y1 <= cy1  # the concept is inside its crop
+        cw, ch = cx1 - cx0, cy1 - cy0
+        # the concept fills at most its share of the crop's side, unless the image is too small
+        assert any(
+            ((x1 - x0) <= s * cw + 1 or cw == iw) and ((y1 - y0) <= s * ch + 1 or ch == ih) for s in shares
+        ), r
+        # never enlarged by more than max_upscale to reach the training resolution
+        assert (cw * ch) ** 0.5 >= 64 / upscale - 1 or (cw == iw or ch == ih), r
+        # the row image is the crop (stored at most 2x the resolution, aspect kept)
+        w, h = r["image"].size
+        assert abs(w / h - cw / ch) < 0.05
+        scale = w / cw
+        box = ((x0 - cx0) * scale, (y0 - cy0) * scale, (x1 - cx0) * scale, (y1 - cy0) * scale)
+        for res in (64, 512, 1024):
+            b = bucket_size((w, h), res, 8)
+            assert b[0] % 8 == 0 and b[1] % 8 == 0
+            assert box_kept_share((w, h), box, b) >= 0.9, (res, r["bbox"], r["crop"], b)
+        # every concept with half its box in the crop is named in the text
+        for other in (o for o in rows if o["source"] == r["source"] and o["concept"] != r["concept"]):
+            ox0, oy0, ox1, oy1 = other["bbox"]
+            inside = max(0, min(ox1, cx1) - max(ox0, cx0)) * max(0, min(oy1, cy1) - max(oy0, cy0))
+            shown = inside >= 0.5 * (ox1 - ox0) * (oy1 - oy0)
+            assert (other["concept"] in r["text"]) == shown, (r["text"], other["concept"])
+    assert any(" and " in r["text"] for r in rows)  # the wide crops show both shapes
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert "crop" in card and "concept_share" in card
