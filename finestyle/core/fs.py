@@ -142,3 +142,36 @@ def disk_full_message(exc: BaseException) -> str:
         f"{kind} {what} ({free:,.0f} MB free there); nothing half-written was published: free space "
         "(or raise the limit) and re-run; finished stages are reused"
     )
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path`; a failed write (a full disk) names the file in its error."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def free_bytes(where: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds `where` (or its nearest existing parent)."""
+    p = Path(where).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(what: str, where: str | os.PathLike, need: int, hint: str) -> None:
+    """Refuse, with one line, to start writing about `need` bytes under `where` when the disk there
+    clearly has less free. FINESTYLE_DISK_GUARD=0 turns the refusal off."""
+    if os.environ.get("FINESTYLE_DISK_GUARD", "1") == "0":
+        return
+    free = free_bytes(where)
+    if need > free:
+        from finestyle.core.errors import UserError
+
+        raise UserError(
+            f"{what}: needs about {need / 2**20:,.0f} MB under {Path(where).absolute()}, "
+            f"{free / 2**20:,.0f} MB free there; {hint}"
+        )

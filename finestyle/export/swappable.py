@@ -40,7 +40,7 @@ from finestyle.artifacts.styles import (
 from finestyle.config import ExportConfig
 from finestyle.core.env import cpu_name
 from finestyle.core.errors import UserError, VerificationError
-from finestyle.core.fs import hash_json, hash_tree, publish_dir, write_json
+from finestyle.core.fs import check_free_space, hash_json, hash_tree, publish_dir, write_json
 from finestyle.core.kv import KVUNet, StyleKV, base_kv_weights, cross_attention_layers, project_kv
 from finestyle.core.models import load_sd_pipeline, model_family, model_fingerprint, quiet_hf_logs
 from finestyle.core.onnxrt import ort_session, require_tensorrt
@@ -432,6 +432,13 @@ def _style_files(folder: Path, name: str) -> dict[str, str]:
     return {f"styles/{name}/{k}": v for k, v in hash_tree(folder / "styles" / name).items()}
 
 
+def style_disk_bytes(adapter: str) -> int:
+    """The disk a new style needs: its K/V factors and check images, a few times its adapter's files
+    (the work copy links the export's big files rather than copying them)."""
+    files = [f for f in Path(adapter).rglob("*") if f.is_file()]
+    return 4 * sum(f.stat().st_size for f in files) + 2**20
+
+
 def add_style(
     folder: str,
     adapter: str,
@@ -448,6 +455,12 @@ def add_style(
     _base_check(adapter, manifest["base_fingerprint"])  # the cheap checks first, before any loading
     if name in manifest["swappable"]["styles"]:
         raise UserError(f"style {name!r} is already in the export; pick another --name or --remove-style it")
+    check_free_space(
+        "--add-style",
+        dest,
+        style_disk_bytes(adapter),
+        "free space there; the export was not changed",
+    )
     work = dest.parent / f".{dest.name}.work-{uuid.uuid4().hex[:8]}"
     try:
         # the work copy links the big files (nothing writes to them) and holds the new style

@@ -4,13 +4,14 @@ order position, written atomically.
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finestyle.core.fs import read_json, staging_dir, write_json
+from finestyle.core.fs import read_json, staging_dir, write_bytes, write_json
 from finestyle.train.lora import load_lora_state, lora_state_dict
 
 
@@ -47,7 +48,9 @@ def save_checkpoint(
     with staging_dir(final) as tmp:
         save_file(lora_state_dict(unet), str(tmp / "adapter.safetensors"))
         # optimizer/scheduler/RNG states are plain tensors and numbers: torch.save here, read back
-        # with weights_only=True (no pickle code execution).
+        # with weights_only=True (no pickle code execution). Serialised in memory, then written by
+        # Python: torch's own file writer turns a full disk into "unexpected pos" instead of ENOSPC.
+        buf = io.BytesIO()
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -55,8 +58,9 @@ def save_checkpoint(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": _rng_state(gen),
             },
-            tmp / "training_state.pt",
+            buf,
         )
+        write_bytes(tmp / "training_state.pt", buf.getvalue())
         write_json(
             tmp / "state.json", {"step": step, "position": position, "losses": losses, "complete": True}
         )
