@@ -16,8 +16,8 @@ from finestyle.core.models import (
     load_sd_pipeline,
     save_builtin,
 )
-from finestyle.core.onnxrt import ort_providers
-from finestyle.export.steps import onnx_export, ort_session
+from finestyle.core.onnxrt import ort_providers, ort_session
+from finestyle.export.steps import onnx_export
 
 
 def _ort_op_times(onnx_path: Any, feeds: dict[str, Any], runs: int = 2) -> dict[str, float]:

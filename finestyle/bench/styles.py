@@ -13,7 +13,8 @@ from finestyle.bench.serve import ServerProcess, load_level
 from finestyle.config import ExportConfig, TrainConfig
 from finestyle.core.env import cpu_name
 from finestyle.core.kv import project_kv
-from finestyle.export.steps import ort_session, run_export
+from finestyle.core.onnxrt import ort_session
+from finestyle.export.steps import run_export
 from finestyle.export.swappable import run_swappable_export
 from finestyle.runtime.generate import load_backend
 from finestyle.train.loop import (

@@ -98,6 +98,28 @@ def test_no_function_over_100_lines():
     assert not long, "\n".join(long)
 
 
+def test_every_import_of_the_library_resolves():
+    """Every `from finestyle... import name` in the library, flows, scripts and tests names something
+    that exists (a module split along its seams keeps what others import from it)."""
+    import importlib.util
+
+    bad = []
+    for root in (LIB, REPO / "flows", REPO / "scripts", REPO / "tests"):
+        for p in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    ("finestyle", "flows")
+                ):
+                    mod = importlib.import_module(node.module)
+                    bad += [
+                        f"{p.relative_to(REPO)}:{node.lineno} {node.module}.{a.name}"
+                        for a in node.names
+                        if not hasattr(mod, a.name)
+                        and importlib.util.find_spec(f"{node.module}.{a.name}") is None
+                    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_source_file_over_600_lines():
     """Files sized to be read: a module that grows past this is split along its seams."""
     roots = [LIB, REPO / "flows", REPO / "scripts", REPO / "tests"]
