@@ -134,7 +134,19 @@ def export(
         None, "--remove-style", help="Remove the named style from the swappable export --to DIR."
     ),
     to: Optional[Path] = typer.Option(
-        None, "--to", help="The swappable export --add-style/--remove-style changes."
+        None, "--to", help="The export --add-style/--remove-style (swappable) or --quantize changes."
+    ),
+    quantize: Optional[str] = typer.Option(
+        None,
+        "--quantize",
+        help="int8: add an NNCF-quantized int8 UNet for OpenVINO to the export --to DIR, with its "
+        "quality guard (`--runtime openvino --dtype int8`).",
+    ),
+    calibration_prompts: int = typer.Option(
+        8, "--calibration-prompts", help="--quantize: prompts whose denoising steps calibrate int8."
+    ),
+    calibration_steps: int = typer.Option(
+        20, "--calibration-steps", help="--quantize: denoising steps per prompt (and of the guard's images)."
     ),
     config: Optional[Path] = typer.Option(None, help="YAML file (its `export:` section)."),
 ) -> None:
@@ -145,6 +157,9 @@ def export(
     base, out, lora_scale = values["base"], values["out"], values["lora_scale"]
     if add_style or remove_style:
         _edit_styles(add_style, remove_style, to, name, lora_scale)
+        return
+    if quantize:
+        _quantize(quantize, to, calibration_prompts, calibration_steps)
         return
     if not base or not out:
         raise UserError(
@@ -198,6 +213,26 @@ def _export_swappable(cfg: ExportConfig, adapters: list[str], names: list[str]) 
             "export": r.out,
             "styles": ", ".join(r.styles),
             **{f"parity {k}": v for k, v in r.parity.items()},
+        },
+    )
+
+
+def _quantize(mode: str, to: Path | None, prompts: int, steps: int) -> None:
+    from finestyle.export.quantize import quantize_export
+
+    if mode != "int8":
+        raise UserError(f"--quantize {mode!r}: int8 is the one mode")
+    if not to:
+        raise UserError("--quantize int8 needs --to EXPORT_DIR (an export from `finestyle export`)")
+    r = quantize_export(str(to), prompts=prompts, steps=steps, guard_steps=steps)
+    g = r["guard"]
+    print_summary(
+        "export: int8 UNet " + ("added" if g["pass"] else "added, but its guard FAILED (unusable)"),
+        {
+            "export": str(to),
+            "int8 unet": f"{to}/openvino/unet_int8/model.xml ({r['fake_quantize_ops']} quantized ops)",
+            "calibration": f"{r['calibration']['unet_calls']} UNet calls, {r['seconds']} s",
+            "guard": f"mean image diff {g['mean_abs_diff']:.2e} (<= {g['mean_atol']}) on {g['images']} images",
         },
     )
 

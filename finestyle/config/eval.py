@@ -64,7 +64,10 @@ class EvalConfig:
             "use auto, onnxruntime, openvino, torch or tensorrt",
         )
         _check(
-            self.dtype in ("auto", "fp32", "bf16", "fp16"), "eval.dtype", self.dtype, "auto|fp32|bf16|fp16"
+            self.dtype in ("auto", "fp32", "bf16", "fp16", "int8"),
+            "eval.dtype",
+            self.dtype,
+            "auto|fp32|bf16|fp16|int8",
         )
         _check(self.steps >= 1, "eval.steps", self.steps, "at least 1")
         _check(self.n_prompts >= 1, "eval.n_prompts", self.n_prompts, "at least 1")

@@ -88,8 +88,9 @@ class GenerateConfig(RequestOptions):
     adapter: str | None = None
     """torch runtime: an adapter folder to load on top of `model`."""
     dtype: str = "auto"
-    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16. auto: fp32 for torch
-    on a CPU; bf16 for openvino where the CPU has bf16 units and the export's check passed."""
+    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16 | int8 (openvino, an
+    export quantized with `export --quantize int8`). auto: fp32 for torch on a CPU; for openvino, int8
+    where the export's int8 guard passed, else bf16 where the CPU has bf16 units and its check passed."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,10 +103,10 @@ class GenerateConfig(RequestOptions):
             "use auto, onnxruntime, openvino, tensorrt or torch",
         )
         _check(
-            self.dtype in ("auto", "fp32", "bf16", "fp16"),
+            self.dtype in ("auto", "fp32", "bf16", "fp16", "int8"),
             "generate.dtype",
             self.dtype,
-            "use auto, fp32, bf16 or fp16",
+            "use auto, fp32, bf16, fp16 or int8",
         )
 
     def request(self, negative_prompt: str) -> RequestOptions:
@@ -129,7 +130,7 @@ class ServeConfig:
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     dtype: str = "auto"
-    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16."""
+    """torch and openvino precision: auto | fp32 | bf16 (fast CPU path) | fp16 | int8 (openvino)."""
     max_prompt_tokens: int = 77
     """Longest prompt/negative prompt accepted, in tokenizer tokens (incl. start/end)."""
     min_steps: int = 1

@@ -47,6 +47,8 @@ class Backend:
     styles: list[str] = field(default_factory=list)
     default_style: str | None = None
     reload: Any | None = None  # () -> styles: re-read a swappable export's styles (hot add/remove)
+    # Styles a reload removed, still served to the requests accepted while they were live.
+    retired_styles: list[str] = field(default_factory=list)
     family: str = SD
     # (texts, negative) -> conditioning rows; when set it replaces tokenizer + encode_text. SDXL
     # backends set it: two tokenizers, and the pooled embedding packed into the rows (core.sd).

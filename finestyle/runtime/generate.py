@@ -56,8 +56,12 @@ def load_backend(
     """
     path = Path(model)
     is_export = (path / "manifest.json").exists() or (path / "onnx").is_dir()
+    if runtime == "auto" and dtype == "int8":
+        runtime = "openvino"
     if runtime == "auto":
         runtime = "onnxruntime" if is_export and not adapter and dtype in (None, "auto", "fp32") else "torch"
+    if dtype == "int8" and runtime != "openvino":
+        raise UserError("--dtype int8 runs on --runtime openvino (an export quantized with --quantize int8)")
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime {runtime!r}: use one of auto, {', '.join(RUNTIMES)}")
     if dtype not in (None, "auto", "fp32") and runtime not in ("torch", "openvino"):
@@ -151,7 +155,7 @@ def request_styles(backend: Backend, reqs: list[GenerationRequest]) -> list[str]
     out = []
     for r in reqs:
         name = r.style or backend.default_style
-        if name not in backend.styles:
+        if name not in backend.styles and name not in backend.retired_styles:
             raise UnknownStyle(name, backend.styles)
         out += [name] * r.num_images
     return out

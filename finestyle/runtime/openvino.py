@@ -5,9 +5,11 @@ per input shape (static shapes are OpenVINO's fast path), and the compiled blobs
 under FINESTYLE_OV_CACHE (default ~/.cache/finestyle/openvino), in one folder per component keyed by
 the sha256 of that component's files: neither a restart nor a new manifest recompiles.
 
-Precision (`--dtype`): auto | fp32 | bf16 | fp16. `auto` is bf16 on a CPU with AMX or AVX-512 BF16
-when the export recorded a passing OpenVINO check at bf16, fp32 otherwise (said once). An explicit
-reduced precision needs that passing check; the export's fp32 parity does not cover it.
+Precision (`--dtype`): auto | fp32 | bf16 | fp16 | int8. `auto` is int8 when the export holds an int8
+UNet whose quality guard passed (`finestyle export --quantize int8`), else bf16 on a CPU with AMX or
+AVX-512 BF16 when the export recorded a passing OpenVINO check at bf16, else fp32 (said once). An
+explicit reduced precision needs that passing check; the export's fp32 parity does not cover it.
+int8 runs the NNCF-quantized UNet (`openvino/unet_int8`) and the other components in fp32.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from finestyle.core.errors import UserError
 from finestyle.core.fs import hash_json
 from finestyle.core.sd import onnx_cond_feeds, sdxl_prompt_encoder
 
-OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-"""--dtype name -> OpenVINO's INFERENCE_PRECISION_HINT."""
+OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+"""--dtype name -> OpenVINO's INFERENCE_PRECISION_HINT (int8: for the ops NNCF left in float)."""
+INT8_UNET = "openvino/unet_int8/model.xml"
+"""The int8 UNet of an export, beside its fp32 ONNX graph."""
 OV_IMAGE_MEAN_ATOL = 2e-2
 """The reduced-precision image check: mean |diff| on [0, 1] against fp32 (as for the torch bf16 path)."""
 
@@ -66,8 +70,16 @@ def resolve_precision(
     """The precision an export runs at under OpenVINO, or a UserError naming why not."""
     dtype = dtype or "auto"
     if dtype not in ("auto", *OV_PRECISIONS):
-        raise UserError(f"--dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+        raise UserError(f"--dtype {dtype!r}: use auto, fp32, bf16, fp16 or int8")
     checks = ov_checks(manifest)
+    if dtype == "int8" and not (checks.get("int8") or {}).get("pass"):
+        why = "failed its int8 quality guard" if "int8" in checks else "has no int8 UNet"
+        raise UserError(
+            f"--runtime openvino --dtype int8: this export {why}; use --dtype auto or fp32, or "
+            "`finestyle export --quantize int8 --to EXPORT`"
+        )
+    if dtype == "auto" and (checks.get("int8") or {}).get("pass"):
+        return "int8"
     if dtype == "auto":
         hw = hardware_precision(flags)
         if hw == "fp32":
@@ -158,11 +170,19 @@ def openvino_components(
     ov = require_openvino()
     core = ov.Core()
     comps = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "unet_base")
-    return {
-        c: OvComponent(core, onnx_dir / c / "model.onnx", precision, component_key(files, c, precision), hint)
+    float_precision = "fp32" if precision == "int8" else precision
+    out = {
+        c: OvComponent(
+            core, onnx_dir / c / "model.onnx", float_precision, component_key(files, c, float_precision), hint
+        )
         for c in comps
         if (onnx_dir / c / "model.onnx").is_file()
     }
+    if precision == "int8":
+        int8 = onnx_dir.parent / INT8_UNET
+        mine = {k: v for k, v in files.items() if k.startswith("openvino/unet_int8/")}
+        out["unet"] = OvComponent(core, int8, "int8", hash_json({"files": mine, "precision": "int8"}), hint)
+    return out
 
 
 def unet_fn(comp: OvComponent, unet_cfg: dict[str, Any], vae_scale: int) -> Any:

@@ -4,6 +4,7 @@ request's style's cross-attention keys and values fed as inputs.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,11 @@ def _kv_unet_backend(
     )
 
 
+# How long a style removed by a reload still serves the requests accepted before it (longer than any
+# request's timeout).
+RETIRED_S = 3600.0
+
+
 def swappable_backend(
     export_dir: Path,
     runtime: str = "onnxruntime",
@@ -170,13 +176,19 @@ def swappable_backend(
     layers = manifest["swappable"]["layers"]
     base = load_base_kv(export_dir)
     names = style_names(manifest)
-    cache: dict[str, Any] = {}
-    cur = {"manifest": manifest}
+    # The live styles' K/V factors, replaced whole by a reload (one assignment: the worker thread sees
+    # the old set or the new one, never a half-built one); styles a reload removed stay in `retired`
+    # for RETIRED_S, so that a request accepted while its style was live is still served.
+    cur: dict[str, Any] = {"manifest": manifest, "cache": {}, "retired": {}}
 
     def style(name: str) -> Any:
-        if name not in cache:
-            cache[name] = load_style(export_dir, name, cur["manifest"])  # raises UserError naming the styles
-        return cache[name]
+        found = cur["cache"].get(name)
+        if found is None and name in cur["retired"]:
+            found = cur["retired"][name][0]
+        if found is None:
+            found = load_style(export_dir, name, cur["manifest"])  # raises UserError naming the styles
+            cur["cache"] = {**cur["cache"], name: found}
+        return found
 
     def kv(emb: torch.Tensor, row_styles: list[str]) -> list[torch.Tensor]:
         return project_kv(emb, layers, base, [style(n) for n in row_styles])
@@ -198,9 +210,12 @@ def swappable_backend(
             raise UserError("the export's shared files changed since start-up; restart the server")
         verify_styles(export_dir, new)
         fresh = {n: load_style(export_dir, n, new) for n in style_names(new)}  # refuses a wrong base
-        cur["manifest"] = new
-        cache.clear()
-        cache.update(fresh)
+        now = time.monotonic()
+        retired = {n: v for n, v in cur["retired"].items() if now - v[1] < RETIRED_S and n not in fresh}
+        retired.update({n: (v, now) for n, v in cur["cache"].items() if n not in fresh})
+        # retired first: a reader that then finds a style gone from the new set finds it there
+        cur["retired"], be.retired_styles = retired, sorted(set(retired) | set(be.styles) - set(fresh))
+        cur["manifest"], cur["cache"] = new, fresh
         be.manifest, be.styles = new, style_names(new)
         be.manifest_sha256 = sha256_file(export_dir / "manifest.json")
         return be.styles

@@ -1,0 +1,139 @@
+"""`finestyle export --quantize int8`: an NNCF int8 UNet for OpenVINO beside the fp32 graph, hashed in
+the manifest, with its quality guard; `--dtype auto` picks it only when the guard passed, and
+`--dtype int8` without a passing guard is refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finestyle.artifacts.manifest import verify_export
+from finestyle.config import ExportConfig
+from finestyle.export.steps import run_export
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("nncf")
+pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "e"
+    run_export(ExportConfig(base="builtin:tiny-sd", adapter=None, out=str(out)), log=lambda m: None)
+    return out
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+        env=os.environ.copy(),
+    )
+
+
+def test_quantize_guard_auto_and_refusal(export, tmp_path):
+    work = tmp_path / "q"
+    shutil.copytree(export, work)
+    p = _cli(
+        "export",
+        "--quantize",
+        "int8",
+        "--to",
+        str(work),
+        "--calibration-prompts",
+        "2",
+        "--calibration-steps",
+        "4",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "export: int8 UNet added" in p.stdout and "Statistics collection" not in p.stdout + p.stderr
+    m = verify_export(work)  # the new files are hashed: the export still verifies
+    assert {"openvino/unet_int8/model.xml", "openvino/unet_int8/model.bin"} <= set(m["files"])
+    rec, guard = m["openvino"]["int8"], m["openvino"]["checks"]["int8"]
+    assert rec["fake_quantize_ops"] > 0 and rec["calibration"]["unet_calls"] == 2 * 4
+    assert guard["pass"] is True and guard["mean_abs_diff"] <= guard["mean_atol"] and guard["images"] == 4
+    # auto picks int8 now; its image is within the guard of fp32's on the same seed
+    imgs = {}
+    for dtype in ("auto", "fp32"):
+        out = tmp_path / f"{dtype}.png"
+        g = _cli(
+            "generate",
+            str(work),
+            "a red boat",
+            "--runtime",
+            "openvino",
+            "--dtype",
+            dtype,
+            "--steps",
+            "4",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            cwd=tmp_path,
+        )
+        assert g.returncode == 0, g.stderr[-2000:]
+        imgs[dtype] = np.asarray(Image.open(out), dtype=np.float32) / 255
+        assert ("openvino[CPU,int8]" in g.stdout) == (dtype == "auto"), g.stdout
+    assert 0 < np.abs(imgs["auto"] - imgs["fp32"]).mean() <= 0.05
+    # tampering with the int8 weights is refused like any other file
+    bin_ = work / "openvino/unet_int8/model.bin"
+    data = bytearray(bin_.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bin_.write_bytes(bytes(data))
+    g = _cli(
+        "generate",
+        str(work),
+        "a red boat",
+        "--runtime",
+        "openvino",
+        "--dtype",
+        "int8",
+        "--out",
+        "x.png",
+        cwd=tmp_path,
+    )
+    assert g.returncode == 2 and "Traceback" not in g.stderr, g.stderr[-2000:]
+
+
+def test_a_failing_guard_marks_int8_unusable(export, tmp_path, monkeypatch):
+    import finestyle.export.quantize as Q
+
+    work = tmp_path / "q"
+    shutil.copytree(export, work)
+    monkeypatch.setattr(Q, "INT8_IMAGE_MEAN_ATOL", 0.0)  # no int8 image can be that close
+    r = Q.quantize_export(str(work), prompts=2, steps=4, guard_steps=4, log=lambda m: None)
+    assert r["guard"]["pass"] is False
+    m = json.loads((work / "manifest.json").read_text())
+    assert m["openvino"]["checks"]["int8"]["pass"] is False
+    from finestyle.runtime.openvino import resolve_precision
+
+    assert resolve_precision("auto", m) != "int8"  # auto keeps to float
+    g = _cli(
+        "generate",
+        str(work),
+        "a red boat",
+        "--runtime",
+        "openvino",
+        "--dtype",
+        "int8",
+        "--out",
+        "x.png",
+        cwd=tmp_path,
+    )
+    assert g.returncode == 2 and len(g.stderr.strip().splitlines()) == 1
+    assert "failed its int8 quality guard" in g.stderr
+    # an export that was never quantized: refused the same way
+    g = _cli("generate", str(export), "a red boat", "--dtype", "int8", "--out", "x.png", cwd=tmp_path)
+    assert g.returncode == 2 and "has no int8 UNet" in g.stderr
