@@ -45,9 +45,15 @@ def _ort_op_times(onnx_path: Any, feeds: dict[str, Any], runs: int = 2) -> dict[
 
 
 def bench_unet_step(
-    model: str, latent: int = 32, batch: int = 2, iters: int = 3, image_size: int | None = None
+    model: str,
+    latent: int = 32,
+    batch: int = 2,
+    iters: int = 3,
+    image_size: int | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
-    """One UNet step: PyTorch eager fp32 vs onnxruntime fp32 (the export) vs bf16 candidates."""
+    """One UNet step: PyTorch eager fp32 vs onnxruntime fp32 (the export) vs bf16 candidates (and the
+    NNCF int8 UNet on OpenVINO with `int8`)."""
     import tempfile
 
     import numpy as np
@@ -96,7 +102,7 @@ def bench_unet_step(
                 return unet16(x16, t, encoder_hidden_states=c16).sample
 
         res: dict[str, Any] = {"model": model, "latent": latent, "batch": batch, "gflop_per_step": gflop}
-        ov = _openvino_steps(Path(d), x, c, ref)
+        ov = _openvino_steps(Path(d), x, c, ref, int8)
         # interleave the measurements so machine noise hits both alike
         res["torch_fp32_s"] = time_call(torch_fp32, iters)
         res["ort_fp32_s"] = time_call(ort_fp32, iters)
@@ -165,6 +171,7 @@ CPU_RUNTIMES = (
     ("onnxruntime fp32 (the export)", "ort_fp32_s", "fp32", None),
     ("OpenVINO fp32 (the same ONNX)", "openvino_fp32_s", "fp32", "openvino_fp32_rel_diff"),
     ("OpenVINO bf16 (the same ONNX)", "openvino_bf16_s", "bf16", "openvino_bf16_rel_diff"),
+    ("OpenVINO int8 (the same ONNX, NNCF)", "openvino_int8_s", "int8", "openvino_int8_rel_diff"),
 )
 
 
@@ -177,7 +184,10 @@ def runtime_table(res: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         sec = res[key]
         gflops = res["gflop_per_step"] / sec
-        peak = res["matmul_bf16_gflops" if prec == "bf16" else "matmul_fp32_gflops"]  # None: no bf16 units
+        # None: no bf16 units, or no int8 peak measured
+        peak = res.get(
+            {"bf16": "matmul_bf16_gflops", "int8": "matmul_int8_gops"}.get(prec, "matmul_fp32_gflops")
+        )
         rows.append(
             {
                 "runtime": label,
@@ -193,10 +203,13 @@ def runtime_table(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _openvino_steps(onnx_root: Any, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """OpenVINO UNet step callables (fp32 and bf16 where the CPU has bf16) over the exported ONNX,
-    each with its mean relative difference to eager fp32; {} without OpenVINO. Compiled blobs go to
-    a folder of the run, so the benchmark leaves no cache behind."""
+def _openvino_steps(
+    onnx_root: Any, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor, int8: bool = False
+) -> dict[str, Any]:
+    """OpenVINO UNet step callables (fp32, bf16 where the CPU has bf16, and with `int8` the UNet that
+    `export --quantize int8` makes, calibrated here on the step's inputs at five noise levels) over
+    the exported ONNX, each with its mean relative difference to eager fp32; {} without OpenVINO.
+    Compiled blobs go to a folder of the run, so the benchmark leaves no cache behind."""
     import os
 
     import numpy as np
@@ -211,8 +224,24 @@ def _openvino_steps(onnx_root: Any, x: torch.Tensor, c: torch.Tensor, ref: torch
     core = ov.Core()
     feeds = {"sample": x.numpy(), "timestep": np.array(500.0, np.float32), "encoder_hidden_states": c.numpy()}
     out = {}
-    for prec in dict.fromkeys(("fp32", hardware_precision())):
-        comp = OvComponent(core, onnx_root / "onnx" / "unet" / "model.onnx", prec, f"bench-{prec}")
+    if int8:
+        from finestyle.export.quantize import quantize_unet
+        from finestyle.runtime.openvino import INT8_UNET
+
+        g = torch.Generator().manual_seed(1)
+        calib = [
+            {
+                **feeds,
+                "sample": torch.randn(x.shape, generator=g).numpy(),
+                "timestep": np.array(t, np.float32),
+            }
+            for t in (999.0, 750.0, 500.0, 250.0, 1.0)
+        ]
+        quantize_unet(onnx_root / "onnx" / "unet" / "model.onnx", calib, onnx_root / INT8_UNET)
+    precs = ("fp32", hardware_precision(), "int8") if int8 else ("fp32", hardware_precision())
+    for prec in dict.fromkeys(precs):
+        graph = onnx_root / ("openvino/unet_int8/model.xml" if prec == "int8" else "onnx/unet/model.onnx")
+        comp = OvComponent(core, graph, prec, f"bench-{prec}")
         got = torch.from_numpy(comp(**feeds))
         rel = float((got - ref).abs().mean() / ref.abs().mean())
         out[prec] = ((lambda comp=comp: comp(**feeds)), rel)
@@ -231,6 +260,7 @@ def _whole_image(res: dict[str, Any], root: Any, src: Any, size: int) -> dict[st
     )
 
     candidates = {
+        "openvino_int8_s": lambda: openvino_backend(root, "int8", manifest={}, files={}),
         "openvino_bf16_s": lambda: openvino_backend(root, "bf16", manifest={}, files={}),
         "openvino_fp32_s": lambda: openvino_backend(root, "fp32", manifest={}, files={}),
         "torch_bf16_weights_s": lambda: torch_backend(str(src), None, "cpu", "bf16"),

@@ -110,6 +110,11 @@ def bench_export_cmd(
     bound: bool = typer.Option(
         False, help="On CPU too: the device path (eager vs ORT with IO binding) instead of the CPU analysis."
     ),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="CPU: also the NNCF int8 UNet on OpenVINO (quantized in the run: minutes on SD 1.5).",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """One UNet step: PyTorch eager vs onnxruntime (the export), with the fp32 peak share and bf16."""
@@ -138,7 +143,7 @@ def bench_export_cmd(
             json_out.write_text(json.dumps(allr, indent=2))
         return
     for m in model:
-        r = bench_unet_step(m, latent, batch, iters, image_size)
+        r = bench_unet_step(m, latent, batch, iters, image_size, int8)
         allr.append(r)
         typer.echo(
             f"{m}: one UNet step, batch {batch}, latent {latent}x{latent}, {r['gflop_per_step']:.1f} GFLOP | "
@@ -170,6 +175,11 @@ def bench_export_cmd(
                 f"  OpenVINO {ovk.split('_')[1]} vs PyTorch bf16: {t['torch_bf16_weights_s'] / t[ovk]:.2f}x | "
                 f"vs onnxruntime fp32: {t['ort_fp32_s'] / t[ovk]:.2f}x"
             )
+            if "openvino_int8_s" in t:
+                typer.echo(
+                    f"  OpenVINO int8 vs OpenVINO {ovk.split('_')[1]}: {t[ovk] / t['openvino_int8_s']:.2f}x "
+                    "(its quality: the export's int8 guard, `export --quantize int8`)"
+                )
         w = r["whole_image"]
         typer.echo(
             f"  whole image ({w['size']} px, {w['steps']} steps, text encoder + UNet + VAE decode) on the "

@@ -137,3 +137,29 @@ def test_a_failing_guard_marks_int8_unusable(export, tmp_path, monkeypatch):
     # an export that was never quantized: refused the same way
     g = _cli("generate", str(export), "a red boat", "--dtype", "int8", "--out", "x.png", cwd=tmp_path)
     assert g.returncode == 2 and "has no int8 UNet" in g.stderr
+
+
+def test_bench_export_adds_the_int8_row(tmp_path):
+    out = tmp_path / "bench.json"
+    p = _cli(
+        "bench",
+        "export",
+        "--model",
+        "builtin:tiny-sd",
+        "--latent",
+        "8",
+        "--iters",
+        "1",
+        "--image-size",
+        "64",
+        "--int8",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r,) = json.loads(out.read_text())
+    rows = {row["key"]: row for row in r["runtimes"]}
+    assert rows["openvino_int8_s"]["ms"] > 0 and rows["openvino_int8_s"]["precision"] == "int8"
+    assert r["openvino_int8_rel_diff"] < 1.0
+    assert "OpenVINO int8 vs OpenVINO" in p.stdout
