@@ -40,9 +40,10 @@ def docs_text() -> str:
     return "\n".join(p.read_text() for p in doc_pages())
 
 
-def doc_section(heading: str) -> str:
-    """The text after `heading` (a whole line, e.g. "## SDXL") on the page that has it."""
-    for page in doc_pages():
+def doc_section(heading: str, page: str | None = None) -> str:
+    """The text after `heading` (a whole line, e.g. "## SDXL") on the first page that has it (or on
+    `page`, a path from the repository's root)."""
+    for page in [REPO / page] if page else doc_pages():
         text = page.read_text()
         lines = text.splitlines()
         if heading in lines:

@@ -88,7 +88,7 @@ def test_readme_demo_command_runs_clean_and_reuses(tmp_path):
     assert "have random weights" in first.stdout and "finestyle world render" in first.stdout
     assert second.returncode == 0 and "prepare reused, train reused, export reused" in second.stdout
     # the offline eval example ("## The two commands", getting started), as written, on the demo's export
-    readme = doc_section("## The two commands")
+    readme = doc_section("## The two commands", page="docs/getting-started.md")
     line = next(x for x in readme.splitlines() if x.startswith("finestyle eval runs/demo/export"))
     ev = subprocess.run(
         [str(exe), *line.split()[1:]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600

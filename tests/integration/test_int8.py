@@ -113,7 +113,7 @@ def test_a_failing_guard_marks_int8_unusable(export, tmp_path, monkeypatch):
     work = tmp_path / "q"
     shutil.copytree(export, work)
     monkeypatch.setattr(Q, "INT8_IMAGE_MEAN_ATOL", 0.0)  # no int8 image can be that close
-    r = Q.quantize_export(str(work), prompts=2, steps=4, guard_steps=4, log=lambda m: None)
+    r = Q.quantize_export(str(work), prompts=1, steps=2, guard_steps=2, log=lambda m: None)
     assert r["guard"]["pass"] is False
     m = json.loads((work / "manifest.json").read_text())
     assert m["openvino"]["checks"]["int8"]["pass"] is False
