@@ -43,8 +43,8 @@ def docs_text() -> str:
 def doc_section(heading: str, page: str | None = None) -> str:
     """The text after `heading` (a whole line, e.g. "## SDXL") on the first page that has it (or on
     `page`, a path from the repository's root)."""
-    for page in [REPO / page] if page else doc_pages():
-        text = page.read_text()
+    for path in [REPO / page] if page else doc_pages():
+        text = path.read_text()
         lines = text.splitlines()
         if heading in lines:
             return "\n".join(lines[lines.index(heading) + 1 :])
