@@ -109,7 +109,11 @@ def openapi_reference() -> str:
             if op.get("description"):
                 out.append(_cell(op["description"]) + "\n")
             ref = (
-                op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {}).get("$ref")
+                op.get("requestBody", {})
+                .get("content", {})
+                .get("application/json", {})
+                .get("schema", {})
+                .get("$ref")
             )
             if ref:
                 body = comps[ref.rsplit("/", 1)[1]]
@@ -119,7 +123,9 @@ def openapi_reference() -> str:
                     kinds = [x.get("type", "") for x in p.get("anyOf", [p])]
                     limits = {}
                     for x in [p, *p.get("anyOf", [])]:
-                        limits.update({k: _num(x[k]) for k in ("minimum", "maximum", "maxLength", "enum") if k in x})
+                        limits.update(
+                            {k: _num(x[k]) for k in ("minimum", "maximum", "maxLength", "enum") if k in x}
+                        )
                     default = "required" if name in req else json.dumps(p.get("default"))
                     out.append(
                         f"| `{name}` | {_cell(' or '.join(k for k in kinds if k))} | `{_cell(default)}` | "
