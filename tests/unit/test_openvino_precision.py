@@ -46,5 +46,12 @@ def test_explicit_reduced_precision_needs_a_passing_check():
         resolve_precision("bf16", checked("bf16", False), AMX)
     with pytest.raises(UserError, match="has no recorded OpenVINO fp16 image check"):
         resolve_precision("fp16", checked("bf16", True), AMX)
-    with pytest.raises(UserError, match="use auto, fp32, bf16 or fp16"):
+    with pytest.raises(UserError, match="use auto, fp32, bf16, fp16 or int8"):
         resolve_precision("int4", {}, AMX)
+    # int8: only with a passing guard, and then `auto` prefers it on any CPU
+    with pytest.raises(UserError, match="has no int8 UNet"):
+        resolve_precision("int8", checked("bf16", True), AMX)
+    with pytest.raises(UserError, match="failed its int8 quality guard"):
+        resolve_precision("int8", checked("int8", False), AVX2)
+    assert resolve_precision("auto", checked("int8", True), AVX2) == "int8"
+    assert resolve_precision("auto", checked("int8", False), AVX2) == "fp32"
