@@ -74,7 +74,9 @@ def known_text(tokenizer: Any, text: str) -> bool:
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
         return True
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # only what the text encoder reads (its window), which also keeps a long caption from warning
+    limit = getattr(tokenizer, "model_max_length", None) or 77
+    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=min(limit, 4096))["input_ids"]
     return unk not in ids
 
 
