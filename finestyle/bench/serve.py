@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from finestyle.bench.common import free_port
@@ -13,7 +14,7 @@ from finestyle.export.steps import run_export
 class ServerProcess:
     """`finestyle serve` in a subprocess on 127.0.0.1; stopped with SIGTERM (drains)."""
 
-    def __init__(self, export: str, extra: list[str]) -> None:
+    def __init__(self, export: str, extra: list[str], env: dict[str, str] | None = None) -> None:
         import os
         import subprocess
         import sys
@@ -22,7 +23,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "finestyle.cli.app", "serve", export, "--port", str(self.port), *extra],
-            env=os.environ.copy(),
+            env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -30,7 +31,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         import httpx
 
-        t_end = time.time() + 120
+        t_end = time.time() + 300  # a cold OpenVINO warm-up compiles every batch size first
         while time.time() < t_end:
             if self.proc.poll() is not None:
                 raise RuntimeError("server exited during start-up")
@@ -40,7 +41,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server did not become ready in 120 s")
+        raise RuntimeError("server did not become ready in 300 s")
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -53,12 +54,13 @@ class ServerProcess:
 def load_level(
     url: str,
     concurrency: int,
-    n_requests: int,
+    n_requests: int | None,
     steps: int,
     time_limit: float,
     size: int | None = None,
     styles: list[str] | None = None,
 ) -> dict[str, Any]:
+    import itertools
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -90,9 +92,22 @@ def load_level(
         if code == 200:
             lat.append(time.perf_counter() - t)
 
+    counter = iter(range(n_requests)) if n_requests else itertools.count()
+    take = threading.Lock()
+
+    def client() -> None:
+        # closed loop: each client sends its next request when the previous one is answered
+        while time.time() <= deadline:
+            with take:
+                i = next(counter, None)
+            if i is None:
+                return
+            one(i)
+
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
-        list(ex.map(one, range(n_requests)))
+        for f in [ex.submit(client) for _ in range(concurrency)]:
+            f.result()
     wall = time.perf_counter() - t0
     ok = codes.get(200, 0)
     q = np.percentile(lat, [50, 95, 99]) if lat else [float("nan")] * 3
@@ -175,4 +190,100 @@ def bench_serve(
             "server_alive": alive,
             "only_503_beyond_queue": set(flood["codes"]) <= {200, 503},
         }
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def shape_compiles(url: str) -> int:
+    """The server's `finestyle_shape_compiles` gauge."""
+    import httpx
+
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("finestyle_shape_compiles "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def soak_once(
+    export: str, runtime: str, warmup: str, seconds: float, concurrency: int, steps: int
+) -> dict[str, Any]:
+    """One server under `concurrency` closed-loop clients for `seconds`: errors, latency, compiles
+    and resident memory (sampled each second). The OpenVINO compile cache starts empty, as on a
+    fresh host."""
+    import tempfile
+    import threading
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        with ServerProcess(
+            export,
+            ["--runtime", runtime, "--warmup", warmup, "--max-batch", "8", "--queue-size", "64"],
+            env={"FINESTYLE_OV_CACHE": cache},
+        ) as s:
+            start_s = time.perf_counter() - t0
+            compiles_at_ready = shape_compiles(s.url)
+            rss: list[tuple[float, int]] = []
+            stop = threading.Event()
+
+            def sample() -> None:
+                t = time.perf_counter()
+                while not stop.wait(1.0):
+                    rss.append((time.perf_counter() - t, rss_bytes(s.proc.pid)))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            level = load_level(s.url, concurrency, None, steps, seconds)
+            stop.set()
+            sampler.join()
+            compiles_at_end = shape_compiles(s.url)
+    # memory after the first tenth of the run (allocator pools and first batches settled) vs the end
+    settled = [b for t, b in rss if t >= seconds / 10] or [b for _, b in rss]
+    first, last = float(np.median(settled[: max(1, len(settled) // 5)])), float(np.median(settled[-5:]))
+    return {
+        **level,
+        "warmup": warmup,
+        "seconds": seconds,
+        "start_to_ready_s": start_s,
+        "shape_compiles_at_ready": compiles_at_ready,
+        "shape_compiles_during_load": compiles_at_end - compiles_at_ready,
+        "rss_settled_bytes": first,
+        "rss_end_bytes": last,
+        "rss_growth": last / first - 1,
+        "rss_samples": len(rss),
+    }
+
+
+def bench_soak(
+    export: str | None = None,
+    runtime: str = "openvino",
+    seconds: float = 120.0,
+    concurrency: int = 4,
+    steps: int = 4,
+    modes: tuple[str, ...] = ("off", "on"),
+) -> dict[str, Any]:
+    """The server soak: `seconds` at `concurrency`, warm-up off then on, side by side in one run."""
+    import tempfile
+
+    from finestyle.core.env import cpu_name
+
+    with tempfile.TemporaryDirectory() as d:
+        if export is None:
+            export = f"{d}/export"
+            run_export(
+                ExportConfig(base="builtin:tiny-sd", adapter=None, out=export, device="cpu"),
+                log=lambda m: None,
+            )
+        runs = {m: soak_once(export, runtime, m, seconds, concurrency, steps) for m in modes}
+    out: dict[str, Any] = {"cpu": cpu_name(), "runtime": runtime, "concurrency": concurrency, "runs": runs}
+    if "off" in runs and "on" in runs and runs["on"]["p95_s"]:
+        out["p95_off_over_on"] = runs["off"]["p95_s"] / runs["on"]["p95_s"]
     return out

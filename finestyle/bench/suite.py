@@ -14,7 +14,7 @@ from finestyle.bench.common import (
 )
 from finestyle.bench.device import bench_unet_step_device
 from finestyle.bench.export import CPU_RUNTIMES, bench_unet_step, runtime_table
-from finestyle.bench.serve import bench_serve
+from finestyle.bench.serve import bench_serve, bench_soak
 from finestyle.bench.stages import bench_stages, export_parts, pipeline_without_unet, stage_worker
 from finestyle.bench.styles import bench_styles
 from finestyle.bench.train import bench_train, train_worker
@@ -24,6 +24,7 @@ __all__ = [
     "GPU_BF16_PEAK_TFLOPS",
     "bench_caption",
     "bench_serve",
+    "bench_soak",
     "bench_stages",
     "bench_styles",
     "bench_train",

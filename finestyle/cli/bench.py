@@ -217,11 +217,20 @@ def bench_serve_cmd(
     memory_only: bool = typer.Option(
         False, "--memory-only", help="--styles: disk and server memory only (no timings: for large models)."
     ),
+    soak: float = typer.Option(
+        0,
+        help="S > 0: the soak instead: S seconds at --concurrency 4 (or as given), start-up warm-up off then "
+        "on, each with an empty OpenVINO compile cache: errors, p95, shape compiles and resident memory.",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Server under load on 127.0.0.1: concurrency 1/2/4/8, batching on vs off, then an overload flood."""
-    from finestyle.bench.suite import bench_serve, bench_styles
+    from finestyle.bench.suite import bench_serve, bench_soak, bench_styles
 
+    if soak > 0:
+        conc = 4 if concurrency == 8 else concurrency  # --concurrency's default is the --styles one
+        _print_soak(bench_soak(export_dir, runtime, soak, conc, steps), json_out)
+        return
     if styles > 0:
         r = bench_styles(styles, model, requests, steps, concurrency, time_limit, memory_only=memory_only)
         _print_styles(r, json_out)
@@ -252,6 +261,24 @@ def bench_serve_cmd(
         f"batching throughput ratio at the highest concurrency: {r['batching_ratio_at_max_concurrency']:.2f}x"
     )
     typer.echo(f"overload (queue 4, 24 concurrent): {r['overload']}")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+
+
+def _print_soak(r: dict[str, Any], json_out: Path | None) -> None:
+    mb = 2**20
+    typer.echo(f"soak: {r['runtime']}, concurrency {r['concurrency']} | {r['cpu']}")
+    typer.echo(
+        "warm-up  ready s  ok/req     errors  p50 s   p95 s   compiles in load  RSS MiB (settled -> end)"
+    )
+    for mode, x in r["runs"].items():
+        typer.echo(
+            f"{mode:7s}  {x['start_to_ready_s']:7.1f}  {x['ok']:4d}/{x['requests']:<4d}  {x['errors']:6d}  "
+            f"{x['p50_s']:.3f}  {x['p95_s']:.3f}  {x['shape_compiles_during_load']:20d}  "
+            f"{x['rss_settled_bytes'] / mb:.0f} -> {x['rss_end_bytes'] / mb:.0f} ({x['rss_growth']:+.1%})"
+        )
+    if "p95_off_over_on" in r:
+        typer.echo(f"p95 without warm-up / with: {r['p95_off_over_on']:.2f}x")
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
 

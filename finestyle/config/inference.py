@@ -160,6 +160,15 @@ class ServeConfig:
     """Per-request timeout (504 beyond)."""
     drain_s: float = 30.0
     """On shutdown, how long requests in flight may finish."""
+    batch_sizes: list[int] | None = None
+    """Batch sizes (images) the batcher forms: of the requests it gathered, it runs the largest listed
+    size and keeps the rest for the next loop (default: any size 1..max_batch). On OpenVINO every
+    size is its own compiled shape with its own copy of the packed weights, so fewer sizes bound the
+    server's memory; `--warmup` compiles exactly these."""
+    warmup: str = "auto"
+    """auto | on | off: before turning ready, run one 1-step loop at every batch size the batcher can
+    form (1..max_batch, native size, default guidance), so no request pays a compile. auto: on for
+    --runtime openvino, which compiles each input shape on first use."""
 
     def __post_init__(self) -> None:
         _check(
@@ -186,3 +195,11 @@ class ServeConfig:
         _check(self.max_wait_ms >= 0, "serve.max_wait_ms", self.max_wait_ms, "must be >= 0")
         _check(self.max_gap_ms >= 0, "serve.max_gap_ms", self.max_gap_ms, "must be >= 0")
         _check(self.timeout_s > 0, "serve.timeout_s", self.timeout_s, "must be > 0")
+        _check(
+            self.batch_sizes is None
+            or (bool(self.batch_sizes) and all(1 <= b <= self.max_batch for b in self.batch_sizes)),
+            "serve.batch_sizes",
+            self.batch_sizes,
+            "sizes between 1 and max_batch",
+        )
+        _check(self.warmup in ("auto", "on", "off"), "serve.warmup", self.warmup, "use auto, on or off")

@@ -25,7 +25,13 @@ from finestyle.runtime.generate import (
     provenance,
 )
 from finestyle.serve.batcher import Batcher, Job, encode_pngs, style_of, submit_request
-from finestyle.serve.lifecycle import check_port_free, drain_then_exit, make_lifespan, reload_styles
+from finestyle.serve.lifecycle import (
+    check_port_free,
+    drain_then_exit,
+    make_lifespan,
+    reload_styles,
+    shape_compiles,
+)
 from finestyle.serve.metrics import LATENCY_BUCKETS, Metrics
 from finestyle.serve.openai import add_openai_routes, images_model, openai_error
 from finestyle.serve.requests import (
@@ -145,7 +151,8 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
 
         b: Batcher | None = state.get("batcher")
         return Response(
-            metrics.render(b.depth() if b else 0, state["in_flight"]), media_type=CONTENT_TYPE_LATEST
+            metrics.render(b.depth() if b else 0, state["in_flight"], shape_compiles(state.get("backend"))),
+            media_type=CONTENT_TYPE_LATEST,
         )
 
     async def submit(req: GenerationRequest) -> tuple[int, Any]:

@@ -76,7 +76,8 @@ class Batcher:
                 deadline = loop.time() + wait_s
                 gap_s = self.cfg.max_gap_ms / 1000
                 held: list[Job] = []
-                while n < self.cfg.max_batch:
+                cap = max(self.cfg.batch_sizes or [self.cfg.max_batch])
+                while n < cap:
                     nxt = self._take_nowait()
                     if nxt is None:
                         left = min(deadline - loop.time(), gap_s)
@@ -85,11 +86,17 @@ class Batcher:
                         nxt = await self._next(left)
                         if nxt is None:
                             break
-                    if shape_key(nxt.req) == key and n + nxt.req.num_images <= self.cfg.max_batch:
+                    if shape_key(nxt.req) == key and n + nxt.req.num_images <= cap:
                         batch.append(nxt)
                         n += nxt.req.num_images
                     else:
                         held.append(nxt)
+                allowed = self.cfg.batch_sizes
+                while allowed and n not in allowed and len(batch) > 1:
+                    # run the largest allowed size; the rest go first in the next loop
+                    extra = batch.pop()
+                    n -= extra.req.num_images
+                    held.insert(0, extra)
                 self.pending = held + self.pending
             self.last_batch = len(batch)
             batch = [j for j in batch if not j.future.done()]  # timed-out clients

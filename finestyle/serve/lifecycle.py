@@ -12,6 +12,8 @@ from finestyle.config import ServeConfig
 from finestyle.core.errors import UserError
 from finestyle.runtime.generate import (
     Backend,
+    GenerationRequest,
+    generate_batch,
     load_backend,
 )
 from finestyle.serve.batcher import Batcher
@@ -32,6 +34,28 @@ async def reload_styles(state: dict[str, Any]) -> Any:
     return {"styles": styles}
 
 
+def shape_compiles(be: Backend | None) -> int:
+    """Per-shape compiles the backend has done (OpenVINO compiles each input shape once)."""
+    parts = be.parts.values() if be is not None else ()
+    return sum(getattr(c, "compiles", 0) for c in parts)
+
+
+def warm_up(be: Backend, cfg: ServeConfig) -> str | None:
+    """One 1-step loop at each batch size the batcher can form (`batch_sizes`, or 1..max_batch; requests
+    of one image at the model's native size and default guidance), so that no request waits for a
+    compile."""
+    if cfg.warmup == "off" or (cfg.warmup == "auto" and cfg.runtime != "openvino"):
+        return None
+    t0 = time.perf_counter()
+    sizes = sorted(cfg.batch_sizes or range(1, cfg.max_batch + 1)) if cfg.batching else [1]
+    for n in sizes:
+        generate_batch(be, [GenerationRequest(prompt="warm-up", steps=1, seed=i) for i in range(n)])
+    return (
+        f"serve: warmed up batch sizes {', '.join(map(str, sizes))} in {time.perf_counter() - t0:.1f} s "
+        f"({shape_compiles(be)} shape compiles; other sizes and guidance settings compile on first use)"
+    )
+
+
 def make_lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, Any], metrics: Metrics) -> Any:
     """Start-up (load the export, start the batcher) and shutdown (drain, then stop the worker)."""
 
@@ -41,6 +65,9 @@ def make_lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, An
             None, lambda: load_backend(cfg.export, cfg.runtime, cfg.providers, dtype=cfg.dtype)
         )
         state["backend"] = be
+        said = await asyncio.get_running_loop().run_in_executor(None, warm_up, be, cfg)
+        if said:
+            print(said, file=sys.stderr, flush=True)
         state["batcher"] = Batcher(be, cfg, metrics)
         state["batcher"].task = asyncio.create_task(state["batcher"].run())
         _on_sighup(state)

@@ -45,6 +45,11 @@ class Metrics:
             "finestyle_queue_depth", "Requests waiting for the inference worker.", registry=r
         )
         self.in_flight = Gauge("finestyle_in_flight", "Requests accepted and not yet answered.", registry=r)
+        self.compiles = Gauge(
+            "finestyle_shape_compiles",
+            "Input shapes the runtime has compiled (OpenVINO: one per shape; 0 for shape-dynamic runtimes).",
+            registry=r,
+        )
 
     def observe(self, status: int, seconds: float | None, style: str | None = None) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -61,9 +66,10 @@ class Metrics:
             if st is not None:
                 self.style_images.labels(style=st).inc(r.num_images)
 
-    def render(self, queue_depth: int, in_flight: int) -> bytes:
+    def render(self, queue_depth: int, in_flight: int, compiles: int = 0) -> bytes:
         from prometheus_client import generate_latest
 
         self.queue_depth.set(queue_depth)
         self.in_flight.set(in_flight)
+        self.compiles.set(compiles)
         return generate_latest(self.registry)

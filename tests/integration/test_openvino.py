@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finestyle.bench.serve import bench_soak
 from finestyle.config import EvalConfig, ExportConfig, ServeConfig
 from finestyle.eval.run import run_eval
 from finestyle.export.steps import run_export
@@ -147,7 +148,7 @@ def test_reduced_precision_without_a_passing_check_is_refused(export, tmp_path):
 
 
 def test_the_server_serves_through_openvino(export):
-    with Server(ServeConfig(export=str(export), runtime="openvino", max_steps=4)) as s:
+    with Server(ServeConfig(export=str(export), runtime="openvino", max_steps=4, max_batch=2)) as s:
         r = httpx.post(
             s.url + "/v1/generate", json={"prompt": "a red boat", "steps": 2, "seed": 3}, timeout=120
         )
@@ -216,3 +217,15 @@ def test_a_swappable_export_runs_on_openvino_in_every_style(swx, adapters, tmp_p
         )
         assert r.status_code == 200, r.text
         assert Image.open(io.BytesIO(r.content)).text["finestyle:runtime"].startswith("openvino[CPU,")
+
+
+@pytest.mark.slow
+def test_the_openvino_server_soak_has_no_errors_no_compiles_under_load_and_flat_memory(export):
+    """The server bench's soak on --runtime openvino: start-up compiles every batch size the batcher can
+    form, so 4 concurrent clients never wait for a compile; no errors, and resident memory stays flat."""
+    r = bench_soak(str(export), "openvino", seconds=40, concurrency=4, steps=2, modes=("on",))
+    on = r["runs"]["on"]
+    assert on["ok"] >= 20 and on["errors"] == 0, on["codes"]
+    assert on["shape_compiles_at_ready"] >= 8, on  # UNet (CFG) and VAE at batch sizes 1..8
+    assert on["shape_compiles_during_load"] == 0, on
+    assert abs(on["rss_growth"]) < 0.10, on

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from finestyle.config import EMPTY_PROMPT, ExportConfig, ServeConfig
+from finestyle.core.errors import UserError
 from finestyle.export.steps import run_export
 from finestyle.serve.app import create_app
 
@@ -219,6 +220,36 @@ def test_batcher_stops_waiting_when_the_burst_is_over(monkeypatch):
     elapsed = asyncio.run(scenario())
     assert sizes == [3]
     assert elapsed < 2.5  # far below max_wait_ms=5000: the wait ended 20 ms after the last arrival
+
+
+def test_the_batcher_forms_only_the_listed_batch_sizes(monkeypatch):
+    """--batch-sizes 1,2,4: seven same-shape requests at once run as 4 + 2 + 1, never 7 or 3."""
+    import asyncio
+
+    import finestyle.serve.app as srv
+    import finestyle.serve.batcher as batcher
+    from finestyle.runtime.generate import GenerationRequest
+
+    sizes: list[int] = []
+    monkeypatch.setattr(
+        batcher, "generate_batch", lambda be, reqs: sizes.append(len(reqs)) or [["i"] for _ in reqs]
+    )
+
+    async def scenario() -> None:
+        cfg = ServeConfig(export="unused", max_batch=8, batch_sizes=[1, 2, 4], max_wait_ms=50, max_gap_ms=20)
+        b = srv.Batcher(backend=None, cfg=cfg, metrics=srv.Metrics())
+        loop = asyncio.get_running_loop()
+        jobs = [srv.Job(GenerationRequest(f"p{i}", steps=2), loop.create_future(), 0.0) for i in range(7)]
+        for j in jobs:
+            b.queue.put_nowait(j)
+        b.task = asyncio.create_task(b.run())
+        await asyncio.gather(*(j.future for j in jobs))
+        b.task.cancel()
+
+    asyncio.run(scenario())
+    assert sizes == [4, 2, 1], sizes
+    with pytest.raises(UserError, match="serve.batch_sizes"):
+        ServeConfig(export="unused", max_batch=4, batch_sizes=[8])
 
 
 def test_torch_bf16_runtime_is_served_as_configured(export_dir):
