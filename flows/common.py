@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from finestyle.core.errors import UserError
@@ -21,6 +23,13 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
 
 
 RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_bad_input)
+
+
+def run_log() -> Callable[[str], None]:
+    """The stage's own lines (progress, "resumed from step-N", parity) into the run's log, where the
+    UI and `prefect flow-run logs` show them. The library writes them to stderr, which Prefect's
+    print capture does not see."""
+    return get_run_logger().info
 
 
 def _key(text: str) -> str:

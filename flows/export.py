@@ -27,7 +27,7 @@ from finestyle.export.steps import (
     step_tensorrt,
     step_validate,
 )
-from flows.common import RETRY, markdown, table
+from flows.common import RETRY, markdown, run_log, table
 
 
 def _cfg(config: dict[str, Any]) -> ExportConfig:
@@ -36,7 +36,7 @@ def _cfg(config: dict[str, Any]) -> ExportConfig:
 
 @task
 def reuse_task(config: dict[str, Any]) -> ExportResult | None:
-    return check_reuse(_cfg(config))
+    return check_reuse(_cfg(config), log=run_log())
 
 
 @task(**RETRY)
@@ -46,32 +46,32 @@ def begin_task(config: dict[str, Any]) -> str:
 
 @task
 def merge_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
-    return step_merge(_cfg(config), tmp)
+    return step_merge(_cfg(config), tmp, log=run_log())
 
 
 @task
 def onnx_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
-    return step_onnx(_cfg(config), tmp)
+    return step_onnx(_cfg(config), tmp, log=run_log())
 
 
 @task
 def validate_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
-    return step_validate(_cfg(config), tmp)
+    return step_validate(_cfg(config), tmp, log=run_log())
 
 
 @task
 def bf16_task(config: dict[str, Any], tmp: str) -> dict[str, Any] | None:
-    return step_bf16(_cfg(config), tmp)
+    return step_bf16(_cfg(config), tmp, log=run_log())
 
 
 @task
 def openvino_task(config: dict[str, Any], tmp: str) -> dict[str, Any] | None:
-    return step_openvino(_cfg(config), tmp)
+    return step_openvino(_cfg(config), tmp, log=run_log())
 
 
 @task
 def optimize_task(config: dict[str, Any], tmp: str) -> dict[str, Any]:
-    return step_optimize(_cfg(config), tmp)
+    return step_optimize(_cfg(config), tmp, log=run_log())
 
 
 @task
@@ -91,7 +91,9 @@ def publish_task(
     reduced: dict[str, Any] | None,
     ov: dict[str, Any] | None = None,
 ) -> ExportResult:
-    return publish_export(_cfg(config), tmp, merge, onnx, parity, opt, trt, reduced=reduced, ov_rep=ov)
+    return publish_export(
+        _cfg(config), tmp, merge, onnx, parity, opt, trt, reduced=reduced, ov_rep=ov, log=run_log()
+    )
 
 
 @task

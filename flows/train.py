@@ -11,14 +11,14 @@ from prefect import flow, task
 from finestyle.config import TrainConfig, from_dict, to_dict
 from finestyle.eval.checkpoints import train_with_eval
 from finestyle.train.loop import TrainResult
-from flows.common import RETRY, markdown, table
+from flows.common import RETRY, markdown, run_log, table
 
 
 @task(**RETRY)
 def train_task(config: dict[str, Any]) -> TrainResult:
     """Train (or reuse an identical finished run; resume from a checkpoint after a crash); with
     eval_every, score the checkpoints and select adapter/ (`select`)."""
-    return train_with_eval(from_dict(TrainConfig, config))
+    return train_with_eval(from_dict(TrainConfig, config), log=run_log())
 
 
 @task

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO, doc_section
@@ -153,7 +154,7 @@ def test_readme_production_commands_deploy_and_complete_runs_through_a_worker(tm
                 sh.start(line)
                 _wait_for(lambda: _healthy(api), 90, "the Prefect server")
             elif line.startswith("prefect worker start"):
-                sh.start(line)
+                worker, worker_line = sh.start(line), line
                 _wait_for(lambda: _worker_online(api, "local"), 60, "the worker")
             elif line.startswith("python -m flows.deployments"):
                 proc = sh.start(line)
@@ -172,6 +173,8 @@ def test_readme_production_commands_deploy_and_complete_runs_through_a_worker(tm
                     assert "Completed" in out, out[-2000:]
                     _check_pipeline_run(api, checkout)
                     checked.append("pipeline run")
+                    _killed_worker_run_resumes(sh, worker_line, worker, api, checkout)
+                    checked.append("killed worker")
                 elif line.startswith("prefect deployment run 'prepare_watched/"):
                     assert "Completed" in out, out[-2000:]
                     _check_watched_run(api, checkout)
@@ -181,7 +184,14 @@ def test_readme_production_commands_deploy_and_complete_runs_through_a_worker(tm
         sh.stop_all()
         for f in sorted(logs.iterdir()):
             sys.stdout.write(f"--- {f.name}\n{f.read_text()[-3000:]}\n")
-    assert checked == ["kubernetes pool", "deployments", "pipeline run", "watched run", "served"], checked
+    assert checked == [
+        "kubernetes pool",
+        "deployments",
+        "pipeline run",
+        "killed worker",
+        "watched run",
+        "served",
+    ], checked
     assert all(p.poll() is not None for p, _ in sh.background)
     print(f"production path: {seconds:.0f} s")
 
@@ -271,14 +281,90 @@ def _check_pipeline_run(api: str, checkout: Path) -> None:
     assert {"pipeline-summary", "prepare-concepts"} <= _artifact_keys(api)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _flow_run(api: str, run_id: str) -> dict:
+    return _api(api, "GET", f"/flow_runs/{run_id}")
+
+
+def _run_logs(api: str, run_id: str) -> list[str]:
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+    return [r["message"] for r in _api(api, "POST", "/logs/filter", body)]
+
+
+def _all_logs(api: str) -> list[str]:
+    logs: list[str] = []
+    while page := _api(api, "POST", "/logs/filter", {"offset": len(logs), "limit": 200}):
+        logs += [r["message"] for r in page]
+    return logs
+
+
+def _killed_worker_run_resumes(
+    sh: Shell, worker_line: str, worker: subprocess.Popen, api: str, checkout: Path
+) -> None:
+    """The worker (and the flow run it started) is SIGKILLed during training, as when its machine
+    dies. A second worker takes a new run of the same deployment: it resumes from the newest
+    checkpoint, ends Completed, and its adapter equals the uninterrupted run's bit for bit. The
+    killed run, left Running, is cancelled with the documented command."""
+    from safetensors.torch import load_file
+
+    dep = _api(api, "GET", "/deployments/name/finestyle-pipeline/finestyle-pipeline")
+    params = json.loads(json.dumps(dep["parameters"]))
+    params["config"]["workdir"] = "runs/pipeline-killed"
+    params["config"]["train"]["checkpoint_every"] = 10  # a checkpoint early in the run, to kill after
+    run1 = _api(api, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
+    wd = checkout / "runs" / "pipeline-killed"
+    _wait_for(lambda: list(wd.glob("train/*/checkpoints/step-*/state.json")), 240, "a first checkpoint")
+    for pid in [worker.pid, *_descendants(worker.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait()
+    assert not list(wd.glob("train/*/adapter")), "the run finished before it could be killed"
+    killed_at = max(p.parent.name for p in wd.glob("train/*/checkpoints/step-*/state.json"))
+    assert _flow_run(api, run1)["state_type"] == "RUNNING"  # nothing told the server
+    sh.start(worker_line)  # a second worker on the same pool
+    run2 = _api(api, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
+    _wait_for(lambda: _flow_run(api, run2)["state_type"] in ("COMPLETED", "FAILED", "CRASHED"), 300, "run 2")
+    assert _flow_run(api, run2)["state_type"] == "COMPLETED", _run_logs(api, run2)[-20:]
+    # the training subflow's log (run 1 and the README's run never resume); logs reach the API in
+    # batches, possibly after the run's Completed state
+    _wait_for(
+        lambda: any(f"train: resumed from {killed_at}" in m for m in _all_logs(api)),
+        30,
+        f"run 2's log to say it resumed from {killed_at}",
+    )
+    (resumed,) = wd.glob("train/*/adapter/pytorch_lora_weights.safetensors")
+    (whole,) = (checkout / "runs" / "pipeline").glob("train/*/adapter/pytorch_lora_weights.safetensors")
+    a, b = load_file(resumed), load_file(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the docs' command for the run the dead worker left Running
+    sh.run(f"prefect flow-run cancel {run1}")
+    _wait_for(lambda: _flow_run(api, run1)["state_type"] != "RUNNING", 60, "the killed run to be cancelled")
+
+
 def _check_watched_run(api: str, checkout: Path) -> None:
     (run,) = _runs_by_deployment(api)["prepare-watched"]
     assert run["state_type"] == "COMPLETED", run["state"]
     ds = checkout / "data" / "prepared" / "paper-cut"
     assert (ds / "report.json").is_file(), sorted(p.name for p in ds.parent.iterdir())
     assert {"watched-folders", "watched-summary"} <= _artifact_keys(api)
-    logs: list[str] = []
-    while page := _api(api, "POST", "/logs/filter", {"offset": len(logs), "limit": 200}):
-        logs += [r["message"] for r in page]
+    logs = _all_logs(api)
     assert any("prepare:" in m for m in logs), "the prepare stage's messages reach the run logs"
     assert not [m for m in logs if "LOAD_GLOBAL" in m], "bytecode listings in the run logs"
