@@ -120,6 +120,7 @@ def load_level(
         "p50_s": float(q[0]),
         "p95_s": float(q[1]),
         "p99_s": float(q[2]),
+        "max_s": float(max(lat)) if lat else float("nan"),
         "img_per_s": ok / wall,
     }
 
@@ -285,5 +286,6 @@ def bench_soak(
         runs = {m: soak_once(export, runtime, m, seconds, concurrency, steps) for m in modes}
     out: dict[str, Any] = {"cpu": cpu_name(), "runtime": runtime, "concurrency": concurrency, "runs": runs}
     if "off" in runs and "on" in runs and runs["on"]["p95_s"]:
-        out["p95_off_over_on"] = runs["off"]["p95_s"] / runs["on"]["p95_s"]
+        for q in ("p95", "p99", "max"):
+            out[f"{q}_off_over_on"] = runs["off"][f"{q}_s"] / runs["on"][f"{q}_s"]
     return out

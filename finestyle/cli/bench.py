@@ -269,16 +269,21 @@ def _print_soak(r: dict[str, Any], json_out: Path | None) -> None:
     mb = 2**20
     typer.echo(f"soak: {r['runtime']}, concurrency {r['concurrency']} | {r['cpu']}")
     typer.echo(
-        "warm-up  ready s  ok/req     errors  p50 s   p95 s   compiles in load  RSS MiB (settled -> end)"
+        "warm-up  ready s  ok/req     errors  p50 s   p95 s   p99 s   max s   compiles in load  "
+        "RSS MiB (settled -> end)"
     )
     for mode, x in r["runs"].items():
         typer.echo(
             f"{mode:7s}  {x['start_to_ready_s']:7.1f}  {x['ok']:4d}/{x['requests']:<4d}  {x['errors']:6d}  "
-            f"{x['p50_s']:.3f}  {x['p95_s']:.3f}  {x['shape_compiles_during_load']:20d}  "
+            f"{x['p50_s']:.3f}  {x['p95_s']:.3f}  {x['p99_s']:.3f}  {x['max_s']:.3f}  "
+            f"{x['shape_compiles_during_load']:16d}  "
             f"{x['rss_settled_bytes'] / mb:.0f} -> {x['rss_end_bytes'] / mb:.0f} ({x['rss_growth']:+.1%})"
         )
     if "p95_off_over_on" in r:
-        typer.echo(f"p95 without warm-up / with: {r['p95_off_over_on']:.2f}x")
+        typer.echo(
+            f"without warm-up / with: p95 {r['p95_off_over_on']:.2f}x, p99 {r['p99_off_over_on']:.2f}x, "
+            f"max {r['max_off_over_on']:.2f}x"
+        )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
 

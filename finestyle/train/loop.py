@@ -205,6 +205,8 @@ def _add_adapter_and_optimizer(st: TrainState) -> None:
     )
     st.scaler = torch.amp.GradScaler("cuda") if st.amp == torch.float16 and st.device.type == "cuda" else None
     st.gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * st.rank)
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     st.model = unet
     if st.world > 1:
         # Data parallel (launched by `accelerate launch` / torchrun): DDP averages the LoRA gradients,
@@ -213,6 +215,15 @@ def _add_adapter_and_optimizer(st: TrainState) -> None:
 
         dev_ids = [st.device.index] if st.device.type == "cuda" else None
         st.model = DistributedDataParallel(unet, device_ids=dev_ids)
+    if cfg.compile == "on":
+        # The same parameters, traced and fused by inductor; checkpoints still read st.unet. One
+        # static graph per bucket shape (inductor's dynamic spatial shapes fail on the UNet's
+        # up-sampling), compiled on the shape's first batch; the limit covers every bucket.
+        import torch._dynamo as dynamo
+
+        shapes = len({e.size for e in st.examples})
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 2 * shapes + 2)
+        st.model = torch.compile(st.model, dynamic=False)
 
 
 def _maybe_resume(st: TrainState, log=log_line) -> None:
@@ -385,6 +396,10 @@ def _train_report(st: TrainState, loop_s: float, key: str) -> dict[str, Any]:
         "world_size": st.world,
         "losses": st.losses,
         "step_seconds": st.step_times,
+        "compile": cfg.compile,
+        # the first step of a run (compile, first-touch allocations) apart from the steady median
+        "first_step_seconds": st.step_times[0] if st.step_times else None,
+        "steady_step_seconds": float(np.median(st.step_times[1:])) if len(st.step_times) > 1 else None,
         "sample_prompts": st.prompts,
     }
 

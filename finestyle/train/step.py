@@ -96,7 +96,10 @@ def _micro_step(st: TrainState, batch: list[Example]) -> float:
     size_hw = (batch[0].size[1], batch[0].size[0])
     cond_kw = unet_kwargs(st.unet.config, cond.to(st.frozen_dtype), size_hw, tids)
     with torch.autocast(device.type, dtype=st.amp, enabled=st.amp is not None):
-        pred = st.model(noisy.to(st.frozen_dtype), t, **cond_kw).sample
+        x = noisy.to(st.frozen_dtype)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = st.model(x, t, **cond_kw).sample
     loss = diffusion_loss(pred, target, t, st.noise_sched, cfg.snr_gamma) / cfg.grad_accum
     if not torch.isfinite(loss):
         last = latest_checkpoint(st.out / "checkpoints")
