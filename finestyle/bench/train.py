@@ -11,6 +11,7 @@ from finestyle.artifacts.dataset import load_training_rows
 from finestyle.bench.common import (
     bench_dataset,
     gpu_bf16_peak_tflops,
+    matmul_peak,
     run_worker,
     sync_device,
     unet_train_step_gflop,
@@ -30,6 +31,7 @@ from finestyle.core.sd import (
     text_encoders,
     unet_kwargs,
 )
+from finestyle.runtime.openvino import hardware_precision
 from finestyle.train.loop import (
     add_lora,
     bucket_of,
@@ -56,6 +58,8 @@ def train_worker(
     - `baseline` / `baseline-bf16`: what diffusers' reference LoRA script does each step: VAE-encode
       the image and run the text encoder, then the UNet forward/backward (fp32 / bf16 autocast).
     - `cached` / `cached-bf16`: this project's trainer (cached latents and text), fp32 / bf16 autocast.
+    - `cached-compiled` / `cached-bf16-compiled`: the same with `--compile on --channels-last`; the
+      warm-up steps hold the compile, reported as `first_step_seconds`.
     """
     import resource
 
@@ -71,8 +75,10 @@ def train_worker(
         samples=False,
         caption_dropout=0.0,
         device=device,
-        mixed_precision="bf16" if variant.endswith("-bf16") else "no",
+        mixed_precision="bf16" if "-bf16" in variant else "no",
         gradient_checkpointing=gradient_checkpointing,
+        compile="on" if variant.endswith("-compiled") else "off",
+        channels_last=variant.endswith("-compiled"),
     )
     t_load = time.perf_counter()
     if variant.startswith("cached"):
@@ -83,9 +89,12 @@ def train_worker(
         rep = json.loads((Path(out) / "report.json").read_text())
         secs = rep["step_seconds"][warmup:]
         losses = rep["losses"]
+        first = rep["step_seconds"][0]
     else:
         secs, losses = _baseline_loop(cfg, warmup)
+        first = None
     res = {
+        "first_step_seconds": first,
         "variant": variant,
         "device": device,
         "steps_per_s": len(secs) / sum(secs),
@@ -198,10 +207,18 @@ def bench_train(
     base_sps = res[baseline]["steps_per_s"] if baseline in res else None
     gflop = unet_train_step_gflop(base, resolution, device)
     peak = gpu_bf16_peak_tflops(torch.cuda.get_device_name()) if cuda else None
-    for v in res.values():
+    # CPU: the share of this CPU's measured matmul peak in the variant's own precision (bf16 only
+    # where the CPU has bf16 units: emulated, it has no peak worth dividing by, and takes minutes)
+    cpu_peaks: dict[str, float] = {}
+    if not cuda:
+        cpu_peaks["fp32"] = matmul_peak(torch.float32) / 1e3
+        if hardware_precision() == "bf16":
+            cpu_peaks["bf16"] = matmul_peak(torch.bfloat16) / 1e3
+    for name, v in res.items():
         v["ratio_vs_baseline"] = v["steps_per_s"] / base_sps if base_sps else None
         v["unet_tflops"] = gflop * v["steps_per_s"] / 1e3
-        v["mfu"] = v["unet_tflops"] / peak if peak else None
+        own = peak if cuda else cpu_peaks.get("bf16" if "-bf16" in name else "fp32")
+        v["mfu"] = v["unet_tflops"] / own if own else None
     return {
         "base": base,
         "resolution": resolution,
@@ -215,5 +232,6 @@ def bench_train(
         "baseline": baseline,
         "unet_train_step_gflop": gflop,
         "gpu_bf16_peak_tflops": peak,
+        "cpu_matmul_peak_tflops": cpu_peaks or None,
         "results": res,
     }

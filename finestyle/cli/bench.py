@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from finestyle.cli.base import bench_app, command
+from finestyle.core.errors import UserError
 
 
 @bench_app.command("caption")
@@ -40,6 +41,11 @@ def bench_train_cmd(
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Checkpoint the UNet's activations in every variant."
     ),
+    variants: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated: baseline, baseline-bf16, cached, cached-bf16, cached-compiled, "
+        "cached-bf16-compiled [CPU: baseline, cached, cached-bf16].",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
     """Trainer steps/s + peak memory vs a baseline that re-encodes VAE latents and text every step.
@@ -47,8 +53,18 @@ def bench_train_cmd(
     SDXL bases run the bf16 variants only (their fp32 weights alone are 14 GB)."""
     from finestyle.bench.suite import bench_train
 
+    known = ("baseline", "baseline-bf16", "cached", "cached-bf16", "cached-compiled", "cached-bf16-compiled")
+    chosen = tuple(v.strip() for v in variants.split(",")) if variants else None
+    if chosen and any(v not in known for v in chosen):
+        raise UserError(f"--variants {variants!r}: use any of {', '.join(known)}")
     r = bench_train(
-        base, resolution, steps, warmup, device=device, gradient_checkpointing=gradient_checkpointing
+        base,
+        resolution,
+        steps,
+        warmup,
+        variants=chosen,
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
     )
     typer.echo(
         f"{r['base']} at {r['resolution']} px on {r['gpu'] or r['device']} ({r['cpu']})"
@@ -60,10 +76,13 @@ def bench_train_cmd(
             if "peak_vram_gib" in v
             else f"peak RSS {v['peak_rss_gib']:.2f} GiB"
         )
-        mfu = f"  MFU {100 * v['mfu']:.1f}%" if v.get("mfu") is not None else ""
+        of = "of the GPU's bf16 peak" if r["gpu"] else "of the CPU's measured matmul peak"
+        mfu = f"  {100 * v['mfu']:.1f}% {of}" if v.get("mfu") is not None else ""
+        ratio = f"{v['ratio_vs_baseline']:.2f}x" if v["ratio_vs_baseline"] is not None else "-"
+        first = f"  first step {v['first_step_seconds']:.1f} s" if v.get("first_step_seconds") else ""
         typer.echo(
-            f"{name:14s} {v['steps_per_s']:.3f} steps/s  {v['seconds_per_step']:.3f} s/step  {mem}  "
-            f"UNet {v['unet_tflops']:.2f} TFLOP/s{mfu}  ratio {v['ratio_vs_baseline']:.2f}x"
+            f"{name:20s} {v['steps_per_s']:.3f} steps/s  {v['seconds_per_step']:.3f} s/step  {mem}  "
+            f"UNet {v['unet_tflops']:.2f} TFLOP/s{mfu}  ratio {ratio}{first}"
         )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))

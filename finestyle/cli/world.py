@@ -44,9 +44,14 @@ def world_train(
     init: Optional[str] = typer.Option(
         None, help="Saved model folder to continue from (weights only), e.g. an installed builtin's."
     ),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the trained modules (inductor)."),
+    bench: int = typer.Option(
+        0,
+        help="N > 0: time N steps eager, then N compiled (fresh folders under a temporary one); no training.",
+    ),
 ) -> None:
     """Train one of the world's models from a seed: progress, checkpoints, resume."""
-    from finestyle.world.train import DEFAULTS, WorldTrainConfig, train_world_model
+    from finestyle.world.train import DEFAULTS, WorldTrainConfig, bench_world_step, train_world_model
 
     if model not in DEFAULTS:
         raise UserError(f"--model: {model!r} is not one of {', '.join(DEFAULTS)}")
@@ -64,6 +69,16 @@ def world_train(
     for k, v in given.items():
         if v is not None:
             setattr(cfg, k, v)
+    cfg.compile = compile
+    if bench > 0:
+        if bench < 3:
+            raise UserError("--bench: give at least 3 steps (the first one is the compile)")
+        r = bench_world_step(cfg, bench, log=typer.echo)
+        typer.echo(
+            f"{model}: compiled steady step {r['compiled_speedup']:.2f}x eager "
+            f"(batch {r['batch_size']}, {r['threads']} thread(s), {r['cpu']})"
+        )
+        return
     path = train_world_model(cfg, log=typer.echo)
     typer.echo(f"trained {model}: {path}")
 

@@ -69,6 +69,9 @@ class WorldTrainConfig:
     vae: str = ""
     """sd and judge: the trained world VAE folder (default: OUT/../vae/model; the judge trains on its
     round trips too where it exists)."""
+    compile: bool = False
+    """torch.compile each trained module's forward and backward (inductor; the batch shape is fixed,
+    so one graph). The first step pays the compile; `step_seconds` in report.json shows it."""
 
 
 # Per model: the settings its shipped weights were trained with (see each model card).
@@ -411,6 +414,9 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         if task.ema_decay
         else {}
     )
+    if cfg.compile:
+        for m in task.modules.values():
+            m.compile(dynamic=False)  # in place: the same parameters and state-dict keys
     params = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     start, before, ckpt = 0, 0.0, out / "checkpoint.pt"
@@ -424,10 +430,11 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     bf16 = cfg.bf16 and (
         dev.type == "cuda" or torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
     )
-    t0, losses = time.time(), []
+    t0, losses, step_seconds = time.time(), [], []
     for step, idx in zip(
         range(start, cfg.steps), _batches(task.n, cfg.batch_size, cfg.seed, start), strict=False
     ):
+        t_step = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -439,6 +446,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         if ema:
             _update_ema(ema, task.modules, min(task.ema_decay, (1 + step) / (10 + step)))
         losses.append(float(loss.detach()))
+        step_seconds.append(time.perf_counter() - t_step)
         done = step + 1
         if done % 50 == 0:
             rate = (time.time() - t0) / (done - start)
@@ -462,9 +470,45 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch_threads": cfg.threads,
         "bf16_autocast": bf16,
+        "compile": cfg.compile,
+        "step_seconds": step_seconds,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return model_dir
+
+
+def bench_world_step(cfg: WorldTrainConfig, n: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """N training steps of one world model, eager then compiled, each from the same seed in a fresh
+    folder (a small render set: the step time does not depend on it). The first step (the compile)
+    is reported apart from the median of the rest."""
+    import tempfile
+    from dataclasses import replace
+
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("eager", "compiled"):
+            c = replace(
+                cfg,
+                out=f"{d}/{mode}",
+                steps=n,
+                checkpoint_every=n,
+                n_train=max(2 * cfg.batch_size, 64),
+                init="",
+                compile=mode == "compiled",
+            )
+            train_world_model(c, log=lambda m: None)
+            t = json.loads((Path(c.out) / "report.json").read_text())["step_seconds"]
+            rows[mode] = {"first_step_s": t[0], "steady_step_s": float(np.median(t[1:])), "steps": n}
+            log(f"{cfg.model} {mode}: first step {t[0]:.2f} s, then {rows[mode]['steady_step_s']:.3f} s/step")
+    out = {
+        "model": cfg.model,
+        "cpu": cpu_name(),
+        "threads": cfg.threads,
+        "batch_size": cfg.batch_size,
+        **rows,
+    }
+    out["compiled_speedup"] = rows["eager"]["steady_step_s"] / rows["compiled"]["steady_step_s"]
+    return out
 
 
 def _previous_loss(out: Path) -> float:

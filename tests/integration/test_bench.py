@@ -50,3 +50,21 @@ def test_bench_serve_styles_reports_the_step_ratio_mixed_batches_and_disk(tmp_pa
     assert 0 < sw["rss_bytes"] <= sw["peak_rss_bytes"] and 0 < one["rss_bytes"] <= one["peak_rss_bytes"]
     assert res["memory_n_merged_servers_rss_bytes_computed"] == 2 * one["rss_bytes"]
     assert "server memory after one request" in r.stdout
+
+
+def test_bench_train_reports_each_variant_against_the_baseline_and_the_cpu_peak(tmp_path):
+    out = tmp_path / "train.json"
+    args = [sys.executable, "-m", "finestyle.cli", "bench", "train", "--base", "builtin:tiny-sd"]
+    args += ["--resolution", "64", "--steps", "2", "--variants", "baseline,cached", "--json", str(out)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"baseline", "cached"}
+    assert res["results"]["baseline"]["ratio_vs_baseline"] == 1.0
+    peaks = res["cpu_matmul_peak_tflops"]
+    assert peaks["fp32"] > 0
+    cached = res["results"]["cached"]
+    assert cached["mfu"] == pytest.approx(cached["unet_tflops"] / peaks["fp32"])
+    assert "of the CPU's measured matmul peak" in r.stdout
+    bad = subprocess.run([*args[:-4], "--variants", "cached,turbo"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--variants 'cached,turbo'" in bad.stderr
