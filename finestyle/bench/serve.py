@@ -51,6 +51,12 @@ class ServerProcess:
             self.proc.kill()
 
 
+def builtin_export(out: str) -> str:
+    """A fresh export of the tiny builtin (no adapter) to serve."""
+    run_export(ExportConfig(base="builtin:tiny-sd", adapter=None, out=out, device="cpu"), log=lambda m: None)
+    return out
+
+
 def load_level(
     url: str,
     concurrency: int,
@@ -142,12 +148,7 @@ def bench_serve(
     import httpx
 
     with tempfile.TemporaryDirectory() as d:
-        if export is None:
-            export = f"{d}/export"
-            run_export(
-                ExportConfig(base="builtin:tiny-sd", adapter=None, out=export, device="cpu"),
-                log=lambda m: None,
-            )
+        export = export or builtin_export(f"{d}/export")
         out: dict[str, Any] = {
             "export": export,
             "steps": steps,
@@ -277,12 +278,7 @@ def bench_soak(
     from finestyle.core.env import cpu_name
 
     with tempfile.TemporaryDirectory() as d:
-        if export is None:
-            export = f"{d}/export"
-            run_export(
-                ExportConfig(base="builtin:tiny-sd", adapter=None, out=export, device="cpu"),
-                log=lambda m: None,
-            )
+        export = export or builtin_export(f"{d}/export")
         runs = {m: soak_once(export, runtime, m, seconds, concurrency, steps) for m in modes}
     out: dict[str, Any] = {"cpu": cpu_name(), "runtime": runtime, "concurrency": concurrency, "runs": runs}
     if "off" in runs and "on" in runs and runs["on"]["p95_s"]:
