@@ -40,6 +40,35 @@ from finestyle.train.loop import (
     resize_to_bucket,
     run_train,
 )
+from finestyle.train.state import TrainHooks
+
+
+class StepProfile:
+    """`torch.profiler` over the last step of a training run: its ten ops with the most self time."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.prof, self.top_ops = steps, None, []
+
+    def on_step(self, st: Any) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if st.step == self.steps - 1:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if st.device.type == "cuda" else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        elif st.step == self.steps and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            ops = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in ops) or 1.0
+            self.top_ops = [
+                {
+                    "op": e.key,
+                    "calls": e.count,
+                    "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                    "share": e.self_cpu_time_total / total,
+                }
+                for e in ops[:10]
+            ]
 
 
 def train_worker(
@@ -85,15 +114,18 @@ def train_worker(
         import json
         from pathlib import Path
 
-        run_train(cfg, log=lambda m: None)
+        profile = StepProfile(cfg.steps)
+        run_train(cfg, log=lambda m: None, hooks=TrainHooks(on_step=profile.on_step))
         rep = json.loads((Path(out) / "report.json").read_text())
-        secs = rep["step_seconds"][warmup:]
+        # the last step ran under the profiler: it is not timed
+        secs = rep["step_seconds"][warmup:-1] or rep["step_seconds"][-1:]
         losses = rep["losses"]
         first = rep["step_seconds"][0]
     else:
         secs, losses = _baseline_loop(cfg, warmup)
         first = None
     res = {
+        "top_ops": profile.top_ops if variant.startswith("cached") else None,
         "first_step_seconds": first,
         "variant": variant,
         "device": device,

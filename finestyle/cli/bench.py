@@ -84,6 +84,9 @@ def bench_train_cmd(
             f"{name:20s} {v['steps_per_s']:.3f} steps/s  {v['seconds_per_step']:.3f} s/step  {mem}  "
             f"UNet {v['unet_tflops']:.2f} TFLOP/s{mfu}  ratio {ratio}{first}"
         )
+        if v.get("top_ops"):
+            top = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in v["top_ops"][:5])
+            typer.echo(f"{'':20s} top ops (last step, self time): {top}")
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
 

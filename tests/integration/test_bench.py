@@ -66,5 +66,15 @@ def test_bench_train_reports_each_variant_against_the_baseline_and_the_cpu_peak(
     cached = res["results"]["cached"]
     assert cached["mfu"] == pytest.approx(cached["unet_tflops"] / peaks["fp32"])
     assert "of the CPU's measured matmul peak" in r.stdout
+    # the last step's profile: ten ops by self time, the UNet's convolutions and matmuls among them
+    ops = cached["top_ops"]
+    assert len(ops) == 10 and all(o["self_cpu_ms"] > 0 for o in ops)
+    assert any(
+        o["op"].startswith(("aten::convolution", "aten::mkldnn", "aten::mm", "aten::addmm", "aten::bmm"))
+        or "conv" in o["op"]
+        or "mm" in o["op"]
+        for o in ops
+    ), ops
+    assert "top ops (last step, self time):" in r.stdout
     bad = subprocess.run([*args[:-4], "--variants", "cached,turbo"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--variants 'cached,turbo'" in bad.stderr
