@@ -58,14 +58,20 @@ class StepProfile:
             self.prof.__enter__()
         elif st.step == self.steps and self.prof is not None:
             self.prof.__exit__(None, None, None)
-            ops = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-            total = sum(e.self_cpu_time_total for e in ops) or 1.0
+            cuda = st.device.type == "cuda"
+
+            def self_us(e: Any) -> float:  # on a GPU, the kernels' own time (CPU time is launches)
+                return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+            ops = sorted(self.prof.key_averages(), key=self_us, reverse=True)
+            total = sum(self_us(e) for e in ops) or 1.0
             self.top_ops = [
                 {
                     "op": e.key,
                     "calls": e.count,
                     "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                    "share": e.self_cpu_time_total / total,
+                    **({"self_device_ms": e.self_device_time_total / 1e3} if cuda else {}),
+                    "share": self_us(e) / total,
                 }
                 for e in ops[:10]
             ]
