@@ -203,7 +203,7 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def shape_compiles(url: str) -> int:
+def metric_shape_compiles(url: str) -> int:
     """The server's `finestyle_shape_compiles` gauge."""
     import httpx
 
@@ -232,7 +232,7 @@ def soak_once(
             env={"FINESTYLE_OV_CACHE": cache},
         ) as s:
             start_s = time.perf_counter() - t0
-            compiles_at_ready = shape_compiles(s.url)
+            compiles_at_ready = metric_shape_compiles(s.url)
             rss: list[tuple[float, int]] = []
             stop = threading.Event()
 
@@ -246,7 +246,7 @@ def soak_once(
             level = load_level(s.url, concurrency, None, steps, seconds)
             stop.set()
             sampler.join()
-            compiles_at_end = shape_compiles(s.url)
+            compiles_at_end = metric_shape_compiles(s.url)
     # memory after the first tenth of the run (allocator pools and first batches settled) vs the end
     settled = [b for t, b in rss if t >= seconds / 10] or [b for _, b in rss]
     first, last = float(np.median(settled[: max(1, len(settled) // 5)])), float(np.median(settled[-5:]))

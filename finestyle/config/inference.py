@@ -167,8 +167,8 @@ class ServeConfig:
     server's memory; `--warmup` compiles exactly these."""
     warmup: str = "auto"
     """auto | on | off: before turning ready, run one 1-step loop at every batch size the batcher can
-    form (1..max_batch, native size, default guidance), so no request pays a compile. auto: on for
-    --runtime openvino, which compiles each input shape on first use."""
+    form (`batch_sizes`, else 1..max_batch; native size, default guidance), so no request pays a
+    compile. auto: on for --runtime openvino, which compiles each input shape on first use."""
 
     def __post_init__(self) -> None:
         _check(

@@ -83,9 +83,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet."""
     compile: str = unkeyed("off")
-    """torch.compile the UNet's forward and backward (inductor): on | off. The first steps pay the
-    compile (reported apart, as `compile_seconds`); results match eager within float noise. Off by
-    default: on a 2-core AVX2 CPU it measured no faster; not yet run on a GPU."""
+    """torch.compile the UNet's forward and backward (inductor): on | off. The first step of each
+    bucket shape pays the compile (report.json: `first_step_seconds` apart from `steady_step_seconds`);
+    losses match eager within float noise. Off by default: on a 2-core AVX2 CPU it measured only
+    1.06-1.18x faster after minutes of compiling; not yet run on a GPU."""
     channels_last: bool = unkeyed(False)
     """Hold the UNet and its inputs in channels-last memory format (oneDNN's and cuDNN's preferred
     layout for convolutions)."""

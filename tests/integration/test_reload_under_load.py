@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from finestyle.bench.serve import rss_bytes
 from finestyle.config import TrainConfig
 from finestyle.export.swappable import add_style, remove_style, run_swappable_export
 from finestyle.train.loop import run_train
@@ -33,13 +34,6 @@ STYLES = ("ink", "chalk", "ember")
 MOVING = "ember"  # removed and added back; the others stay live
 LOAD_S = 60.0
 BODY = {"prompt": "a red boat", "seed": 7, "steps": 2, "width": 64, "height": 64, "response_format": "png"}
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _image(content: bytes) -> np.ndarray:
@@ -141,9 +135,9 @@ def test_styles_change_under_load_without_a_failed_request(studio):
             r = httpx.post(url + "/v1/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=60)
             assert r.status_code == 200 and MOVING not in r.json()["styles"], r.text
             changes.append((t0, time.monotonic(), False))
-            rss.append(_rss(proc.pid) >> 20)
+            rss.append(rss_bytes(proc.pid) >> 20)
             if rss_first is None:
-                rss_first = _rss(proc.pid)
+                rss_first = rss_bytes(proc.pid)
             time.sleep(2)
             t0 = time.monotonic()
             add_style(str(export), str(adapters[MOVING]), MOVING, **Q)
@@ -155,7 +149,7 @@ def test_styles_change_under_load_without_a_failed_request(studio):
         stop.set()
         for t in threads:
             t.join(timeout=180)
-        rss_last = _rss(proc.pid)
+        rss_last = rss_bytes(proc.pid)
         assert proc.poll() is None
     finally:
         proc.terminate()
