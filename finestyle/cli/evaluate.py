@@ -39,6 +39,25 @@ def eval_cmd(
     ),
     calibration_sets: int = typer.Option(4, help="--compare --sets: calibration sets (positive control)."),
     reference_size: int = typer.Option(256, help="--compare --sets: reference images' side in px."),
+    study: bool = typer.Option(
+        False,
+        "--study",
+        help="--compare: the recipe study: each data-recipe knob against today's on the calibration sets, "
+        "and the recipe its fixed rule chooses (no test sets).",
+    ),
+    concept_share: Optional[str] = typer.Option(
+        None,
+        help="--compare: FineStyle's crops: a concept fills at most this share of its crop's side (several: one crop per value). (comma-separated)",
+    ),
+    max_upscale: Optional[float] = typer.Option(
+        None, help="--compare: FineStyle's crops are enlarged at most this factor (0: no limit)."
+    ),
+    name_covered: Optional[float] = typer.Option(
+        None, help="--compare: FineStyle's crop texts name every concept with this share of its box inside."
+    ),
+    whole_image_weight: Optional[float] = typer.Option(
+        None, help="--compare: FineStyle draws each whole reference image this many times per epoch."
+    ),
 ) -> None:
     """Score style fidelity, prompt fidelity and content leakage (tuned minus base); --compare runs the ablation."""
     from finestyle.config import stage_from_sources
@@ -50,17 +69,25 @@ def eval_cmd(
         Path(values["out"]),
     )
     values["model"] = model or ""  # --compare trains its own models
+    if study and not compare:
+        raise UserError("--study belongs to --compare (the recipe study on world calibration sets)")
+    if study and sets:
+        raise UserError(
+            "--study runs on the calibration sets only; drop --sets (the verdict runs the test sets)"
+        )
+    if study and references:
+        raise UserError("--compare --study draws its own world reference sets; drop --references")
     if sets and not compare:
         raise UserError(
             "--sets N belongs to --compare (FineStyle against plain tuning over N reference sets)"
         )
     if sets and references:
         raise UserError("--compare --sets draws its own world reference sets; drop --references")
-    if not references and not sets:
+    if not references and not sets and not study:
         raise UserError(
             "finestyle eval: give --references (a prepared dataset; with --compare, an images folder)"
         )
-    if sets:
+    if sets or study:
         from finestyle.world.scene import HELDOUT_STYLE
 
         style = style or HELDOUT_STYLE
@@ -81,8 +108,17 @@ def eval_cmd(
             lr=lr,
             resolution=resolution,
             variants=tuple(v.strip() for v in variants.split(",")) if variants else tuple(VARIANTS),
+            recipe=recipe_options(concept_share, max_upscale, name_covered, whole_image_weight),
         )
-        if sets:
+        if study:
+            from finestyle.eval.study import run_study
+
+            if calibration_sets < 2:
+                raise UserError(
+                    "--study needs --calibration-sets 2 or more (its intervals are over the sets)"
+                )
+            run_study(settings, ecfg, calibration_sets, reference_size)
+        elif sets:
             if sets < 2 or calibration_sets < 1:
                 raise UserError("--sets needs 2 or more test sets and --calibration-sets 1 or more")
             run_sets(settings, ecfg, sets, calibration_sets, reference_size)
@@ -98,6 +134,35 @@ def eval_cmd(
     typer.echo((out / "report.md").read_text().rstrip())
     print_summary(
         "eval: done",
-        {"report": out / "report.json", "table": out / "report.md", "grid": out / "grid.png"}
-        | ({"trade-off": out / "guidance.png"} if (out / "guidance.png").exists() else {}),
+        {"report": out / "report.json", "table": out / "report.md"}
+        | {
+            k: out / f for k, f in (("grid", "grid.png"), ("trade-off", "guidance.png")) if (out / f).exists()
+        },
     )
+
+
+def recipe_options(
+    concept_share: str | None,
+    max_upscale: float | None,
+    name_covered: float | None,
+    whole_image_weight: float | None,
+) -> dict[str, Any]:
+    """`--compare`'s data-recipe options as `CompareSettings.recipe` (only those given), checked as the
+    prepare and train stages check them."""
+    from finestyle.config import PrepareConfig, TrainConfig
+
+    recipe: dict[str, Any] = {}
+    if concept_share is not None:
+        try:
+            recipe["concept_share"] = [float(v) for v in concept_share.split(",") if v.strip()]
+        except ValueError as e:
+            raise UserError(f"--concept-share {concept_share!r}: give numbers, e.g. 0.6 or 0.6,0.3") from e
+    if max_upscale is not None:
+        recipe["max_upscale"] = max_upscale
+    if name_covered is not None:
+        recipe["name_covered"] = name_covered
+    PrepareConfig(images=["x"], style="x", out="x", **recipe)  # raises the stage's own error
+    if whole_image_weight is not None:
+        TrainConfig(dataset="x", base="x", out="x", whole_image_weight=whole_image_weight)
+        recipe["whole_image_weight"] = whole_image_weight
+    return recipe

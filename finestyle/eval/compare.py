@@ -19,7 +19,7 @@ reference sets plus calibration sets drawn from seeds of their own, and decides 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,14 @@ class CompareSettings:
     """Training seed."""
     variants: tuple[str, ...] = tuple(VARIANTS)
     """Which variants to run."""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """The concept-crop variants' data recipe, against today's defaults: `PrepareConfig` fields
+    (`concept_share`, `max_upscale`, `name_covered`) and `TrainConfig.whole_image_weight`. Leakage is
+    always counted against the references' concepts under the default recipe (or their world truth)."""
+
+
+PREPARE_RECIPE = ("concept_share", "max_upscale", "name_covered")
+TRAIN_RECIPE = ("whole_image_weight",)
 
 
 SET_SEEDS = {"calibration": 40_000_000, "test": 50_000_000}
@@ -138,17 +146,36 @@ def sets_table(figures: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def run_compare(
-    s: CompareSettings, ecfg: EvalConfig, log: Callable[[str], None] = log_line
+    s: CompareSettings,
+    ecfg: EvalConfig,
+    log: Callable[[str], None] = log_line,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Train and evaluate `s.variants` on one set of references; `cache_dir` holds the base model's images
+    (default `OUT/images`), so several comparisons on one set generate them once."""
     out = Path(ecfg.out)
     bad = [v for v in s.variants if v not in VARIANTS]
     if bad:
         from finestyle.core.errors import UserError
 
         raise UserError(f"--variants: unknown {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    bad_keys = sorted(set(s.recipe) - set(PREPARE_RECIPE) - set(TRAIN_RECIPE))
+    if bad_keys:
+        from finestyle.core.errors import UserError
+
+        raise UserError(
+            f"compare recipe: unknown field {bad_keys[0]!r}; choose from {PREPARE_RECIPE + TRAIN_RECIPE}"
+        )
+    prep_recipe = {k: v for k, v in s.recipe.items() if k in PREPARE_RECIPE}
+    train_recipe = {k: v for k, v in s.recipe.items() if k in TRAIN_RECIPE}
+    # "attention" (default recipe) is what leakage is counted against; "attention-recipe" trains
+    needed = {VARIANTS[v][0] for v in s.variants} | {"attention"}
+    if prep_recipe and "attention" in {VARIANTS[v][0] for v in s.variants}:
+        needed.add("attention-recipe")
     datasets = {}
-    for method in sorted({VARIANTS[v][0] for v in s.variants} | {"attention"}):
-        ds = out / "datasets" / method
+    for key in sorted(needed):
+        method = key.split("-")[0]
+        ds = out / "datasets" / key
         run_prepare(
             PrepareConfig(
                 images=[s.images],
@@ -159,19 +186,21 @@ def run_compare(
                 concepts=method,
                 resolution=s.resolution,
                 device=ecfg.device,
+                **(prep_recipe if key == "attention-recipe" else {}),
             ),
             log=log,
         )
-        datasets[method] = ds
+        datasets[key] = ds
     results: dict[str, Any] = {}
     grid: list[tuple[str, Any]] = []
     base: list[tuple[str, Any]] = []  # the base model's images, the grid's first row
     for name in s.variants:
         method, targets = VARIANTS[name]
         log(f"compare: {name}: {method} data, {targets} layers")
+        recipe_data = method == "attention" and "attention-recipe" in datasets
         tr = run_train(
             TrainConfig(
-                dataset=str(datasets[method]),
+                dataset=str(datasets["attention-recipe" if recipe_data else method]),
                 base=s.base,
                 out=str(out / "runs" / name),
                 targets=targets,
@@ -182,6 +211,7 @@ def run_compare(
                 seed=s.seed,
                 samples=False,
                 device=ecfg.device,
+                **(train_recipe if method == "attention" else {}),
             ),
             log=log,
         )
@@ -199,7 +229,7 @@ def run_compare(
             log=log,
             variant=name,
             images_out=shown,
-            cache_dir=out / "images",  # shared: the base model's images are generated once
+            cache_dir=cache_dir or out / "images",  # shared: the base model's images are generated once
             base_images_out=None if base else base,
         )
         ev["trainable_params"] = treport["trainable_params"]
