@@ -127,12 +127,33 @@ def bench_unet_step(
             res[f"openvino_{prec}_rel_diff"] = rel
         res["whole_image"] = _whole_image(res, Path(d), src, image_size or latent * 8)
         res["ort_ops"] = _ort_op_times(Path(d) / "onnx" / "unet" / "model.onnx", feeds)
+        if ov:  # the fastest float precision OpenVINO has here, by its own per-layer counters
+            ov_prec = "bf16" if "bf16" in ov else "fp32"
+            res["openvino_profiled"] = ov_prec
+            res["openvino_ops"] = _ov_op_times(Path(d) / "onnx" / "unet" / "model.onnx", ov_prec, feeds)
     from finestyle.runtime.openvino import hardware_precision
 
     # without bf16 units (AVX2) a 2048³ bf16 product runs a scalar fallback for minutes: no bf16 peak
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16) if hardware_precision() == "bf16" else None
     res["ort_breakdown"] = _ort_breakdown(res["ort_ops"], by_aten, gflop, peak32)
+    if "openvino_ops" in res:
+        ov_ops = res["openvino_ops"]["by_type"]
+        peak = peak16 if res["openvino_profiled"] == "bf16" and peak16 else peak32
+        res["openvino_breakdown"] = _ort_breakdown(
+            {
+                "Conv": sum(v for k, v in ov_ops.items() if "Convolution" in k),
+                "MatMul": sum(ov_ops.get(k, 0.0) for k in ("MatMul", "FullyConnected")),
+                **{
+                    k: v
+                    for k, v in ov_ops.items()
+                    if "Convolution" not in k and k not in ("MatMul", "FullyConnected")
+                },
+            },
+            by_aten,
+            gflop,
+            peak,
+        )
     res.update(
         matmul_fp32_gflops=peak32,
         matmul_bf16_gflops=peak16,
@@ -144,9 +165,53 @@ def bench_unet_step(
     return res
 
 
+def _ov_op_times(onnx_path: Any, precision: str, feeds: dict[str, Any], runs: int = 2) -> dict[str, Any]:
+    """Seconds per run by OpenVINO layer type from its own performance counters (a separate compile
+    with PERF_COUNT), and the kernels the convolutions and matrix products ran on."""
+    import numpy as np
+    import openvino as ov
+
+    from finestyle.runtime.openvino import OV_PRECISIONS
+
+    core = ov.Core()
+    m = core.read_model(str(onnx_path))
+    m.reshape({k: list(np.shape(v)) for k, v in feeds.items()})
+    cm = core.compile_model(
+        m,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "PERF_COUNT": True,
+        },
+    )
+    req = cm.create_infer_request()
+    req.infer(feeds)  # first run: allocations, not counted
+    by_type: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for _ in range(runs):
+        req.infer(feeds)
+        for p in req.profiling_info:
+            if p.status.name == "EXECUTED":
+                sec = p.real_time.total_seconds() / runs
+                by_type[p.node_type] = by_type.get(p.node_type, 0.0) + sec
+                if p.node_type in ("Convolution", "GroupConvolution", "MatMul", "FullyConnected"):
+                    kernels[f"{p.node_type}: {p.exec_type}"] = (
+                        kernels.get(f"{p.node_type}: {p.exec_type}", 0.0) + sec
+                    )
+    top = dict(sorted(by_type.items(), key=lambda kv: -kv[1])[:10])
+    return {
+        "by_type": by_type,
+        "top10_ms": {k: v * 1e3 for k, v in top.items()},
+        "kernels_ms": {k: v * 1e3 for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])},
+        "total_ms": sum(by_type.values()) * 1e3,
+    }
+
+
 def _ort_breakdown(ops: dict[str, float], by_aten: dict[str, float], gflop: float, peak32: float) -> dict:
-    """Where onnxruntime's fp32 time goes, and the best the graph could do on this CPU: convolutions
-    and matrix products at 100% of the matmul peak, every other op as measured."""
+    """Where a runtime's time goes (onnxruntime op types, or OpenVINO layer types mapped to Conv and
+    MatMul), and the best the graph could do on this CPU: convolutions and matrix products at 100% of
+    the matmul peak of its precision, every other op as measured."""
     conv_gflop = by_aten.get("aten.convolution", 0.0)
     mm_gflop = gflop - conv_gflop
     conv_s = ops.get("Conv", 0.0) + ops.get("FusedConv", 0.0)

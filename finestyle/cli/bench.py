@@ -215,6 +215,18 @@ def bench_export_cmd(
             f"{b['other_ops_ms']:.0f} ms | ceiling with conv+matmul at 100% of peak: "
             f"{100 * b['ceiling_share_of_peak']:.0f}%"
         )
+        if "openvino_breakdown" in r:
+            b, o = r["openvino_breakdown"], r["openvino_ops"]
+            typer.echo(
+                f"  OpenVINO {r['openvino_profiled']} by layer: conv {b['conv_ms']:.0f} ms "
+                f"({100 * b['conv_share_of_peak']:.0f}% of peak) | matmul {b['matmul_ms']:.0f} ms "
+                f"({100 * b['matmul_share_of_peak']:.0f}%) | other layers {b['other_ops_ms']:.0f} ms | ceiling: "
+                f"{100 * b['ceiling_share_of_peak']:.0f}%"
+            )
+            typer.echo(
+                "  OpenVINO top layers: "
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in list(o["top10_ms"].items())[:5])
+            )
     if json_out:
         json_out.write_text(json.dumps(allr, indent=2))
 

@@ -45,6 +45,9 @@ def eval_cmd(
         help="--compare: the recipe study: each data-recipe knob against today's on the calibration sets, "
         "and the recipe its fixed rule chooses (no test sets).",
     ),
+    knobs: Optional[str] = typer.Option(
+        None, help="--study: the knobs to run (today's recipe always runs); default: all. (comma-separated)"
+    ),
     concept_share: Optional[str] = typer.Option(
         None,
         help="--compare: FineStyle's crops: a concept fills at most this share of its crop's side (several: one crop per value). (comma-separated)",
@@ -69,6 +72,8 @@ def eval_cmd(
         Path(values["out"]),
     )
     values["model"] = model or ""  # --compare trains its own models
+    if knobs and not study:
+        raise UserError("--knobs belongs to --compare --study")
     if study and not compare:
         raise UserError("--study belongs to --compare (the recipe study on world calibration sets)")
     if study and sets:
@@ -111,13 +116,15 @@ def eval_cmd(
             recipe=recipe_options(concept_share, max_upscale, name_covered, whole_image_weight),
         )
         if study:
-            from finestyle.eval.study import run_study
+            from finestyle.eval.study import run_study, select_knobs
 
             if calibration_sets < 2:
                 raise UserError(
                     "--study needs --calibration-sets 2 or more (its intervals are over the sets)"
                 )
-            run_study(settings, ecfg, calibration_sets, reference_size)
+            if settings.recipe:
+                raise UserError("--study sets the recipe knob by knob; drop the recipe options")
+            run_study(settings, ecfg, calibration_sets, reference_size, knobs=select_knobs(knobs))
         elif sets:
             if sets < 2 or calibration_sets < 1:
                 raise UserError("--sets needs 2 or more test sets and --calibration-sets 1 or more")

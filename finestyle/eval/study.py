@@ -67,6 +67,19 @@ CHOICE_RULE = (
 )
 
 
+def select_knobs(names: str | None) -> tuple[Knob, ...]:
+    """`--knobs a,b`: those knobs and today's recipe, in `KNOBS` order; None: all."""
+    if not names:
+        return KNOBS
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = sorted(wanted - {k.name for k in KNOBS})
+    if unknown:
+        from finestyle.core.errors import UserError
+
+        raise UserError(f"--knobs: unknown {unknown[0]!r}; choose from {', '.join(k.name for k in KNOBS)}")
+    return tuple(k for k in KNOBS if k.name in wanted | {TODAY})
+
+
 def _paired(rows: list[dict[str, Any]], knob: str) -> list[float]:
     return [r[knob]["finestyle"]["leakage"] - r[knob]["plain"]["leakage"] for r in rows if knob in r]
 

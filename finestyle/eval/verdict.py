@@ -8,6 +8,7 @@ independent draws, so the interval is Student's t over the sets.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -43,6 +44,7 @@ def _t_cdf(x: float, df: int) -> float:
     return 0.5 + total * h / 3
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile (p > 0.5) of Student's t with `df` degrees of freedom, by bisection."""
     lo, hi = 0.0, 1000.0

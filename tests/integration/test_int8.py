@@ -163,3 +163,9 @@ def test_bench_export_adds_the_int8_row(tmp_path):
     assert rows["openvino_int8_s"]["ms"] > 0 and rows["openvino_int8_s"]["precision"] == "int8"
     assert r["openvino_int8_rel_diff"] < 1.0
     assert "OpenVINO int8 vs OpenVINO" in p.stdout
+    # where OpenVINO's float time goes, from its own per-layer counters
+    ops, b = r["openvino_ops"], r["openvino_breakdown"]
+    assert r["openvino_profiled"] in ("fp32", "bf16") and len(ops["top10_ms"]) <= 10
+    assert ops["by_type"]["Convolution"] > 0 and any(k.startswith("Convolution: ") for k in ops["kernels_ms"])
+    assert b["conv_ms"] > 0 and 0 < b["ceiling_share_of_peak"]
+    assert f"OpenVINO {r['openvino_profiled']} by layer: conv" in p.stdout
