@@ -41,9 +41,10 @@ class PrepareConfig:
     """Smallest crop side in pixels; smaller boxes are grown around their centre to this."""
     margin: float = 0.08
     """Margin added around each box, as a fraction of the box size."""
-    concept_share: list[float] = field(default_factory=lambda: [1.0])
-    """Most of a crop's side its concept may fill, one crop per value (e.g. [0.6, 0.3]: each concept at
-    two scales, with context around it); 1.0: the concept's box plus `margin`."""
+    concept_share: list[float] = field(default_factory=lambda: [0.6, 0.3])
+    """Most of a crop's side its concept may fill, one crop per value: the default [0.6, 0.3] gives each
+    concept two crops, with context around it (the recipe study's choice; docs/findings/recipe.md);
+    [1.0]: the concept's box plus `margin` only, as before the study."""
     max_upscale: float = 0.0
     """Largest factor a crop may be enlarged by to reach the training resolution: a smaller crop grows
     around its concept, within the image (0: no limit)."""

@@ -37,8 +37,19 @@ class Knob:
 
 
 TODAY = "today"
+"""The baseline's name: the recipe before the study (the defaults until 2026-12-06), set explicitly so
+that the study measures the same thing whatever the defaults are now."""
+BASELINE_RECIPE: dict[str, Any] = {
+    "concept_share": [1.0],
+    "max_upscale": 0.0,
+    "name_covered": 0.0,
+    "whole_image_weight": 1.0,
+}
 KNOBS: tuple[Knob, ...] = (
-    Knob(TODAY, "today's recipe: the concept's box + 8% margin, own concept named, whole images 1×"),
+    Knob(
+        TODAY,
+        "the recipe before the study: the concept's box + 8% margin, own concept named, whole images 1×",
+    ),
     Knob(
         "context", "context margin: a concept fills at most 60% of its crop's side", {"concept_share": [0.6]}
     ),
@@ -127,7 +138,8 @@ def adopted(summary: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def combined_recipe(names: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    """The baseline with the named knobs' fields."""
+    out: dict[str, Any] = dict(BASELINE_RECIPE)
     for k in KNOBS:
         if k.name in names:
             out.update(k.recipe)
@@ -189,7 +201,7 @@ def run_study(
                     s,
                     images=str(refs),
                     variants=variants,
-                    recipe=knob.recipe,
+                    recipe={**BASELINE_RECIPE, **knob.recipe},
                     steps=knob_steps(knob, s.steps),
                 ),
                 replace(ecfg, out=str(folder / knob.name)),
@@ -202,13 +214,13 @@ def run_study(
                 "plain": figs["plain"] if "plain" in figs else row[TODAY]["plain"],
             }
 
-    ordered = sorted(knobs, key=lambda k: k.name != TODAY)  # today's plain run is every data knob's pair
+    ordered = sorted(knobs, key=lambda k: k.name != TODAY)  # the baseline's plain run pairs every data knob
     for knob in ordered:
         measure(knob)
     summary = {k.name: summarise(rows, k.name) for k in ordered}
     names = adopted(summary)
     if len(names) >= 2:
-        measure(Knob(COMBINED, " + ".join(names), combined_recipe(names)))
+        measure(Knob(COMBINED, " + ".join(names), {k: v for k, v in combined_recipe(names).items()}))
         summary[COMBINED] = summarise(rows, COMBINED)
     choice = choose(summary, s.steps)
     described = {k.name: k.what for k in knobs} | (
