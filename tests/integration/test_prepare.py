@@ -44,8 +44,9 @@ def test_examples_attention_dataset_has_every_column(tmp_path):
     methods = set(ds["method"])
     assert {"full", "attention"} <= methods
     assert all(t.endswith("in paper-cut style") for t in ds["text"])
-    # the user's word was localised in every image
-    assert sum(c == "boat" for c in ds["concept"]) == n_images
+    # the user's word was localised in every image, and cut at each default share (two scales)
+    shares = PrepareConfig(images=["x"], style="x", out="x").concept_share
+    assert sum(c == "boat" for c in ds["concept"]) == n_images * len(shares)
     # the background rows speak the captioner's words, which the text encoder knows: never the bare
     # word "background" (unknown to the world's tokenizer)
     from finestyle.core.models import load_sd_pipeline
