@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -72,8 +73,9 @@ def _next_batch(st: TrainState) -> list[Example]:
     return batch
 
 
-def _micro_step(st: TrainState, batch: list[Example]) -> float:
-    """One forward/backward on one batch from the caches; returns its (accumulation-scaled) loss."""
+def _micro_step(st: TrainState, batch: list[Example]) -> torch.Tensor:
+    """One forward/backward on one batch from the caches; returns its (accumulation-scaled) loss, on
+    the device (reading it would wait for the device: `train_step` reads once per step)."""
     cfg, gen, device = st.cfg, st.gen, st.device
     # inputs from the caches: sample the posterior, drop captions, draw noise and timesteps
     lat = []
@@ -101,20 +103,22 @@ def _micro_step(st: TrainState, batch: list[Example]) -> float:
             x = x.contiguous(memory_format=torch.channels_last)
         pred = st.model(x, t, **cond_kw).sample
     loss = diffusion_loss(pred, target, t, st.noise_sched, cfg.snr_gamma) / cfg.grad_accum
-    if not torch.isfinite(loss):
-        last = latest_checkpoint(st.out / "checkpoints")
-        raise TrainingDiverged(
-            f"loss is {loss.item()} at step {st.step + 1}; lower train.lr or use "
-            f"mixed_precision=no. Last good checkpoint: {last or 'none'}"
-        )
     (st.scaler.scale(loss) if st.scaler else loss).backward()
-    return loss.item()
+    return loss.detach()
 
 
 def train_step(st: TrainState) -> float:
-    """One optimizer step (with gradient accumulation); returns the step's loss."""
+    """One optimizer step (with gradient accumulation); returns the step's loss. The step's one host
+    sync is reading that loss, before the optimizer moves: a non-finite loss stops training there."""
     st.optimizer.zero_grad(set_to_none=True)
-    step_loss = sum(_micro_step(st, _next_batch(st)) for _ in range(st.cfg.grad_accum))
+    losses = [_micro_step(st, _next_batch(st)) for _ in range(st.cfg.grad_accum)]
+    step_loss = sum(float(v) for v in torch.stack(losses).float().cpu().tolist())
+    if not math.isfinite(step_loss):
+        last = latest_checkpoint(st.out / "checkpoints")
+        raise TrainingDiverged(
+            f"loss is {step_loss} at step {st.step + 1}; lower train.lr or use "
+            f"mixed_precision=no. Last good checkpoint: {last or 'none'}"
+        )
     if st.scaler:
         st.scaler.unscale_(st.optimizer)
     if st.cfg.max_grad_norm:

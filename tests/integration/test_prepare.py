@@ -99,7 +99,9 @@ def test_boxes_and_none_methods(tmp_path, scene_dir):
     run_prepare(cfg(tmp_path / "b", [scene_dir], concepts="boxes", boxes=str(boxes)), log=lambda m: None)
     ds = load_from_disk(str(tmp_path / "b"))
     sun = [r for r in ds if r["method"] == "boxes"]
-    assert len(sun) == 1 and sun[0]["concept"] == "sun" and sun[0]["bbox"] == [5, 5, 70, 70]
+    # one crop per default share (two scales), each around the same box
+    assert len(sun) == 2 and all(r["concept"] == "sun" and r["bbox"] == [5, 5, 70, 70] for r in sun)
+    assert len({tuple(r["crop"]) for r in sun}) == 2  # the second, wider crop gives more context
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert any("outside" in s["reason"] for s in rep["skipped"])
 

@@ -57,8 +57,15 @@ def test_recipe_study_command(tmp_path):
             (x0, y0, x1, y1), (cx0, cy0, cx1, cy1) = x["bbox"], x["crop"]
             assert (x1 - x0) <= 0.6 * (cx1 - cx0) + 1 or cx1 - cx0 == 96, x
             assert (y1 - y0) <= 0.6 * (cy1 - cy0) + 1 or cy1 - cy0 == 96, x
-        # leakage is counted against the default recipe's references, which today's recipe trains on
-        assert not (run_dir / "today/datasets/attention-recipe").exists()
+        # the baseline is the pre-study recipe whatever the defaults: one crop per concept
+        base = [
+            x
+            for x in load_from_disk(str(run_dir / "today/datasets/attention-recipe"))
+            if x["method"] == "attention"
+        ]
+        assert len(base) == len(rows)  # both cut one crop per concept; context's is never smaller
+        area = lambda c: (c[2] - c[0]) * (c[3] - c[1])  # noqa: E731
+        assert all(area(x["crop"]) >= area(b["crop"]) for x, b in zip(rows, base, strict=True))
     k = rep["knobs"]["context"]
     diffs = [r["context"]["finestyle"]["leakage"] - r["context"]["plain"]["leakage"] for r in rep["sets"]]
     today = [r["today"]["finestyle"]["leakage"] - r["today"]["plain"]["leakage"] for r in rep["sets"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finestyle.eval.study import COMBINED, TODAY, adopted, choose, study_markdown, summarise
+from finestyle.eval.study import BASELINE_RECIPE, COMBINED, TODAY, adopted, choose, study_markdown, summarise
 
 
 def _v(style, leak):
@@ -40,7 +40,9 @@ def test_a_knob_is_adopted_only_when_it_lowers_the_paired_leakage_difference_and
     # context and multi-scale set one field: only the better (multi-scale) is adopted
     assert adopted(summary) == ["multi-scale"]
     c = choose(summary, 300)
-    assert c == {"knobs": ["multi-scale"], "recipe": {"concept_share": [0.6, 0.3]}, "steps": 300}
+    # the chosen recipe is the whole recipe: the baseline with the adopted knobs' fields
+    want = BASELINE_RECIPE | {"concept_share": [0.6, 0.3]}
+    assert c == {"knobs": ["multi-scale"], "recipe": want, "steps": 300}
 
 
 def test_the_combination_is_chosen_only_when_it_is_no_worse_than_the_best_knob():
@@ -54,8 +56,8 @@ def test_the_combination_is_chosen_only_when_it_is_no_worse_than_the_best_knob()
         summary = {k: summarise(rows, k) for k in (TODAY, "context", "whole-image", COMBINED)}
         c = choose(summary, 300)
         assert c["knobs"] == want
-        both = {"concept_share": [0.6], "whole_image_weight": 3.0}
-        assert c["recipe"] == (both if len(want) == 2 else {"concept_share": [0.6]})
+        both = BASELINE_RECIPE | {"concept_share": [0.6], "whole_image_weight": 3.0}
+        assert c["recipe"] == (both if len(want) == 2 else BASELINE_RECIPE | {"concept_share": [0.6]})
 
 
 def test_the_budget_is_the_smallest_at_which_the_positive_control_holds():
