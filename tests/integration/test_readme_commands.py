@@ -101,28 +101,33 @@ def test_eval_commands(tmp_path):
     assert (tmp_path / "runs/watercolor-best/eval.png").is_file()
 
 
-def test_verdict_command(tmp_path):
-    """`eval --compare --sets`: paired per-set differences, the t-interval, the rule and the verdict."""
+def world_or_tiny(argv: list[str]) -> list[str]:
+    """A world-set command as written where the world builtins are installed, else on the tiny ones."""
     from finestyle.core.models import SHA256SUMS, weights_dir
 
+    if all((weights_dir() / f"world-{m}" / SHA256SUMS).is_file() for m in ("sd", "blip", "judge")):
+        return list(argv)
+    argv = [WORLD_TINY.get(a, a) for a in argv]
+    argv[argv.index("--judge") + 1] = "clip:builtin:tiny-clip"
+    return argv
+
+
+def small_sets(reference_size: int) -> list[str]:
+    """Tiny world sets: small references, two training steps, two prompts, one seed, two steps."""
+    return [
+        "--reference-size",
+        str(reference_size),
+        *"--train-steps 2 --n-prompts 2 --seeds 1 --steps 2".split(),
+    ]
+
+
+def test_verdict_command(tmp_path):
+    """`eval --compare --sets`: paired per-set differences, the t-interval, the rule and the verdict."""
     (argv,) = readme_commands("## Evaluation: style, prompt and leakage", block=1)
-    if not all((weights_dir() / f"world-{m}" / SHA256SUMS).is_file() for m in ("sd", "blip", "judge")):
-        argv = [WORLD_TINY.get(a, a) for a in argv]
-        argv[argv.index("--judge") + 1] = "clip:builtin:tiny-clip"
+    argv = world_or_tiny(argv)
     argv[argv.index("--sets") + 1] = "2"
     argv[argv.index("--calibration-sets") + 1] = "1"
-    small = [
-        "--reference-size",
-        "64",
-        "--train-steps",
-        "2",
-        "--n-prompts",
-        "2",
-        "--seeds",
-        "1",
-        "--steps",
-        "2",
-    ]
+    small = small_sets(reference_size=64)
     p = run([*argv, *small, "--device", "cpu"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "runs/verdict"

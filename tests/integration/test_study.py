@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.integration.test_readme_commands import WORLD_TINY, readme_commands, run
+from tests.integration.test_readme_commands import readme_commands, run, small_sets, world_or_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -16,25 +16,10 @@ pytestmark = pytest.mark.slow
 def test_recipe_study_command(tmp_path):
     from datasets import load_from_disk
 
-    from finestyle.core.models import SHA256SUMS, weights_dir
-
     (argv,) = readme_commands("## Running the recipe study")
-    if not all((weights_dir() / f"world-{m}" / SHA256SUMS).is_file() for m in ("sd", "blip", "judge")):
-        argv = [WORLD_TINY.get(a, a) for a in argv]
-        argv[argv.index("--judge") + 1] = "clip:builtin:tiny-clip"
+    argv = world_or_tiny(argv)
     argv[argv.index("--calibration-sets") + 1] = "2"
-    small = [
-        "--reference-size",
-        "96",
-        "--train-steps",
-        "2",
-        "--n-prompts",
-        "2",
-        "--seeds",
-        "1",
-        "--steps",
-        "2",
-    ]
+    small = small_sets(reference_size=96)
     p = run([*argv, *small, "--knobs", "context,budget", "--device", "cpu"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "runs/recipe-study"
