@@ -128,9 +128,17 @@ def bench_unet_step(
         res["whole_image"] = _whole_image(res, Path(d), src, image_size or latent * 8)
         res["ort_ops"] = _ort_op_times(Path(d) / "onnx" / "unet" / "model.onnx", feeds)
         if ov:  # the fastest float precision OpenVINO has here, by its own per-layer counters
-            ov_prec = "bf16" if "bf16" in ov else "fp32"
-            res["openvino_profiled"] = ov_prec
-            res["openvino_ops"] = _ov_op_times(Path(d) / "onnx" / "unet" / "model.onnx", ov_prec, feeds)
+            res["openvino_profiled"] = "bf16" if "bf16" in ov else "fp32"
+            res["openvino_ops"] = _ov_op_times(
+                Path(d) / "onnx" / "unet" / "model.onnx", res["openvino_profiled"], feeds
+            )
+    _add_peaks_and_breakdowns(res, by_aten, gflop)
+    res["runtimes"] = runtime_table(res)
+    return res
+
+
+def _add_peaks_and_breakdowns(res: dict[str, Any], by_aten: dict[str, float], gflop: float) -> None:
+    """This CPU's matmul peaks (bf16 only with bf16 units) and where each runtime's time goes."""
     from finestyle.runtime.openvino import hardware_precision
 
     # without bf16 units (AVX2) a 2048³ bf16 product runs a scalar fallback for minutes: no bf16 peak
@@ -138,22 +146,8 @@ def bench_unet_step(
     peak16 = matmul_peak(torch.bfloat16) if hardware_precision() == "bf16" else None
     res["ort_breakdown"] = _ort_breakdown(res["ort_ops"], by_aten, gflop, peak32)
     if "openvino_ops" in res:
-        ov_ops = res["openvino_ops"]["by_type"]
         peak = peak16 if res["openvino_profiled"] == "bf16" and peak16 else peak32
-        res["openvino_breakdown"] = _ort_breakdown(
-            {
-                "Conv": sum(v for k, v in ov_ops.items() if "Convolution" in k),
-                "MatMul": sum(ov_ops.get(k, 0.0) for k in ("MatMul", "FullyConnected")),
-                **{
-                    k: v
-                    for k, v in ov_ops.items()
-                    if "Convolution" not in k and k not in ("MatMul", "FullyConnected")
-                },
-            },
-            by_aten,
-            gflop,
-            peak,
-        )
+        res["openvino_breakdown"] = _ov_breakdown(res["openvino_ops"]["by_type"], by_aten, gflop, peak)
     res.update(
         matmul_fp32_gflops=peak32,
         matmul_bf16_gflops=peak16,
@@ -161,8 +155,6 @@ def bench_unet_step(
         ort_share_of_fp32_peak=gflop / res["ort_fp32_s"] / peak32,
         cpu=cpu_name(),
     )
-    res["runtimes"] = runtime_table(res)
-    return res
 
 
 def _ov_op_times(onnx_path: Any, precision: str, feeds: dict[str, Any], runs: int = 2) -> dict[str, Any]:
@@ -206,6 +198,17 @@ def _ov_op_times(onnx_path: Any, precision: str, feeds: dict[str, Any], runs: in
         "kernels_ms": {k: v * 1e3 for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])},
         "total_ms": sum(by_type.values()) * 1e3,
     }
+
+
+def _ov_breakdown(by_type: dict[str, float], by_aten: dict[str, float], gflop: float, peak: float) -> dict:
+    """OpenVINO's layer types in `_ort_breakdown`'s terms: convolutions, matrix products, the rest."""
+    mm = ("MatMul", "FullyConnected")
+    ops = {
+        "Conv": sum(v for k, v in by_type.items() if "Convolution" in k),
+        "MatMul": sum(by_type.get(k, 0.0) for k in mm),
+        **{k: v for k, v in by_type.items() if "Convolution" not in k and k not in mm},
+    }
+    return _ort_breakdown(ops, by_aten, gflop, peak)
 
 
 def _ort_breakdown(ops: dict[str, float], by_aten: dict[str, float], gflop: float, peak32: float) -> dict:

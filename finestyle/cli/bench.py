@@ -207,26 +207,7 @@ def bench_export_cmd(
             f"  whole image ({w['size']} px, {w['steps']} steps, text encoder + UNet + VAE decode) on the "
             f"fastest runtime, {w['runtime']}: {w['seconds']:.2f} s"
         )
-        b = r["ort_breakdown"]
-        typer.echo(
-            f"  ORT fp32 by op: conv {b['conv_gflop']:.1f} GFLOP in {b['conv_ms']:.0f} ms "
-            f"({100 * b['conv_share_of_peak']:.0f}% of peak) | matmul {b['matmul_gflop']:.1f} GFLOP in "
-            f"{b['matmul_ms']:.0f} ms ({100 * b['matmul_share_of_peak']:.0f}%) | other ops "
-            f"{b['other_ops_ms']:.0f} ms | ceiling with conv+matmul at 100% of peak: "
-            f"{100 * b['ceiling_share_of_peak']:.0f}%"
-        )
-        if "openvino_breakdown" in r:
-            b, o = r["openvino_breakdown"], r["openvino_ops"]
-            typer.echo(
-                f"  OpenVINO {r['openvino_profiled']} by layer: conv {b['conv_ms']:.0f} ms "
-                f"({100 * b['conv_share_of_peak']:.0f}% of peak) | matmul {b['matmul_ms']:.0f} ms "
-                f"({100 * b['matmul_share_of_peak']:.0f}%) | other layers {b['other_ops_ms']:.0f} ms | ceiling: "
-                f"{100 * b['ceiling_share_of_peak']:.0f}%"
-            )
-            typer.echo(
-                "  OpenVINO top layers: "
-                + ", ".join(f"{k} {v:.1f} ms" for k, v in list(o["top10_ms"].items())[:5])
-            )
+        echo_breakdowns(r)
     if json_out:
         json_out.write_text(json.dumps(allr, indent=2))
 
@@ -352,3 +333,27 @@ def _print_styles(r: dict[str, Any], json_out: Path | None) -> None:
     )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
+
+
+def echo_breakdowns(r: dict) -> None:
+    """Where the CPU runtimes' time goes: onnxruntime by op type, OpenVINO by layer type."""
+    b = r["ort_breakdown"]
+    typer.echo(
+        f"  ORT fp32 by op: conv {b['conv_gflop']:.1f} GFLOP in {b['conv_ms']:.0f} ms "
+        f"({100 * b['conv_share_of_peak']:.0f}% of peak) | matmul {b['matmul_gflop']:.1f} GFLOP in "
+        f"{b['matmul_ms']:.0f} ms ({100 * b['matmul_share_of_peak']:.0f}%) | other ops "
+        f"{b['other_ops_ms']:.0f} ms | ceiling with conv+matmul at 100% of peak: "
+        f"{100 * b['ceiling_share_of_peak']:.0f}%"
+    )
+    if "openvino_breakdown" in r:
+        b, o = r["openvino_breakdown"], r["openvino_ops"]
+        typer.echo(
+            f"  OpenVINO {r['openvino_profiled']} by layer: conv {b['conv_ms']:.0f} ms "
+            f"({100 * b['conv_share_of_peak']:.0f}% of peak) | matmul {b['matmul_ms']:.0f} ms "
+            f"({100 * b['matmul_share_of_peak']:.0f}%) | other layers {b['other_ops_ms']:.0f} ms | ceiling: "
+            f"{100 * b['ceiling_share_of_peak']:.0f}%"
+        )
+        typer.echo(
+            "  OpenVINO top layers: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in list(o["top10_ms"].items())[:5])
+        )

@@ -72,26 +72,7 @@ def eval_cmd(
         Path(values["out"]),
     )
     values["model"] = model or ""  # --compare trains its own models
-    if knobs and not study:
-        raise UserError("--knobs belongs to --compare --study")
-    if study and not compare:
-        raise UserError("--study belongs to --compare (the recipe study on world calibration sets)")
-    if study and sets:
-        raise UserError(
-            "--study runs on the calibration sets only; drop --sets (the verdict runs the test sets)"
-        )
-    if study and references:
-        raise UserError("--compare --study draws its own world reference sets; drop --references")
-    if sets and not compare:
-        raise UserError(
-            "--sets N belongs to --compare (FineStyle against plain tuning over N reference sets)"
-        )
-    if sets and references:
-        raise UserError("--compare --sets draws its own world reference sets; drop --references")
-    if not references and not sets and not study:
-        raise UserError(
-            "finestyle eval: give --references (a prepared dataset; with --compare, an images folder)"
-        )
+    check_modes(compare, sets, study, bool(knobs), bool(references))
     if sets or study:
         from finestyle.world.scene import HELDOUT_STYLE
 
@@ -99,7 +80,7 @@ def eval_cmd(
         values.update(style=style, references="")
     ecfg = stage_from_sources(EvalConfig, "eval", None, values)
     if compare:
-        from finestyle.eval.compare import VARIANTS, CompareSettings, run_compare, run_sets
+        from finestyle.eval.compare import VARIANTS, CompareSettings
 
         if not base or not style:
             raise UserError("--compare needs --base MODEL and --style TEXT (and --references IMAGES_FOLDER)")
@@ -115,22 +96,7 @@ def eval_cmd(
             variants=tuple(v.strip() for v in variants.split(",")) if variants else tuple(VARIANTS),
             recipe=recipe_options(concept_share, max_upscale, name_covered, whole_image_weight),
         )
-        if study:
-            from finestyle.eval.study import run_study, select_knobs
-
-            if calibration_sets < 2:
-                raise UserError(
-                    "--study needs --calibration-sets 2 or more (its intervals are over the sets)"
-                )
-            if settings.recipe:
-                raise UserError("--study sets the recipe knob by knob; drop the recipe options")
-            run_study(settings, ecfg, calibration_sets, reference_size, knobs=select_knobs(knobs))
-        elif sets:
-            if sets < 2 or calibration_sets < 1:
-                raise UserError("--sets needs 2 or more test sets and --calibration-sets 1 or more")
-            run_sets(settings, ecfg, sets, calibration_sets, reference_size)
-        else:
-            run_compare(settings, ecfg)
+        run_comparison(settings, ecfg, sets, calibration_sets, reference_size, study, knobs)
     else:
         if not model:
             raise UserError("finestyle eval: give MODEL (an export folder, or a base model with --adapter)")
@@ -173,3 +139,57 @@ def recipe_options(
         TrainConfig(dataset="x", base="x", out="x", whole_image_weight=whole_image_weight)
         recipe["whole_image_weight"] = whole_image_weight
     return recipe
+
+
+def check_modes(compare: bool, sets: int, study: bool, knobs: bool, references: bool) -> None:
+    """`eval`'s modes (one export; --compare on references; --compare --sets; --compare --study) and
+    the flags each takes: a wrong mix is one line."""
+    refusals = (
+        (knobs and not study, "--knobs belongs to --compare --study"),
+        (study and not compare, "--study belongs to --compare (the recipe study on world calibration sets)"),
+        (
+            study and sets,
+            "--study runs on the calibration sets only; drop --sets (the verdict runs the test sets)",
+        ),
+        (study and references, "--compare --study draws its own world reference sets; drop --references"),
+        (
+            sets and not compare,
+            "--sets N belongs to --compare (FineStyle against plain tuning over N reference sets)",
+        ),
+        (sets and references, "--compare --sets draws its own world reference sets; drop --references"),
+        (
+            not references and not sets and not study,
+            "finestyle eval: give --references (a prepared dataset; with --compare, an images folder)",
+        ),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise UserError(why)
+
+
+def run_comparison(
+    settings: Any,
+    ecfg: EvalConfig,
+    sets: int,
+    calibration_sets: int,
+    reference_size: int,
+    study: bool,
+    knobs: str | None,
+) -> None:
+    """--compare on one set of references, over world sets (the verdict), or the recipe study."""
+    from finestyle.eval.compare import run_compare, run_sets
+
+    if study:
+        from finestyle.eval.study import run_study, select_knobs
+
+        if calibration_sets < 2:
+            raise UserError("--study needs --calibration-sets 2 or more (its intervals are over the sets)")
+        if settings.recipe:
+            raise UserError("--study sets the recipe knob by knob; drop the recipe options")
+        run_study(settings, ecfg, calibration_sets, reference_size, knobs=select_knobs(knobs))
+    elif sets:
+        if sets < 2 or calibration_sets < 1:
+            raise UserError("--sets needs 2 or more test sets and --calibration-sets 1 or more")
+        run_sets(settings, ecfg, sets, calibration_sets, reference_size)
+    else:
+        run_compare(settings, ecfg)

@@ -145,15 +145,11 @@ def sets_table(figures: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_compare(
-    s: CompareSettings,
-    ecfg: EvalConfig,
-    log: Callable[[str], None] = log_line,
-    cache_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate `s.variants` on one set of references; `cache_dir` holds the base model's images
-    (default `OUT/images`), so several comparisons on one set generate them once."""
-    out = Path(ecfg.out)
+def compare_datasets(
+    s: CompareSettings, out: Path, device: str, log: Callable[[str], None]
+) -> dict[str, Path]:
+    """The prepared datasets `s.variants` train on, by key: "attention" (the default recipe: leakage is
+    counted against it), "none", and "attention-recipe" (the concept-crop variants' recipe, if any)."""
     bad = [v for v in s.variants if v not in VARIANTS]
     if bad:
         from finestyle.core.errors import UserError
@@ -167,7 +163,6 @@ def run_compare(
             f"compare recipe: unknown field {bad_keys[0]!r}; choose from {PREPARE_RECIPE + TRAIN_RECIPE}"
         )
     prep_recipe = {k: v for k, v in s.recipe.items() if k in PREPARE_RECIPE}
-    train_recipe = {k: v for k, v in s.recipe.items() if k in TRAIN_RECIPE}
     # "attention" (default recipe) is what leakage is counted against; "attention-recipe" trains
     needed = {VARIANTS[v][0] for v in s.variants} | {"attention"}
     if prep_recipe and "attention" in {VARIANTS[v][0] for v in s.variants}:
@@ -185,12 +180,26 @@ def run_compare(
                 base=s.base,
                 concepts=method,
                 resolution=s.resolution,
-                device=ecfg.device,
+                device=device,
                 **(prep_recipe if key == "attention-recipe" else {}),
             ),
             log=log,
         )
         datasets[key] = ds
+    return datasets
+
+
+def run_compare(
+    s: CompareSettings,
+    ecfg: EvalConfig,
+    log: Callable[[str], None] = log_line,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate `s.variants` on one set of references; `cache_dir` holds the base model's images
+    (default `OUT/images`), so several comparisons on one set generate them once."""
+    out = Path(ecfg.out)
+    datasets = compare_datasets(s, out, ecfg.device, log)
+    train_recipe = {k: v for k, v in s.recipe.items() if k in TRAIN_RECIPE}
     results: dict[str, Any] = {}
     grid: list[tuple[str, Any]] = []
     base: list[tuple[str, Any]] = []  # the base model's images, the grid's first row
