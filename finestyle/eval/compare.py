@@ -66,7 +66,7 @@ class CompareSettings:
     variants: tuple[str, ...] = tuple(VARIANTS)
     """Which variants to run."""
     recipe: dict[str, Any] = field(default_factory=dict)
-    """The concept-crop variants' data recipe, against today's defaults: `PrepareConfig` fields
+    """The concept-crop variants' data recipe, over the defaults: `PrepareConfig` fields
     (`concept_share`, `max_upscale`, `name_covered`) and `TrainConfig.whole_image_weight`. Leakage is
     always counted against the references' concepts under the default recipe (or their world truth)."""
 
