@@ -239,7 +239,8 @@ CPU_RUNTIMES = (
     ("onnxruntime fp32 (the export)", "ort_fp32_s", "fp32", None),
     ("OpenVINO fp32 (the same ONNX)", "openvino_fp32_s", "fp32", "openvino_fp32_rel_diff"),
     ("OpenVINO bf16 (the same ONNX)", "openvino_bf16_s", "bf16", "openvino_bf16_rel_diff"),
-    ("OpenVINO int8 (the same ONNX, NNCF)", "openvino_int8_s", "int8", "openvino_int8_rel_diff"),
+    ("OpenVINO int8 hybrid (NNCF, the default)", "openvino_int8_s", "int8", "openvino_int8_rel_diff"),
+    ("OpenVINO int8 full (NNCF)", "openvino_int8-full_s", "int8", "openvino_int8-full_rel_diff"),
 )
 
 
@@ -305,11 +306,17 @@ def _openvino_steps(
             }
             for t in (999.0, 750.0, 500.0, 250.0, 1.0)
         ]
-        quantize_unet(onnx_root / "onnx" / "unet" / "model.onnx", calib, onnx_root / INT8_UNET)
-    precs = ("fp32", hardware_precision(), "int8") if int8 else ("fp32", hardware_precision())
+        for mode in ("hybrid", "full"):
+            target = INT8_UNET if mode == "hybrid" else INT8_UNET.replace("unet_int8", "unet_int8_full")
+            quantize_unet(onnx_root / "onnx" / "unet" / "model.onnx", calib, onnx_root / target, mode)
+    precs = ("fp32", hardware_precision(), "int8", "int8-full") if int8 else ("fp32", hardware_precision())
     for prec in dict.fromkeys(precs):
-        graph = onnx_root / ("openvino/unet_int8/model.xml" if prec == "int8" else "onnx/unet/model.onnx")
-        comp = OvComponent(core, graph, prec, f"bench-{prec}")
+        graph = onnx_root / "onnx/unet/model.onnx"
+        if prec.startswith("int8"):
+            graph = onnx_root / (
+                "openvino/unet_int8/model.xml" if prec == "int8" else "openvino/unet_int8_full/model.xml"
+            )
+        comp = OvComponent(core, graph, prec.split("-")[0], f"bench-{prec}")
         got = torch.from_numpy(comp(**feeds))
         rel = float((got - ref).abs().mean() / ref.abs().mean())
         out[prec] = ((lambda comp=comp: comp(**feeds)), rel)

@@ -197,11 +197,12 @@ def bench_export_cmd(
                 f"  OpenVINO {ovk.split('_')[1]} vs PyTorch bf16: {t['torch_bf16_weights_s'] / t[ovk]:.2f}x | "
                 f"vs onnxruntime fp32: {t['ort_fp32_s'] / t[ovk]:.2f}x"
             )
-            if "openvino_int8_s" in t:
-                typer.echo(
-                    f"  OpenVINO int8 vs OpenVINO {ovk.split('_')[1]}: {t[ovk] / t['openvino_int8_s']:.2f}x "
-                    "(its quality: the export's int8 guard, `export --quantize int8`)"
-                )
+            for mode, key in (("hybrid", "openvino_int8_s"), ("full", "openvino_int8-full_s")):
+                if key in t:
+                    typer.echo(
+                        f"  OpenVINO int8 {mode} vs OpenVINO {ovk.split('_')[1]}: {t[ovk] / t[key]:.2f}x "
+                        "(its quality: the export's int8 guard, `export --quantize int8`)"
+                    )
         w = r["whole_image"]
         typer.echo(
             f"  whole image ({w['size']} px, {w['steps']} steps, text encoder + UNet + VAE decode) on the "

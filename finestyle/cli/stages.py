@@ -143,10 +143,18 @@ def export(
         "quality guard (`--runtime openvino --dtype int8`).",
     ),
     calibration_prompts: int = typer.Option(
-        8, "--calibration-prompts", help="--quantize: prompts whose denoising steps calibrate int8."
+        16,
+        "--calibration-prompts",
+        help="--quantize: prompts whose denoising steps calibrate int8 (16 x 20 steps: 320 UNet calls).",
     ),
     calibration_steps: int = typer.Option(
         20, "--calibration-steps", help="--quantize: denoising steps per prompt (and of the guard's images)."
+    ),
+    quantize_mode: str = typer.Option(
+        "hybrid",
+        "--quantize-mode",
+        help="--quantize: hybrid (int8 weights only on the matrix products with weights; closer to fp32, "
+        "measured) or full (int8 weights and activations of convolutions and matrix products).",
     ),
     config: Optional[Path] = typer.Option(None, help="YAML file (its `export:` section)."),
 ) -> None:
@@ -159,7 +167,7 @@ def export(
         _edit_styles(add_style, remove_style, to, name, lora_scale)
         return
     if quantize:
-        _quantize(quantize, to, calibration_prompts, calibration_steps)
+        _quantize(quantize, to, calibration_prompts, calibration_steps, quantize_mode)
         return
     if not base or not out:
         raise UserError(
@@ -217,22 +225,44 @@ def _export_swappable(cfg: ExportConfig, adapters: list[str], names: list[str]) 
     )
 
 
-def _quantize(mode: str, to: Path | None, prompts: int, steps: int) -> None:
+def _quantize(mode: str, to: Path | None, prompts: int, steps: int, int8_mode: str) -> None:
     from finestyle.export.quantize import quantize_export
 
     if mode != "int8":
         raise UserError(f"--quantize {mode!r}: int8 is the one mode")
     if not to:
         raise UserError("--quantize int8 needs --to EXPORT_DIR (an export from `finestyle export`)")
-    r = quantize_export(str(to), prompts=prompts, steps=steps, guard_steps=steps)
+    from finestyle.artifacts.manifest import verify_export
+    from finestyle.world import int8
+
+    manifest = verify_export(to)
+    world = int8.applies(manifest)  # the world's prompts calibrate, and its judge guards
+    r = quantize_export(
+        str(to),
+        prompts=int8.calibration_prompts(manifest, prompts) if world else prompts,
+        steps=steps,
+        guard_steps=steps,
+        mode=int8_mode,
+        judged=int8.judged_guard if world else None,
+    )
     g = r["guard"]
+    j = g.get("judged")
     print_summary(
         "export: int8 UNet " + ("added" if g["pass"] else "added, but its guard FAILED (unusable)"),
         {
             "export": str(to),
-            "int8 unet": f"{to}/openvino/unet_int8/model.xml ({r['fake_quantize_ops']} quantized ops)",
+            "int8 unet": f"{to}/openvino/unet_int8/model.xml ({r['mode']}: {r['fake_quantize_ops']} "
+            "quantized ops)",
             "calibration": f"{r['calibration']['unet_calls']} UNet calls, {r['seconds']} s",
             "guard": f"mean image diff {g['mean_abs_diff']:.2e} (<= {g['mean_atol']}) on {g['images']} images",
+            **(
+                {
+                    "judged guard": f"int8 - {j['reference']}: prompt fidelity {j['delta']['prompt']:+.3f}, "
+                    f"style fidelity {j['delta']['style']:+.3f} (within {j['atol']}) on {j['images']} images"
+                }
+                if j
+                else {}
+            ),
         },
     )
 

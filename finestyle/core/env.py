@@ -139,3 +139,13 @@ def cpu_flags() -> frozenset[str]:
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 """CPU features with bf16 arithmetic (Intel AMX; AVX-512 BF16 on Intel and AMD)."""
+
+
+INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+"""CPU features with int8 dot products (Intel AMX; AVX-512 VNNI and AVX-VNNI on Intel and AMD)."""
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AMX or AVX-512 BF16), so bf16 is a speed-up; elsewhere
+    PyTorch emulates it, several times slower than fp32."""
+    return any(f in cpu_flags() for f in BF16_CPU_FLAGS)

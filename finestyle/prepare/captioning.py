@@ -9,19 +9,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from finestyle.core.env import cpu_has_bf16
 from finestyle.core.models import pick_dtype
 
 # BLIP-base's well-known artefact words (it learnt them from noisy web captions).
 _ARTEFACTS = {"arafed", "araffe", "arafe", "araffed", "there is", "there are"}
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 is a speed-up."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def caption_dtype(device: torch.device, prefer: str = "auto") -> torch.dtype:

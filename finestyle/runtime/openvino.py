@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finestyle.core.env import BF16_CPU_FLAGS, cpu_flags
+from finestyle.core.env import BF16_CPU_FLAGS, INT8_CPU_FLAGS, cpu_flags
 from finestyle.core.errors import UserError
 from finestyle.core.fs import hash_json
 from finestyle.core.sd import onnx_cond_feeds, sdxl_prompt_encoder
@@ -78,8 +78,14 @@ def resolve_precision(
             f"--runtime openvino --dtype int8: this export {why}; use --dtype auto or fp32, or "
             "`finestyle export --quantize int8 --to EXPORT`"
         )
+    flags = cpu_flags() if flags is None else flags
     if dtype == "auto" and (checks.get("int8") or {}).get("pass"):
-        return "int8"
+        if any(f in flags for f in INT8_CPU_FLAGS):
+            return "int8"
+        _say_once(
+            "openvino: this CPU has no int8 dot-product units (VNNI / AMX), where int8 runs no faster than "
+            "float; running float (--dtype int8 forces it)"
+        )
     if dtype == "auto":
         hw = hardware_precision(flags)
         if hw == "fp32":

@@ -27,6 +27,7 @@ from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, KOHYA_WEIGHTS
 from finestyle.artifacts.dataset import dataset_fingerprint, load_training_rows
 from finestyle.config import TrainConfig, to_dict
+from finestyle.core.env import cpu_has_bf16
 from finestyle.core.errors import UserError
 from finestyle.core.fs import staging_dir, write_json
 from finestyle.core.memory import check_fits
@@ -114,6 +115,11 @@ def setup(cfg: TrainConfig, log=log_line) -> TrainState:
     amp = train_precision(cfg, device)
     if amp is not None and device.type == "cpu" and amp == torch.float16:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    if amp == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16() and rank == 0:
+        log(
+            "train: this CPU has no bf16 units (AMX / AVX-512 BF16), so bf16 runs emulated and slower than "
+            "fp32 here (--mixed-precision no is faster); samples are drawn in fp32"
+        )
     st = TrainState(cfg=cfg, out=out, world=world, rank=rank, device=device, amp=amp, t_start=t_start)
     _load_and_cache(st)
     _add_adapter_and_optimizer(st)

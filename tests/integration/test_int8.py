@@ -16,6 +16,7 @@ from PIL import Image
 
 from finestyle.artifacts.manifest import verify_export
 from finestyle.config import ExportConfig
+from finestyle.core.env import INT8_CPU_FLAGS, cpu_flags
 from finestyle.export.steps import run_export
 
 pytestmark = pytest.mark.slow
@@ -61,11 +62,12 @@ def test_quantize_guard_auto_and_refusal(export, tmp_path):
     m = verify_export(work)  # the new files are hashed: the export still verifies
     assert {"openvino/unet_int8/model.xml", "openvino/unet_int8/model.bin"} <= set(m["files"])
     rec, guard = m["openvino"]["int8"], m["openvino"]["checks"]["int8"]
-    assert rec["fake_quantize_ops"] > 0 and rec["calibration"]["unet_calls"] == 2 * 4
+    assert rec["mode"] == "hybrid" and rec["fake_quantize_ops"] > 0  # the default mode
+    assert rec["calibration"]["unet_calls"] == 2 * 4 and "judged" not in guard  # no world judge here
     assert guard["pass"] is True and guard["mean_abs_diff"] <= guard["mean_atol"] and guard["images"] == 4
-    # auto picks int8 now; its image is within the guard of fp32's on the same seed
-    imgs = {}
-    for dtype in ("auto", "fp32"):
+    # int8 forced, and auto (int8 only on a CPU with int8 dot products); int8 is within the guard of fp32
+    imgs, said = {}, {}
+    for dtype in ("int8", "auto", "fp32"):
         out = tmp_path / f"{dtype}.png"
         g = _cli(
             "generate",
@@ -85,8 +87,12 @@ def test_quantize_guard_auto_and_refusal(export, tmp_path):
         )
         assert g.returncode == 0, g.stderr[-2000:]
         imgs[dtype] = np.asarray(Image.open(out), dtype=np.float32) / 255
-        assert ("openvino[CPU,int8]" in g.stdout) == (dtype == "auto"), g.stdout
-    assert 0 < np.abs(imgs["auto"] - imgs["fp32"]).mean() <= 0.05
+        said[dtype] = g.stdout + g.stderr
+    assert "openvino[CPU,int8]" in said["int8"] and "openvino[CPU,int8]" not in said["fp32"]
+    int8_units = any(f in cpu_flags() for f in INT8_CPU_FLAGS)
+    assert ("openvino[CPU,int8]" in said["auto"]) == int8_units, said["auto"]
+    assert ("no int8 dot-product units" in said["auto"]) != int8_units
+    assert 0 < np.abs(imgs["int8"] - imgs["fp32"]).mean() <= 0.05
     # tampering with the int8 weights is refused like any other file
     bin_ = work / "openvino/unet_int8/model.bin"
     data = bytearray(bin_.read_bytes())
@@ -113,8 +119,8 @@ def test_a_failing_guard_marks_int8_unusable(export, tmp_path, monkeypatch):
     work = tmp_path / "q"
     shutil.copytree(export, work)
     monkeypatch.setattr(Q, "INT8_IMAGE_MEAN_ATOL", 0.0)  # no int8 image can be that close
-    r = Q.quantize_export(str(work), prompts=1, steps=2, guard_steps=2, log=lambda m: None)
-    assert r["guard"]["pass"] is False
+    r = Q.quantize_export(str(work), prompts=1, steps=2, guard_steps=2, log=lambda m: None, mode="full")
+    assert r["guard"]["pass"] is False and r["mode"] == "full"
     m = json.loads((work / "manifest.json").read_text())
     assert m["openvino"]["checks"]["int8"]["pass"] is False
     from finestyle.runtime.openvino import resolve_precision
@@ -137,6 +143,10 @@ def test_a_failing_guard_marks_int8_unusable(export, tmp_path, monkeypatch):
     # an export that was never quantized: refused the same way
     g = _cli("generate", str(export), "a red boat", "--dtype", "int8", "--out", "x.png", cwd=tmp_path)
     assert g.returncode == 2 and "has no int8 UNet" in g.stderr
+    # an unknown mode: one line, before any work
+    g = _cli("export", "--quantize", "int8", "--to", str(export), "--quantize-mode", "int4", cwd=tmp_path)
+    assert g.returncode == 2 and "--quantize-mode 'int4': use full or hybrid" in g.stderr
+    assert len(g.stderr.strip().splitlines()) == 1
 
 
 def test_bench_export_adds_the_int8_row(tmp_path):
@@ -160,12 +170,50 @@ def test_bench_export_adds_the_int8_row(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     (r,) = json.loads(out.read_text())
     rows = {row["key"]: row for row in r["runtimes"]}
-    assert rows["openvino_int8_s"]["ms"] > 0 and rows["openvino_int8_s"]["precision"] == "int8"
-    assert r["openvino_int8_rel_diff"] < 1.0
-    assert "OpenVINO int8 vs OpenVINO" in p.stdout
+    for key in ("openvino_int8_s", "openvino_int8-full_s"):  # hybrid (the default) and full int8
+        assert rows[key]["ms"] > 0 and rows[key]["precision"] == "int8"
+    assert r["openvino_int8_rel_diff"] < 1.0 and r["openvino_int8-full_rel_diff"] < 1.0
+    assert "OpenVINO int8 hybrid vs OpenVINO" in p.stdout and "OpenVINO int8 full vs OpenVINO" in p.stdout
     # where OpenVINO's float time goes, from its own per-layer counters
     ops, b = r["openvino_ops"], r["openvino_breakdown"]
     assert r["openvino_profiled"] in ("fp32", "bf16") and len(ops["top10_ms"]) <= 10
     assert ops["by_type"]["Convolution"] > 0 and any(k.startswith("Convolution: ") for k in ops["kernels_ms"])
     assert b["conv_ms"] > 0 and 0 < b["ceiling_share_of_peak"]
     assert f"OpenVINO {r['openvino_profiled']} by layer: conv" in p.stdout
+
+
+def _world_installed() -> bool:
+    from finestyle.world.int8 import applies
+
+    return applies({"base_model": "builtin:world-sd"})
+
+
+@pytest.mark.skipif(not _world_installed(), reason="the world builtins' weights are not installed")
+def test_the_world_guard_judges_int8_against_float_on_64_images(tmp_path):
+    """The docs' int8 commands on builtin:world-sd: the world's prompts calibrate, and the world's judge
+    reads 64 images made with the int8 UNet and at the export's float precision: prompt and style
+    fidelity within 0.03 of float, or int8 is marked unusable and `auto` runs float."""
+    from finestyle.world.int8 import JUDGED_ATOL, JUDGED_IMAGES, float_precision
+    from tests.integration.test_readme_commands import readme_commands
+
+    export, quantize, generate = readme_commands(
+        "### int8 on CPU: OpenVINO and NNCF, guarded by measured quality"
+    )
+    p = _cli(*export[1:], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _cli(*quantize[1:], "--calibration-prompts", "2", "--calibration-steps", "4", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = verify_export(tmp_path / "exports/world")
+    guard = m["openvino"]["checks"]["int8"]
+    j = guard["judged"]
+    assert j["images"] == JUDGED_IMAGES >= 64 and j["reference"] == float_precision(m)
+    for k in ("prompt", "style"):
+        assert 0 <= j["int8"][k] <= 1 and j["delta"][k] == pytest.approx(j["int8"][k] - j[j["reference"]][k])
+    assert j["pass"] == all(abs(d) <= JUDGED_ATOL + 1e-9 for d in j["delta"].values())
+    assert guard["pass"] == (guard["mean_abs_diff"] <= guard["mean_atol"] and j["pass"])
+    assert "judged guard" in p.stdout and m["openvino"]["int8"]["calibration"]["prompts"] == 2
+    g = _cli(*generate[1:], "--steps", "4", cwd=tmp_path)
+    assert g.returncode == 0, g.stderr[-2000:]
+    int8_units = any(f in cpu_flags() for f in INT8_CPU_FLAGS)
+    assert ("openvino[CPU,int8]" in g.stdout) == (guard["pass"] and int8_units), g.stdout
+    assert (tmp_path / "boat.png").is_file()

@@ -266,9 +266,31 @@ def test_data_parallel_with_accelerate_launch_on_cpu(dataset, tmp_path):
 def test_bf16_autocast_on_cpu_trains_with_fp32_lora_and_samples(dataset, tmp_path):
     from safetensors.torch import load_file
 
-    r = run_train(tcfg(dataset, tmp_path / "bf", mixed_precision="bf16", sample_every=2, steps=4), **QUIET)
+    from finestyle.core.env import cpu_has_bf16
+
+    lines: list[str] = []
+    r = run_train(
+        tcfg(dataset, tmp_path / "bf", mixed_precision="bf16", sample_every=2, steps=4), log=lines.append
+    )
     rep = json.loads((tmp_path / "bf" / "report.json").read_text())
     assert rep["autocast"] == "torch.bfloat16" and r.final_loss == r.final_loss
     assert len(list((tmp_path / "bf" / "samples").glob("*.png"))) >= 2
     sd = load_file(str(tmp_path / "bf" / "adapter" / ADAPTER_WEIGHTS))
     assert all(v.dtype == torch.float32 for v in sd.values())  # trainable weights kept in fp32
+    # a CPU without bf16 units says so once (bf16 is emulated there, and samples are drawn in fp32)
+    said = [x for x in lines if "no bf16 units" in x]
+    assert len(said) == (0 if cpu_has_bf16() else 1), lines
+
+
+def test_fp32_previews_give_the_frozen_bf16_weights_back_bit_for_bit():
+    from finestyle.train.samples import frozen_in_fp32
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 4))
+    net[0].to(torch.bfloat16).requires_grad_(False)
+    frozen, trained = net[0].weight, net[1].weight
+    before, trained_before = frozen.detach().clone(), trained.detach().clone()
+    with frozen_in_fp32(net):
+        assert frozen.dtype == torch.float32 and torch.equal(frozen.to(torch.bfloat16), before)
+        assert trained.dtype == torch.float32
+    assert frozen.dtype == torch.bfloat16 and torch.equal(frozen.view(torch.int16), before.view(torch.int16))
+    assert net[1].weight is trained and torch.equal(trained, trained_before)
