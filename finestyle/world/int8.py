@@ -10,6 +10,7 @@ style is the one asked for) must each be within JUDGED_ATOL of the float figures
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,6 @@ def float_precision(manifest: dict[str, Any]) -> str:
 def judged_prompts(manifest: dict[str, Any], n: int, seed: int = FIRST_SEED) -> list[tuple[str, str, str]]:
     """(colour, object, style) per image: the export's style where the world knows it, else the
     trained styles in turn; colours and objects drawn from `seed`."""
-    import random
-
     style = manifest.get("style")
     styles = (style,) if style in STYLES else TRAINED_STYLES
     rng = random.Random(seed)
