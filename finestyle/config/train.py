@@ -79,7 +79,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: off)."""
     mixed_precision: str = "auto"
-    """no | fp16 | bf16 | auto (bf16 on GPUs that have it, else fp16; fp32 on CPU)."""
+    """no | fp16 | bf16 | auto (bf16 on GPUs that have it, else fp16; on a CPU, bf16 where it has bf16
+    units (AMX / AVX-512 BF16), else fp32)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet."""
     compile: str = unkeyed("off")

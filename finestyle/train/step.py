@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from finestyle.config import TrainConfig
+from finestyle.core.env import cpu_has_bf16
 from finestyle.core.errors import UserError
 from finestyle.core.sd import (
     unet_kwargs,
@@ -52,6 +53,8 @@ def train_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     """Autocast dtype, or None for plain fp32."""
     mp = cfg.mixed_precision
     if mp == "auto":
+        if device.type == "cpu":  # bf16 where the CPU multiplies it natively (AMX / AVX-512 BF16)
+            return torch.bfloat16 if cpu_has_bf16() else None
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -38,6 +38,7 @@ def tcfg(dataset, out, **kw) -> TrainConfig:
         lr=1e-3,
         rank=4,
         seed=3,
+        mixed_precision="no",  # fp32 on every CPU (`auto` is bf16 on CPUs with bf16 units)
     )
     base.update(kw)
     return TrainConfig(**base)
