@@ -40,7 +40,8 @@ class EvalConfig:
     device: str = "auto"
     """Generation and judge device: auto | cpu | cuda."""
     runtime: str = "auto"
-    """Runtime of the tuned model when it is an export: auto (onnxruntime) | onnxruntime | openvino |
+    """Runtime of the tuned model when it is an export: auto (the fastest path the export verified on this
+    machine, as `generate` picks it) | onnxruntime | openvino |
     torch | tensorrt. With `adapter` it is torch; the base model always runs in torch."""
     dtype: str = "auto"
     """Precision of the tuned model's runtime (torch, openvino): auto | fp32 | bf16 | fp16."""

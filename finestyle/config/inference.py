@@ -82,7 +82,9 @@ class GenerateConfig(RequestOptions):
     exclude_concepts: list[str] = field(default_factory=list)
     """Reference concepts to keep out; appended to the negative prompt."""
     runtime: str = "auto"
-    """auto | onnxruntime | openvino | tensorrt | torch."""
+    """auto | onnxruntime | openvino | tensorrt | torch. auto: an export runs on the fastest path it
+    verified on this machine (OpenVINO bf16 on CPUs with bf16 units, the GPU providers on a GPU, else
+    onnxruntime fp32, the path equal to the export's parity checks); anything else on torch."""
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     adapter: str | None = None
@@ -125,8 +127,10 @@ class ServeConfig:
     """Bind address; 127.0.0.1 unless you put it behind a gateway on purpose."""
     port: int = 8000
     """Port."""
-    runtime: str = "onnxruntime"
-    """onnxruntime | openvino | torch | tensorrt (the export's engines; not yet run on a GPU)."""
+    runtime: str = "auto"
+    """auto | onnxruntime | openvino | torch | tensorrt (the export's engines; not yet run on a GPU).
+    auto: the fastest path the export verified on this machine (OpenVINO bf16 on CPUs with bf16 units,
+    the GPU providers on a GPU, else onnxruntime fp32); the start line and /healthz say which and why."""
     providers: list[str] | None = None
     """onnxruntime execution providers in order (default: TensorRT, CUDA, CPU as available)."""
     dtype: str = "auto"
@@ -172,10 +176,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.runtime in ("onnxruntime", "openvino", "torch", "tensorrt"),
+            self.runtime in ("auto", "onnxruntime", "openvino", "torch", "tensorrt"),
             "serve.runtime",
             self.runtime,
-            "use onnxruntime, openvino, torch or tensorrt",
+            "use auto, onnxruntime, openvino, torch or tensorrt",
         )
         _check(1 <= self.port <= 65535, "serve.port", self.port, "must be 1..65535")
         _check(

@@ -25,6 +25,7 @@ from finestyle.artifacts.manifest import verify_export
 from finestyle.config import SCHEDULERS, GenerateConfig
 from finestyle.core.errors import UserError
 from finestyle.core.onnxrt import require_tensorrt
+from finestyle.runtime.auto import choose_runtime
 from finestyle.runtime.backend import RUNTIMES, Backend, GenerationRequest, log_line
 from finestyle.runtime.onnx_backends import (
     backend_layout,
@@ -48,14 +49,24 @@ def load_backend(
     device: str | None = None,
     dtype: str | None = None,
 ) -> Backend:
-    """Pick and load a backend. An export folder defaults to onnxruntime; anything else to torch.
+    """Pick and load a backend. `auto` runs an export on the fastest path it verified for this machine
+    (`finestyle.runtime.auto`: OpenVINO bf16/int8 on CPUs with those units, the GPU providers on a
+    GPU, else onnxruntime fp32), and says why in the backend's name; anything else runs on torch.
 
     `dtype`: fp32 | bf16 | fp16 | auto, for the torch runtime (bf16 on CPU is its fast
     reduced-precision path) and the openvino runtime (auto: bf16 where the CPU and the export's
-    check allow it).
+    check allow it). `auto` with `dtype` fp32 keeps to onnxruntime, the export's parity path.
     """
     path = Path(model)
     is_export = (path / "manifest.json").exists() or (path / "onnx").is_dir()
+    if runtime == "auto" and is_export and not adapter and dtype in (None, "auto"):
+        if (path / "manifest.json").exists():
+            choice = choose_runtime(verify_export(path, deep=False))
+            backend = load_backend(
+                model, choice.runtime, providers or choice.providers, None, device, choice.dtype
+            )
+            backend.name = choice.label(backend.name)
+            return backend
     if runtime == "auto" and dtype == "int8":
         runtime = "openvino"
     if runtime == "auto":

@@ -126,7 +126,8 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        be = state.get("backend")
+        return {"status": "ok", "runtime": be.name} if be is not None else {"status": "ok"}
 
     @app.get("/readyz")
     @app.get("/health/ready")
@@ -151,7 +152,12 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
 
         b: Batcher | None = state.get("batcher")
         return Response(
-            metrics.render(b.depth() if b else 0, state["in_flight"], shape_compiles(state.get("backend"))),
+            metrics.render(
+                b.depth() if b else 0,
+                state["in_flight"],
+                shape_compiles(state.get("backend")),
+                getattr(state.get("backend"), "name", ""),
+            ),
             media_type=CONTENT_TYPE_LATEST,
         )
 

@@ -44,7 +44,7 @@ def warm_up(be: Backend, cfg: ServeConfig) -> str | None:
     """One 1-step loop at each batch size the batcher can form (`batch_sizes`, or 1..max_batch; requests
     of one image at the model's native size and default guidance), so that no request waits for a
     compile."""
-    if cfg.warmup == "off" or (cfg.warmup == "auto" and cfg.runtime != "openvino"):
+    if cfg.warmup == "off" or (cfg.warmup == "auto" and not be.name.startswith("openvino")):
         return None
     t0 = time.perf_counter()
     sizes = sorted(cfg.batch_sizes or range(1, cfg.max_batch + 1)) if cfg.batching else [1]
@@ -65,6 +65,7 @@ def make_lifespan(cfg: ServeConfig, backend: Backend | None, state: dict[str, An
             None, lambda: load_backend(cfg.export, cfg.runtime, cfg.providers, dtype=cfg.dtype)
         )
         state["backend"] = be
+        print(f"serve: runtime {be.name}", file=sys.stderr, flush=True)
         said = await asyncio.get_running_loop().run_in_executor(None, warm_up, be, cfg)
         if said:
             print(said, file=sys.stderr, flush=True)

@@ -50,6 +50,12 @@ class Metrics:
             "Input shapes the runtime has compiled (OpenVINO: one per shape; 0 for shape-dynamic runtimes).",
             registry=r,
         )
+        self.runtime = Gauge(
+            "finestyle_runtime",
+            "The runtime serving requests (1), labelled with its name and, under --runtime auto, why.",
+            ["runtime"],
+            registry=r,
+        )
 
     def observe(self, status: int, seconds: float | None, style: str | None = None) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -66,9 +72,11 @@ class Metrics:
             if st is not None:
                 self.style_images.labels(style=st).inc(r.num_images)
 
-    def render(self, queue_depth: int, in_flight: int, compiles: int = 0) -> bytes:
+    def render(self, queue_depth: int, in_flight: int, compiles: int = 0, runtime: str = "") -> bytes:
         from prometheus_client import generate_latest
 
+        if runtime:
+            self.runtime.labels(runtime=runtime).set(1)
         self.queue_depth.set(queue_depth)
         self.in_flight.set(in_flight)
         self.compiles.set(compiles)

@@ -101,19 +101,29 @@ def text_encoder_model(tokenizer: Any) -> Any:
 
 
 def unet_model() -> Any:
-    """The world's UNet2DConditionModel on 4×16×16 latents, cross-attention at 16, 8 and 4."""
+    """The world's UNet2DConditionModel on 4×16×16 latents, designed for a 2-core CPU.
+
+    Two levels: 16×16 with 32 channels and no attention, then 8×8 with 64 channels where every block
+    (down, mid, up) has self- and cross-attention with one 64-wide head. Profiled forward and
+    backward at batch 32 on a 2-core AMD EPYC (AVX2, fp32): the earlier design (48/96/128 channels,
+    4 heads of 12 dims, attention at 16×16) spent most of its step in CPU flash-attention's backward
+    on narrow heads over 256 tokens, and its 4×4 mid block cost a third of the rest; this one takes
+    about a quarter of its time (`docs/findings/world.md`, "A world-sd built for this CPU").
+    Cross-attention at 8×8 still gives prepare's attention boxes one map per 8 px of a 64 px image.
+    """
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(48, 96, 128),
+        block_out_channels=(32, 64),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=64,
-        attention_head_dim=4,
+        attention_head_dim=1,  # diffusers reads this as the number of heads: one head, 64 wide
         norm_num_groups=16,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,24 @@ def test_cli_generate_both_runtimes_with_provenance(export_with_base, tmp_path):
         assert len(im.text["finestyle:manifest_sha256"]) == 64 and "FineStyle" in im.text["Software"]
         files[rt] = np.asarray(im, dtype=np.float32)
     assert np.abs(files["onnxruntime"] - files["torch"]).max() <= 2
+
+
+def test_default_runtime_is_auto_and_says_what_it_chose(export_with_base, tmp_path):
+    """No --runtime: the fastest path this machine has that the export verified, named with its reason."""
+    from finestyle.runtime.auto import choose_runtime
+
+    choice = choose_runtime(json.loads((export_with_base / "manifest.json").read_text()))
+    out = tmp_path / "auto.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "finestyle.cli", "generate", str(export_with_base), "a cat", "--out", str(out)]
+        + ["--steps", "2", "--seed", "5"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-1500:]
+    said = Image.open(out).text["finestyle:runtime"]
+    assert said.startswith(choice.runtime) and said.endswith(f"(auto: {choice.reason})")
+    assert f"(auto: {choice.reason})" in r.stdout + r.stderr
 
 
 def test_concepts_are_readable_from_the_export(export_with_base):

@@ -136,13 +136,17 @@ def test_good_request_bad_requests_and_metrics(export_dir):
             timeout=30,
         )
         assert r.status_code == 413
-        assert httpx.get(s.url + "/healthz").json() == {"status": "ok"}
+        health = httpx.get(s.url + "/healthz").json()
+        # the default runtime is auto: it names what it chose on this machine, and why
+        assert health["status"] == "ok" and "(auto: " in health["runtime"]
         info = httpx.get(s.url + "/v1/model").json()
+        assert info["runtime"] == health["runtime"]
         assert info["base_model"] == "builtin:tiny-sd" and len(info["manifest_sha256"]) == 64
         m = httpx.get(s.url + "/metrics").text
         assert 'finestyle_requests_total{status="200"} 5.0' in m
         assert 'finestyle_requests_total{status="422"}' in m and "finestyle_queue_depth 0.0" in m
         assert "finestyle_images_total 6.0" in m
+        assert f'finestyle_runtime{{runtime="{health["runtime"]}"}} 1.0' in m
         assert (
             'finestyle_request_seconds_bucket{le="+Inf"} 5.0' in m
             and "finestyle_request_seconds_count 5.0" in m
