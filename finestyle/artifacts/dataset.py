@@ -112,7 +112,15 @@ def dataset_card(report: dict[str, Any]) -> str:
         "concept, so that a style adapter learns the style without the references' content.\n\n"
         f"- rows: {counts['rows']} (per method: {counts['rows_per_method']})\n"
         f"- skipped inputs: {counts['skipped']} (see `report.json`)\n"
-        f"- captioner: `{cfg['captioner']}`; localisation model: `{cfg['base']}`\n"
+        f"- texts trimmed to fit the base model's text window: {counts.get('rows_text_trimmed', 0)} row(s) "
+        "(the caption's own words go first; the style phrase and each row's concept are kept)\n"
+        + (
+            f"- **{counts['rows_style_outside_window']} row(s) still cut the style phrase** at the window: "
+            "`finestyle train` refuses this dataset; shorten the template or the style\n"
+            if counts.get("rows_style_outside_window")
+            else ""
+        )
+        + f"- captioner: `{cfg['captioner']}`; localisation model: `{cfg['base']}`\n"
         f"- text template: `{cfg['template']}`\n"
         f"- concepts: {', '.join(concepts) or '(whole images only)'}\n\n"
         "## What the rows contain, and why\n\n"

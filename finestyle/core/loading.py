@@ -301,6 +301,23 @@ def load_sd_pipeline(
     return pipe.to(dev)
 
 
+def load_tokenizers(name: str) -> list[Any]:
+    """The text-to-image model's tokenizers, in its encoders' order (SDXL: two), without its weights.
+
+    A folder or hub id reads `tokenizer/` (and `tokenizer_2/`) only; a builtin or single file builds the
+    pipeline, which for those is cheap or unavoidable. Each tokenizer's `model_max_length` is its
+    encoder's window.
+    """
+    from transformers import AutoTokenizer
+
+    name = str(name)
+    if is_builtin(name) or Path(name).expanduser().is_file():
+        pipe = load_sd_pipeline(name, device="cpu", dtype="fp32")
+        return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    subs = ["tokenizer", "tokenizer_2"] if model_family(name) == SDXL else ["tokenizer"]
+    return [_guarded_load(name, lambda s=s: AutoTokenizer.from_pretrained(name, subfolder=s)) for s in subs]
+
+
 def load_captioner(
     name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[Any, Any]:

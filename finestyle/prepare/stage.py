@@ -30,8 +30,15 @@ from finestyle.core.fs import (
 )
 from finestyle.core.geometry import bucket_size
 from finestyle.core.memory import check_fits
-from finestyle.core.models import load_captioner, load_sd_pipeline, model_fingerprint, pick_device
+from finestyle.core.models import (
+    load_captioner,
+    load_sd_pipeline,
+    load_tokenizers,
+    model_fingerprint,
+    pick_device,
+)
 from finestyle.core.stage import find_reusable
+from finestyle.core.text import fits, phrase_in_window, trim_to_fit
 from finestyle.prepare.captioning import Captioner, CaptionSettings, caption_dtype
 from finestyle.prepare.concepts import (
     Region,
@@ -128,6 +135,54 @@ def render_text(template: str, concept: str, caption: str, style: str) -> str:
     return " ".join(template.format(concept=concept, caption=caption, style=style).split())
 
 
+CAPTION_CONCEPTS = ("grid", "full", "background")
+"""Methods whose concept text is the captioner's own words (trimmable), not a found or given phrase."""
+
+
+def fit_row_text(
+    cfg: PrepareConfig, names: list[str], caption: str, method: str, tokenizers: list[Any]
+) -> tuple[str, int]:
+    """A row's text, fitted to every encoder's window: (text, words dropped).
+
+    It keeps the style phrase and the row's own concept. What goes first: the `{caption}` slot's words,
+    then the other concepts a crop names (`name_covered`), then, where the concept is itself the
+    captioner's words (grid, whole image, background), that caption's last words. A text that still
+    does not fit keeps its full form, and `train` refuses it (its style phrase is cut).
+    """
+    cap_words, extra, own = caption.split(), names[1:], names[0].split()
+
+    def render(own_words: list[str], others: list[str], cap: list[str]) -> str:
+        return render_text(
+            cfg.template, join_concepts([" ".join(own_words), *others]), " ".join(cap), cfg.style
+        )
+
+    full = render(own, extra, cap_words)
+    if not tokenizers or fits(tokenizers, full):
+        return full, 0
+    if "{caption}" in cfg.template:
+        cap_words = cap_words[: trim_to_fit(tokenizers, lambda w: render(own, extra, w), cap_words)]
+    extra = extra[: trim_to_fit(tokenizers, lambda w: render(own, w, cap_words), extra)]
+    if method in CAPTION_CONCEPTS:
+        own = own[: trim_to_fit(tokenizers, lambda w: render(w, extra, cap_words), own, keep=1)]
+    text = render(own, extra, cap_words)
+    if not fits(tokenizers, text):
+        return full, 0
+    return text, len(full.split()) - len(text.split())
+
+
+_TOKENIZERS: dict[str, list[Any]] = {}
+
+
+def base_tokenizers(cfg: PrepareConfig) -> list[Any]:
+    """The base model's tokenizers (their windows are what training reads); none without a base."""
+    if not cfg.base:
+        return []
+    key = str(cfg.base)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizers(key)
+    return _TOKENIZERS[key]
+
+
 def _row(
     li: LoadedImage,
     region: Region,
@@ -135,8 +190,10 @@ def _row(
     cfg: PrepareConfig,
     root: str,
     names: list[str] | None = None,
+    tokenizers: list[Any] | None = None,
 ) -> dict[str, Any]:
     x0, y0, x1, y1 = region.bbox
+    text, trimmed = fit_row_text(cfg, names or [region.concept], caption, region.method, tokenizers or [])
     cut = region.crop or region.bbox
     crop = li.image.crop(cut)
     # Keep the aspect ratio; cap stored pixels at 2x the training resolution (area), never upscale.
@@ -148,7 +205,9 @@ def _row(
         "image": crop,
         "concept": region.concept,
         "caption": caption,
-        "text": render_text(cfg.template, join_concepts(names or [region.concept]), caption, cfg.style),
+        "text": text,
+        "text_trimmed": trimmed,
+        "style_outside_window": not phrase_in_window(tokenizers or [], text, cfg.style),
         "source": _rel(li.path, root),
         "source_sha256": li.sha256,
         "bbox": [x0, y0, x1, y1],
@@ -256,10 +315,12 @@ def extract_rows(
         # 4. rows: the crop cut around each concept, the concepts its text names, the background's words
         regions = concept_crops(regions, (w, h), cfg)
         regions = _name_background(li, regions, cap, captioner, pipe, problems)
+        toks = base_tokenizers(cfg)
         if cfg.full_image:
-            rows.append(_row(li, Region(cap or "the whole scene", (0, 0, w, h), "full"), cap, cfg, root))
+            full = Region(cap or "the whole scene", (0, 0, w, h), "full")
+            rows.append(_row(li, full, cap, cfg, root, tokenizers=toks))
         for r in regions:
-            rows.append(_row(li, r, cap, cfg, root, named_concepts(r, regions, cfg.name_covered)))
+            rows.append(_row(li, r, cap, cfg, root, named_concepts(r, regions, cfg.name_covered), toks))
         summaries.append(
             {
                 "source": _rel(li.path, root),
@@ -472,6 +533,9 @@ def _report(
             "images_used": n_images,
             "rows": len(rows),
             "rows_per_method": per_method,
+            # rows whose text was trimmed to fit the base model's text windows (the style phrase kept)
+            "rows_text_trimmed": sum(1 for r in rows if r.get("text_trimmed")),
+            "rows_style_outside_window": sum(1 for r in rows if r.get("style_outside_window")),
             "skipped": len(skipped),
             "concepts": sorted({r["concept"] for r in rows if r["method"] != "full"}),
         },

@@ -25,6 +25,7 @@ from finestyle.artifacts.manifest import verify_export
 from finestyle.config import SCHEDULERS, GenerateConfig
 from finestyle.core.errors import UserError
 from finestyle.core.onnxrt import require_tensorrt
+from finestyle.core.text import phrase_in_window, window
 from finestyle.runtime.auto import choose_runtime
 from finestyle.runtime.backend import RUNTIMES, Backend, GenerationRequest, log_line
 from finestyle.runtime.onnx_backends import (
@@ -300,11 +301,33 @@ class GenerateResult:
     seconds: float
 
 
+def style_cut_warning(backend: Backend, req: GenerationRequest) -> str | None:
+    """A one-line warning when the prompt names the export's style past the text encoder's window (the
+    encoder cuts it, so the image would not get the style); None when the style words are read."""
+    m = backend.manifest or {}
+    styles = (m.get("swappable") or {}).get("styles") or {}
+    style = (
+        (styles.get(req.style or backend.default_style or "") or {}).get("style")
+        if styles
+        else m.get("style")
+    )
+    tok = backend.tokenizer
+    if not style or tok is None or phrase_in_window([tok], req.prompt, style):
+        return None
+    return (
+        f"the prompt's style words {style!r} lie past the text encoder's {window(tok)}-token window and are "
+        "cut; put them earlier in the prompt or shorten it"
+    )
+
+
 def run_generate(cfg: GenerateConfig, log=log_line) -> GenerateResult:
     """`finestyle generate`: load, generate, write PNGs with provenance."""
     t0 = time.perf_counter()
     backend = load_backend(cfg.model, cfg.runtime, cfg.providers, cfg.adapter, dtype=cfg.dtype)
     req = cfg.request(negative_with_exclusions(cfg.negative_prompt, cfg.exclude_concepts))
+    warning = style_cut_warning(backend, req)
+    if warning:
+        log(f"warning: {warning}")
     images = generate(backend, req)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,6 +373,7 @@ __all__ = [
     "generate",
     "generate_batch",
     "load_backend",
+    "style_cut_warning",
     "negative_with_exclusions",
     "openvino_backend",
     "ort_backend",

@@ -41,6 +41,7 @@ from finestyle.serve.requests import (
     request_model,
     request_problem,
     to_request,
+    warn_headers,
 )
 
 
@@ -186,6 +187,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
                 detail = {"message": problem[1], "styles": be.styles}
             return JSONResponse({"detail": detail}, status_code=problem[0])
         req = to_request(body)
+        warn = warn_headers(be, req)
         status, result = await submit(req)
         if status != 200:
             metrics.observe(status, None, style_of(be, req))
@@ -195,12 +197,13 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
         pngs = await asyncio.to_thread(encode_pngs, result, provenance(req, be))
         metrics.observe(200, time.perf_counter() - t0, style_of(be, req))
         if body.response_format == "png" and len(pngs) == 1:
-            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(req.seed)})
-        return {
+            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(req.seed), **warn})
+        body_out = {
             "images": [base64.b64encode(p).decode() for p in pngs],
             "seed": req.seed,
             "seconds": time.perf_counter() - t0,
         }
+        return JSONResponse(body_out, headers=warn) if warn else body_out
 
     add_openai_routes(app, state, cfg, metrics)
     _add_admin(app, state)

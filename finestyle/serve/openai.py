@@ -26,6 +26,7 @@ from finestyle.serve.requests import (
     request_fields,
     request_problem,
     size_field,
+    warn_headers,
 )
 
 
@@ -94,6 +95,8 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 def add_openai_routes(app: Any, state: dict[str, Any], cfg: ServeConfig, metrics: Metrics) -> None:
     """GET /v1/models and POST /v1/images/generations (OpenAI's shapes; `model` is the style)."""
+    from fastapi.responses import JSONResponse
+
     ImagesBody = images_model(cfg)
 
     @app.get("/v1/models")
@@ -117,13 +120,15 @@ def add_openai_routes(app: Any, state: dict[str, Any], cfg: ServeConfig, metrics
                 problem[0], problem[1], param="model" if problem[0] == 404 else None, code=code
             )
         req = _images_request(body, style)
+        warn = warn_headers(be, req)
         status, result = await submit_request(state, cfg, req)
         if status != 200:
             metrics.observe(status, None, style_of(be, req))
             return openai_error(status, result, code="overloaded" if status == 503 else "timeout")
         pngs = await asyncio.to_thread(encode_pngs, result, provenance(req, be))
         metrics.observe(200, time.perf_counter() - t0, style_of(be, req))
-        return {
+        out = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(p).decode()} for p in pngs],
         }
+        return JSONResponse(out, headers=warn) if warn else out

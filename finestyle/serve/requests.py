@@ -7,6 +7,7 @@ a bad request into a 4xx with a message.
 
 import dataclasses
 import secrets
+import sys
 from typing import Any
 
 from finestyle.config import EMPTY_PROMPT, ServeConfig
@@ -14,6 +15,7 @@ from finestyle.runtime.generate import (
     SCHEDULERS,
     Backend,
     GenerationRequest,
+    style_cut_warning,
 )
 
 
@@ -183,3 +185,15 @@ def models_list(be: Backend) -> dict[str, Any]:
             for name, text, c in entries
         ],
     }
+
+
+WARNING_HEADER = "X-FineStyle-Warning"
+
+
+def warn_headers(be: Backend, req: GenerationRequest) -> dict[str, str]:
+    """The response header (and a log line) when the prompt's style words fall past the text window."""
+    msg = style_cut_warning(be, req)
+    if not msg:
+        return {}
+    print(f"serve: warning: {msg}", file=sys.stderr, flush=True)
+    return {WARNING_HEADER: msg}

@@ -38,6 +38,7 @@ from finestyle.core.sd import (
     unet_family,
 )
 from finestyle.core.stage import find_reusable
+from finestyle.core.text import phrase_in_window, window
 from finestyle.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from finestyle.train.data import (
     Example,
@@ -140,6 +141,9 @@ def _load_and_cache(st: TrainState) -> None:
     check_fits("train", cfg.base, "train on a machine with more memory (or a GPU)")
     # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
     pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
+    check_style_in_window(
+        cfg.dataset, st.rows, dataset_style(cfg.dataset), [t for t, _ in text_encoders(pipe)]
+    )
     st.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     st.frozen_dtype = pipe.unet.dtype
     t_cache = time.perf_counter()
@@ -162,6 +166,23 @@ def _load_and_cache(st: TrainState) -> None:
     if st.amp is not None and pipe.unet.dtype != st.amp:
         pipe.unet.to(st.amp)
         st.frozen_dtype = st.amp
+
+
+def check_style_in_window(
+    dataset: str, rows: list[dict[str, Any]], style: str | None, tokenizers: list[Any]
+) -> None:
+    """Refuse, in one line, a dataset where a row's style phrase lies past a text encoder's window: the
+    encoder would cut it, and the adapter would train on rows that never name the style."""
+    if not style:
+        return
+    cut = [i for i, r in enumerate(rows) if not phrase_in_window(tokenizers, r["text"], style)]
+    if cut:
+        n = window(tokenizers[0]) if tokenizers else 0
+        raise UserError(
+            f"dataset {dataset!r}: {len(cut)} of {len(rows)} rows put the style phrase {style!r} past the text "
+            f"encoder's {n}-token window (e.g. row {cut[0]}), so training would never see it; prepare it "
+            "again with this base (`finestyle prepare --base ...` fits texts), or shorten the texts"
+        )
 
 
 def _through_disk(
