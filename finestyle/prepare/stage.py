@@ -141,8 +141,9 @@ CAPTION_CONCEPTS = ("grid", "full", "background")
 
 def fit_row_text(
     cfg: PrepareConfig, names: list[str], caption: str, method: str, tokenizers: list[Any]
-) -> tuple[str, int]:
-    """A row's text, fitted to every encoder's window: (text, words dropped).
+) -> tuple[str, int, str]:
+    """A row's text, fitted to every encoder's window: (text, words dropped, the row's concept as the
+    text names it).
 
     It keeps the style phrase and the row's own concept. What goes first: the `{caption}` slot's words,
     then the other concepts a crop names (`name_covered`), then, where the concept is itself the
@@ -158,7 +159,7 @@ def fit_row_text(
 
     full = render(own, extra, cap_words)
     if not tokenizers or fits(tokenizers, full):
-        return full, 0
+        return full, 0, names[0]
     if "{caption}" in cfg.template:
         cap_words = cap_words[: trim_to_fit(tokenizers, lambda w: render(own, extra, w), cap_words)]
     extra = extra[: trim_to_fit(tokenizers, lambda w: render(own, w, cap_words), extra)]
@@ -166,8 +167,8 @@ def fit_row_text(
         own = own[: trim_to_fit(tokenizers, lambda w: render(w, extra, cap_words), own, keep=1)]
     text = render(own, extra, cap_words)
     if not fits(tokenizers, text):
-        return full, 0
-    return text, len(full.split()) - len(text.split())
+        return full, 0, names[0]
+    return text, len(full.split()) - len(text.split()), " ".join(own)
 
 
 _TOKENIZERS: dict[str, list[Any]] = {}
@@ -193,7 +194,9 @@ def _row(
     tokenizers: list[Any] | None = None,
 ) -> dict[str, Any]:
     x0, y0, x1, y1 = region.bbox
-    text, trimmed = fit_row_text(cfg, names or [region.concept], caption, region.method, tokenizers or [])
+    text, trimmed, concept = fit_row_text(
+        cfg, names or [region.concept], caption, region.method, tokenizers or []
+    )
     cut = region.crop or region.bbox
     crop = li.image.crop(cut)
     # Keep the aspect ratio; cap stored pixels at 2x the training resolution (area), never upscale.
@@ -203,7 +206,7 @@ def _row(
         crop.thumbnail((cap, cap), resample=3)
     return {
         "image": crop,
-        "concept": region.concept,
+        "concept": concept,
         "caption": caption,
         "text": text,
         "text_trimmed": trimmed,

@@ -69,7 +69,9 @@ def two_styles(tmp_path_factory) -> dict[str, Path]:
 def test_texts_keep_the_style_inside_the_window_and_the_card_counts_the_trimmed(two_styles):
     (tok,) = load_tokenizers("builtin:tiny-sd")
     for key, style in STYLES.items():
-        rows = [json.loads(x) for x in (two_styles[key] / "train" / "metadata.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(x) for x in (two_styles[key] / "train" / "metadata.jsonl").read_text().splitlines()
+        ]
         for r in rows:
             assert r["text"].endswith(f"in {style} style"), r["text"]
             assert token_count(tok, r["text"]) <= 77 and phrase_in_window([tok], r["text"], style)
@@ -103,7 +105,10 @@ def test_two_styles_train_two_adapters_and_one_server_draws_two_images(two_style
         # a prompt that names its style past the window is served, with a warning header
         long = "a red boat, " + "very " * 30 + "long, in neon glow style"
         r = httpx.post(s.url + "/v1/generate", json={"prompt": long, "steps": 1, "style": "neon"}, timeout=60)
-        assert r.status_code == 200 and "past the text encoder's 77-token window" in r.headers["X-FineStyle-Warning"]
+        assert (
+            r.status_code == 200
+            and "past the text encoder's 77-token window" in r.headers["X-FineStyle-Warning"]
+        )
 
 
 def test_train_refuses_a_dataset_whose_style_phrase_is_cut(two_styles):
@@ -112,7 +117,17 @@ def test_train_refuses_a_dataset_whose_style_phrase_is_cut(two_styles):
     ds = _prepare(two_styles["root"], "neon glow", base=None)
     out = two_styles["root"] / "refused"
     r = subprocess.run(
-        [sys.executable, "-m", "finestyle.cli", "train", str(ds), "--base", "builtin:tiny-sd", "--out", str(out)]
+        [
+            sys.executable,
+            "-m",
+            "finestyle.cli",
+            "train",
+            str(ds),
+            "--base",
+            "builtin:tiny-sd",
+            "--out",
+            str(out),
+        ]
         + ["--steps", "2", "--resolution", "64"],
         capture_output=True,
         text=True,
