@@ -49,9 +49,22 @@ def world_train(
         0,
         help="N > 0: time N steps eager, then N compiled (fresh folders under a temporary one); no training.",
     ),
+    all_models: bool = typer.Option(
+        False,
+        "--all",
+        help="The whole world: vae → sd → blip → judge under OUT/MODEL, each checked before the next; resumes.",
+    ),
+    check_scale: float = typer.Option(
+        1.0, help="--all: fraction of `world check`'s sample sizes measured after each model (0: none)."
+    ),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints [250]."),
 ) -> None:
-    """Train one of the world's models from a seed: progress, checkpoints, resume."""
+    """Train one of the world's models from a seed (or `--all` of them): progress, checkpoints, resume."""
     from finestyle.world.train import DEFAULTS, WorldTrainConfig, bench_world_step, train_world_model
+
+    if all_models:
+        _train_all(out, steps, batch_size, n_train, threads, device, check_scale, checkpoint_every)
+        return
 
     if model not in DEFAULTS:
         raise UserError(f"--model: {model!r} is not one of {', '.join(DEFAULTS)}")
@@ -70,6 +83,8 @@ def world_train(
         if v is not None:
             setattr(cfg, k, v)
     cfg.compile = compile
+    if checkpoint_every is not None:
+        cfg.checkpoint_every = checkpoint_every
     if bench > 0:
         if bench < 3:
             raise UserError("--bench: give at least 3 steps (the first one is the compile)")
@@ -81,6 +96,41 @@ def world_train(
         return
     path = train_world_model(cfg, log=typer.echo)
     typer.echo(f"trained {model}: {path}")
+
+
+def _train_all(
+    out: Path,
+    steps: Optional[int],
+    batch_size: Optional[int],
+    n_train: Optional[int],
+    threads: Optional[int],
+    device: Optional[str],
+    check_scale: float,
+    checkpoint_every: Optional[int],
+) -> None:
+    from finestyle.world.all import WorldAllConfig, train_all
+
+    if not 0 <= check_scale <= 1:
+        raise UserError("--check-scale: must be in [0, 1]")
+    cfg = WorldAllConfig(
+        out=str(out), steps=steps, batch_size=batch_size, n_train=n_train, check_scale=check_scale
+    )
+    cfg.threads = threads or cfg.threads
+    cfg.device = device or cfg.device
+    cfg.checkpoint_every = checkpoint_every or cfg.checkpoint_every
+    summary = train_all(cfg, log=typer.echo)
+    for model, m in summary["models"].items():
+        gates = m.get("check", {}).get("gates", {})
+        failed = [g for g, v in gates.items() if not v["pass"]]
+        verdict = (
+            "not checked"
+            if "check" not in m
+            else ("gates hold" if not failed else "fails " + ", ".join(failed))
+        )
+        typer.echo(f"{model}: {m['minutes']} min on {m['cpu']}; {verdict}")
+    typer.echo(f"summary: {out / 'world.json'}")
+    if not summary["passed"]:
+        raise typer.Exit(1)
 
 
 @world_app.command("install")

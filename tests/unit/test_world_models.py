@@ -105,7 +105,6 @@ def test_the_judge_trains_on_hard_scenes_and_vae_round_trips_and_the_log_has_an_
     vae_model().save_pretrained(tmp_path / "vae" / "model", safe_serialization=True)
     cfg = WorldTrainConfig(model="judge", out=str(tmp_path / "judge"), n_train=16)
     assert _judge_task(cfg, tmp_path / "cache").n == 2 * (16 + 4)  # clean + hard, then all round-tripped
-    assert (tmp_path / "judge" / "round-trips.npz").is_file()
     alone = WorldTrainConfig(model="judge", out=str(tmp_path / "no-vae" / "judge"), n_train=16)
     assert _judge_task(alone, tmp_path / "cache").n == 16 + 4  # no world VAE: renders only
     logs: list[str] = []
@@ -142,3 +141,79 @@ def test_corrupted_builtin_weights_are_refused_with_one_line(weights):
     assert (
         len(r.stderr.strip().splitlines()) == 1 and "sha256" in r.stderr and "model.safetensors" in r.stderr
     )
+
+
+ALL_ARGS = [
+    "--steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--n-train",
+    "64",
+    "--checkpoint-every",
+    "2",
+    "--threads",
+    "1",
+]
+
+
+def _world_all(out: Path, scale: str = "0.01") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "finestyle.cli",
+        "world",
+        "train",
+        "--all",
+        "--out",
+        str(out),
+        *ALL_ARGS,
+        "--check-scale",
+        scale,
+    ]
+
+
+def _weights(run: Path) -> dict[str, dict]:
+    from safetensors.numpy import load_file
+
+    return {str(p.relative_to(run)): load_file(str(p)) for p in sorted(run.glob("*/model/**/*.safetensors"))}
+
+
+def test_world_train_all_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    """`world train --all` with tiny step counts: killed inside world-sd and started again, it skips the
+    finished VAE, resumes sd from its checkpoint, and ends with the same weights as a run never killed;
+    each model is checked (`world check`) before the next one starts."""
+    import signal
+    import time
+
+    import numpy as np
+
+    whole = subprocess.run(
+        _world_all(tmp_path / "whole", "0.01"), capture_output=True, text=True, timeout=900
+    )
+    assert whole.returncode in (0, 1), whole.stderr[
+        -2000:
+    ]  # 1: 4-step models fail their gates, as they should
+    log = whole.stdout
+    assert log.index("world 1/4: vae") < log.index("world: checking vae") < log.index("world 2/4: sd")
+    assert log.index("world: checking sd") < log.index("world 3/4: blip") < log.index("world 4/4: judge")
+    summary = json.loads((tmp_path / "whole" / "world.json").read_text())
+    assert list(summary["models"]) == ["vae", "sd", "blip", "judge"]
+    assert summary["models"]["sd"]["check"]["gates"]["sd_prompt_fidelity"]["detail"].startswith("4 images")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_world_all(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_end = time.time() + 600
+    while not (out / "sd" / "checkpoint.pt").exists() and proc.poll() is None and time.time() < t_end:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "judge").exists(), "the run ended before it could be killed inside sd"
+    again = subprocess.run(_world_all(out), capture_output=True, text=True, timeout=900)
+    assert again.returncode in (0, 1), again.stderr[-2000:]
+    assert "vae already trained" in again.stdout and "resumed sd at step 2" in again.stdout
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and len(a) >= 4
+    for f in a:
+        for k in a[f]:
+            assert np.array_equal(a[f][k], b[f][k]), (f, k)
