@@ -185,3 +185,31 @@ def world_check(
         write_json(json_out, report)
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+@world_app.command("bench-unet")
+@command
+def world_bench_unet(
+    model: Optional[str] = typer.Option(
+        None, help="A world-sd pipeline folder whose UNet config to time [this version's design]."
+    ),
+    batch: int = typer.Option(32, help="Latents per step (world-sd trains at 32)."),
+    repeats: int = typer.Option(5, help="Timed steps per UNet and precision (the median counts)."),
+    threads: int = typer.Option(0, help="torch threads [all cores]."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """world-sd's training step (forward + backward) against the UNet shipped on 2026-12-05, side by side."""
+    from finestyle.world.bench import bench_unet_step
+
+    if batch < 1 or repeats < 1:
+        raise UserError("--batch and --repeats: at least 1")
+    r = bench_unet_step(model, batch, repeats, threads, log=typer.echo)
+    note = "" if r["bf16_units"] else " (no bf16 units: bf16 is emulated here, fp32 is the figure)"
+    typer.echo(
+        f"world-sd step: {r['speedup']:.2f}x the 2026-12-05 UNet (goal >= {r['goal']:g}x), best precision "
+        f"each, batch {r['batch']}, {r['threads']} thread(s), {r['cpu']}{note}"
+    )
+    if json_out:
+        from finestyle.core.fs import write_json
+
+        write_json(json_out, r)
