@@ -84,3 +84,43 @@ def test_only_runs_the_selected_steps(tmp_path):
     assert steps["install"]["status"] == "ran"
     for name in ("pytest-gpu", "bench-train", "export", "bench-export", "sdxl", "sdxl-export"):
         assert steps[name]["status"] == "skipped" and "not selected" in steps[name]["detail"]
+
+
+WORLD_SCRIPT = REPO / "scripts" / "gpu-world.sh"
+
+
+@pytest.mark.slow
+def test_gpu_world_dry_run_trains_every_model_and_the_cpu_checks_the_packed_weights(tmp_path):
+    """The docs' dry run ("### GPU world"), as written, into this test's folder: four models trained,
+    packed into one tar with their reports; check.sh measures their gates on the CPU where it lands."""
+    import tarfile
+
+    block = re.search(r"```bash\n(.*?)```", doc_section("### GPU world"), re.S).group(1)
+    dry, real = (shlex.split(ln.split("  #")[0]) for ln in block.strip().splitlines())
+    assert dry[0] == "scripts/gpu-world.sh" and dry[1] == "--dry-run" and real == [dry[0], dry[2]]
+    out = tmp_path / "gpu-world"
+    p = subprocess.run(
+        [str(REPO / dry[0]), *dry[1:-1], str(out)], capture_output=True, text=True, timeout=900
+    )
+    assert p.returncode in (0, 1), p.stdout[-3000:] + p.stderr[-3000:]
+    with tarfile.open(out / "world-models.tar") as tar:
+        names = tar.getnames()
+        runs = tmp_path / "runs"
+        tar.extractall(runs, filter="data")
+    for m in ("vae", "sd", "blip", "judge"):
+        assert f"{m}/report.json" in names and any(n.startswith(f"{m}/model/") for n in names)
+    summary = json.loads((out / "world.json").read_text())
+    assert list(summary["models"]) == ["vae", "sd", "blip", "judge"]
+    env = {**__import__("os").environ, "PATH": f"{REPO / '.venv' / 'bin'}:{__import__('os').environ['PATH']}"}
+    c = subprocess.run(
+        ["bash", str(out / "check.sh"), str(runs), "--scale", "0.01"], capture_output=True, text=True, env=env
+    )
+    assert c.returncode in (0, 1), c.stderr[-2000:]  # 4-step models fail their gates, as they should
+    gates = json.loads((runs / "check.json").read_text())["gates"]
+    assert {"judge_objects_f1", "sd_prompt_fidelity", "blip_object_recall", "heldout_survives_vae"} <= set(
+        gates
+    )
+    bad = subprocess.run(
+        [str(WORLD_SCRIPT), "--wheels", str(tmp_path / "nope"), str(out)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--wheels" in bad.stderr
