@@ -114,6 +114,13 @@ class TrainConfig:
     """Sample image size; default: the model's native size."""
     samples: bool = True
     """Write sample grids at all (off for benchmarks)."""
+    report_to: str = unkeyed("none")
+    """Trackers, through accelerate's: none | tensorboard | mlflow | tensorboard,mlflow. They get loss,
+    learning rate and steps/s per step, the sample grids, the config as hyperparameters and the
+    dataset's and base model's content keys as tags; `--resume` continues the same tracked run."""
+    tracking_uri: str = unkeyed("")
+    """Where trackers write: TensorBoard's log folder (default OUT/tracking), MLflow's tracking URI
+    (default $MLFLOW_TRACKING_URI, else a SQLite store in OUT/mlflow.db)."""
     device: str = unkeyed("auto")
     """cuda | mps | cpu | auto."""
     force: bool = unkeyed(False)
@@ -194,6 +201,10 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         _check(self.sample_every >= 0, "train.sample_every", self.sample_every, "must be >= 0")
         _check(self.sample_steps >= 1, "train.sample_steps", self.sample_steps, "must be >= 1")
+        bad = {t.strip() for t in self.report_to.split(",")} - {"none", "tensorboard", "mlflow", ""}
+        _check(
+            not bad, "train.report_to", self.report_to, "use none, tensorboard, mlflow or tensorboard,mlflow"
+        )
         if self.targets not in TARGET_PRESETS:
             try:
                 re.compile(self.targets)

@@ -39,6 +39,7 @@ from finestyle.core.sd import (
 )
 from finestyle.core.stage import find_reusable
 from finestyle.core.text import phrase_in_window, window
+from finestyle.core.tracking import RunTracker, parse_trackers
 from finestyle.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from finestyle.train.data import (
     Example,
@@ -128,7 +129,28 @@ def setup(cfg: TrainConfig, log=log_line) -> TrainState:
     st.style = dataset_style(cfg.dataset) or "the reference"
     st.prompts = cfg.sample_prompts or default_sample_prompts(st.rows, st.style)
     st.batches = epoch_batches(st.examples, cfg.batch_size, cfg.seed, st.epoch, cfg.whole_image_weight)
+    if st.main_proc and parse_trackers(cfg.report_to):
+        st.tracker = start_tracking(st, log)
     return st
+
+
+def start_tracking(st: TrainState, log=log_line) -> RunTracker:
+    """The run's trackers: a fresh run gets the config and content keys; a resumed one continues its run."""
+    cfg = st.cfg
+    tracker = RunTracker(parse_trackers(cfg.report_to), st.out, cfg.tracking_uri)
+    if st.step == 0:
+        tracker.hyperparameters(to_dict(cfg))
+    tracker.tags(
+        {
+            "finestyle.dataset_key": st.fingerprint,
+            "finestyle.base_key": model_fingerprint(cfg.base),
+            "finestyle.train_key": train_cache_key(cfg),
+            "finestyle.style": st.style,
+        }
+    )
+    where = ", ".join(f"{k}={v}" for k, v in tracker.identity.items() if k != "trackers")
+    log(f"train: tracking to {', '.join(tracker.names)} ({where})" + (" (resumed run)" if st.step else ""))
+    return tracker
 
 
 def _load_and_cache(st: TrainState) -> None:
@@ -289,6 +311,11 @@ def fit(st: TrainState, hooks: TrainHooks) -> float:
         t_step = time.perf_counter()
         loss = train_step(st)
         st.step_times.append(time.perf_counter() - t_step)  # compute only: checkpoint I/O not counted
+        if st.tracker is not None:
+            lr = st.lr_sched.get_last_lr()[0]
+            st.tracker.log(
+                {"train/loss": loss, "train/lr": lr, "train/steps_per_s": 1 / st.step_times[-1]}, st.step
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{st.lr_sched.get_last_lr()[0]:.2e}")
         if hooks.on_step:
@@ -316,7 +343,9 @@ def fit(st: TrainState, hooks: TrainHooks) -> float:
             and st.step % cfg.sample_every == 0
             and not at_end
         ):
-            write_samples(st.pipe, st.prompts, cfg, st.out, st.step, st.device)
+            grid = write_samples(st.pipe, st.prompts, cfg, st.out, st.step, st.device)
+            if st.tracker is not None:
+                st.tracker.image("samples", grid, st.step)
     bar.close()
     return time.perf_counter() - t_loop
 
@@ -333,7 +362,11 @@ def finish(st: TrainState, loop_s: float, log=log_line) -> TrainResult:
         save_adapter(tmp, st.unet, st.lcfg, meta)
     st.unet.eval()
     if cfg.samples:
-        write_samples(st.pipe, st.prompts, cfg, out, st.step, st.device, final=True)
+        grid = write_samples(st.pipe, st.prompts, cfg, out, st.step, st.device, final=True)
+        if st.tracker is not None:
+            st.tracker.image("samples", grid, st.step)
+    if st.tracker is not None:
+        st.tracker.finish()
     plot_loss(st.losses, out / "loss.png")
     report = _train_report(st, loop_s, meta["cache_key"])
     write_json(out / "report.json", report)

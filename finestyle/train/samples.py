@@ -95,7 +95,8 @@ def write_samples(
     step: int,
     device: torch.device,
     final: bool = False,
-) -> None:
+) -> Path:
+    """The sample grid of the prompts at this step, written under OUT/samples; returns its path."""
     was_training = pipe.unet.training
     pipe.unet.eval()
     pipe.vae.to(device)
@@ -117,4 +118,6 @@ def write_samples(
         if was_training:
             pipe.unet.train()
     (out / "samples").mkdir(exist_ok=True)
-    grid.save(out / "samples" / (f"final-step-{step:07d}.png" if final else f"step-{step:07d}.png"))
+    path = out / "samples" / (f"final-step-{step:07d}.png" if final else f"step-{step:07d}.png")
+    grid.save(path)
+    return path

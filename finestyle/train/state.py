@@ -121,6 +121,7 @@ class TrainState:
     batches: list[list[int]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    tracker: Any = None  # core.tracking.RunTracker with --report-to, on the main process
     steps_this_run: int = 0
     style: str = "the reference"
     prompts: list[str] = field(default_factory=list)

@@ -1,0 +1,104 @@
+"""Runs tracked where ML engineers look: TensorBoard and MLflow through accelerate's trackers, a resumed
+training continuing its run, eval figures in the same run, exports registered in MLflow's registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finestyle.config import TrainConfig
+from finestyle.core.errors import UserError
+from finestyle.train.loop import run_train
+from finestyle.train.state import TrainHooks
+from tests.conftest import prepare_small_dataset
+
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+
+Q = {"log": lambda m: None}
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step: int) -> TrainHooks:
+    def on_checkpoint(st, path):
+        if st.step == step:
+            raise Crash
+
+    return TrainHooks(on_checkpoint=on_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory) -> Path:
+    """4 steps tracked to TensorBoard and MLflow, killed after the step-2 checkpoint, then resumed."""
+    root = tmp_path_factory.mktemp("track")
+    ds = prepare_small_dataset(root / "data")
+    out = root / "run"
+    cfg = TrainConfig(
+        dataset=str(ds),
+        base="builtin:tiny-sd",
+        out=str(out),
+        steps=4,
+        lr=5e-2,
+        resolution=64,
+        checkpoint_every=2,
+        sample_every=1,
+        sample_steps=2,
+        report_to="tensorboard,mlflow",
+    )
+    with pytest.raises(Crash):
+        run_train(cfg, hooks=_crash_at(2), **Q)
+    cfg.resume = True
+    run_train(cfg, **Q)
+    return out
+
+
+def test_tensorboard_reads_back_the_scalars_and_the_samples(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ident = json.loads((tracked_run / "tracking.json").read_text())
+    acc = EventAccumulator(ident["tensorboard_dir"], size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "train/steps_per_s"} <= set(tags["scalars"])
+    steps = sorted({e.step for e in acc.Scalars("train/loss")})
+    assert steps == [1, 2, 3, 4]  # one run: the resumed steps continue the first ones
+    # grids at every step but 2 (its checkpoint hook crashed before them), then the final one
+    assert "samples" in tags["images"] and {e.step for e in acc.Images("samples")} == {1, 3, 4}
+
+
+def test_mlflow_has_one_run_with_metrics_params_tags_and_sample_images(tracked_run):
+    import mlflow
+
+    ident = json.loads((tracked_run / "tracking.json").read_text())
+    mlflow.set_tracking_uri(ident["mlflow_uri"])
+    runs = mlflow.search_runs(experiment_names=["finestyle"], output_format="list")
+    assert [r.info.run_id for r in runs] == [ident["mlflow_run_id"]]  # the resume did not start a new run
+    run = runs[0]
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert run.data.params["rank"] and run.data.params["steps"] == "4"
+    report = json.loads((tracked_run / "report.json").read_text())
+    assert run.data.tags["finestyle.dataset_key"] == report["dataset_fingerprint"]
+    from finestyle.core.models import model_fingerprint
+
+    assert run.data.tags["finestyle.base_key"] == model_fingerprint("builtin:tiny-sd")
+    arts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "images")]
+    assert any("samples" in a for a in arts)
+
+
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from finestyle.core import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda n: None if n == "mlflow" else real(n))
+    with pytest.raises(UserError, match=r"pip install 'finestyle\[mlflow\]'"):
+        tracking.require("mlflow")
+    with pytest.raises(UserError, match="train.report_to"):
+        TrainConfig(dataset="x", report_to="wandb")
