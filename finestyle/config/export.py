@@ -57,6 +57,13 @@ class ExportConfig:
     """TensorRT profile: image side in pixels; default: the model's native size (512 SD 1.5, 1024 SDXL)."""
     force: bool = unkeyed(False)
     """Re-export even if an identical export is there."""
+    register: str = unkeyed("")
+    """mlflow | mlflow:NAME: register the export as an MLflow model version (a pyfunc that generates
+    with this runtime; tags: manifest sha256, parity, base, adapter and dataset keys, eval figures),
+    in the adapter's tracked training run when there is one. Default NAME: finestyle-STYLE."""
+    tracking_uri: str = unkeyed("")
+    """MLflow tracking URI for `register` (default: the training run's, else $MLFLOW_TRACKING_URI, else
+    a SQLite store beside the export)."""
 
     def __post_init__(self) -> None:
         _check(self.format in ("onnx", "tensorrt"), "export.format", self.format, "use onnx or tensorrt")

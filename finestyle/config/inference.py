@@ -122,7 +122,8 @@ class ServeConfig:
     """The HTTP inference server: limits, queue and dynamic batching."""
 
     export: str = "exports/model"
-    """Export folder to serve (verified by its manifest at start-up)."""
+    """Export folder to serve (verified by its manifest at start-up), or `models:/NAME/N`, a version that
+    `export --register mlflow` registered (MLflow's tracking URI from $MLFLOW_TRACKING_URI)."""
     host: str = "127.0.0.1"
     """Bind address; 127.0.0.1 unless you put it behind a gateway on purpose."""
     port: int = 8000

@@ -52,6 +52,7 @@ class ExportResult:
     styles: list[str] = field(default_factory=list)
     added: str | None = None
     removed: str | None = None
+    registered: dict[str, Any] | None = None  # MLflow's name, version, run id (`--register`)
 
 
 def export_cache_key(cfg: ExportConfig) -> str:

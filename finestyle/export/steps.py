@@ -66,6 +66,7 @@ from finestyle.export.publish import (
     parity_summary,
     publish_export,
 )
+from finestyle.export.registry import parse_register, register_export
 from finestyle.export.tensorrt import build_engines
 from finestyle.runtime.openvino import hardware_precision
 
@@ -202,7 +203,17 @@ def step_tensorrt(cfg: ExportConfig, tmp: str) -> dict[str, Any]:
 
 
 def run_export(cfg: ExportConfig, log=log_line) -> ExportResult:
-    """Merge, export, verify, optionally optimize / build TensorRT, publish with a manifest."""
+    """Merge, export, verify, optionally optimize / build TensorRT, publish with a manifest; with
+    `register`, the published export (new or reused) becomes a registered MLflow model version."""
+    if cfg.register:
+        parse_register(cfg.register)  # a bad value fails before any work
+    result = _build_export(cfg, log)
+    if cfg.register:
+        result.registered = register_export(result.out, cfg.register, cfg.tracking_uri, log)
+    return result
+
+
+def _build_export(cfg: ExportConfig, log=log_line) -> ExportResult:
     reused = check_reuse(cfg, log)
     if reused:
         return reused

@@ -217,6 +217,10 @@ def run_config(cfg: ServeConfig) -> None:
     """Start uvicorn for a complete ServeConfig (what `finestyle serve` builds from flags and YAML)."""
     import uvicorn
 
+    if cfg.export.startswith("models:/"):  # a registered MLflow version (`export --register mlflow`)
+        from finestyle.export.registry import resolve_model_uri
+
+        cfg = dataclasses.replace(cfg, export=resolve_model_uri(cfg.export))
     verify_export(cfg.export)  # fail fast, before binding, with the manifest's message
     check_port_free(cfg.host, cfg.port)  # before loading the model: a busy port is one line, exit 2
     app = create_app(cfg)

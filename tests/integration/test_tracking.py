@@ -102,3 +102,85 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch):
         tracking.require("mlflow")
     with pytest.raises(UserError, match="train.report_to"):
         TrainConfig(dataset="x", report_to="wandb")
+
+
+def test_export_registered_in_mlflow_loads_as_pyfunc_and_serves(tracked_run, tmp_path):
+    """`export --register mlflow:NAME`: a model version in the training run, tagged with its lineage;
+    pyfunc.load_model generates the image `finestyle generate` gives; `serve models:/NAME/1` serves it."""
+    import base64
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from finestyle.config import ExportConfig
+    from finestyle.core.fs import sha256_file
+    from finestyle.export.steps import run_export
+    from tests.integration.test_server import wait_ready
+
+    ident = json.loads((tracked_run / "tracking.json").read_text())
+    export = tmp_path / "export"
+    cfg = ExportConfig(
+        base="builtin:tiny-sd",
+        adapter=str(tracked_run / "adapter"),
+        out=str(export),
+        register="mlflow:ink-style",
+    )
+    res = run_export(cfg, **Q)
+    assert res.registered["name"] == "ink-style" and res.registered["version"] == "1"
+    assert res.registered["run_id"] == ident["mlflow_run_id"]  # lineage: logged into the training run
+    mlflow.set_tracking_uri(ident["mlflow_uri"])
+    v = mlflow.MlflowClient().get_model_version("ink-style", "1")
+    assert v.run_id == ident["mlflow_run_id"]
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert v.tags["finestyle.manifest_sha256"] == sha256_file(export / "manifest.json")
+    assert v.tags["finestyle.base_model"] == "builtin:tiny-sd"
+    assert v.tags["finestyle.adapter_key"] == manifest["adapter_fingerprint"]
+    assert (
+        v.tags["finestyle.dataset_key"]
+        == json.loads((tracked_run / "report.json").read_text())["dataset_fingerprint"]
+    )
+    assert float(v.tags["finestyle.parity.unet_max_abs_diff"]) == pytest.approx(
+        manifest["parity"]["unet"]["max_abs_diff"], rel=1e-2
+    )
+    model = mlflow.pyfunc.load_model("models:/ink-style/1")
+    got = model.predict(pd.DataFrame([{"prompt": "a red boat", "seed": 5, "steps": 3}]))
+    assert len(got) == 1
+    mine = np.asarray(Image.open(io.BytesIO(base64.b64decode(got[0]))))
+    cli = tmp_path / "cli.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "finestyle.cli", "generate", str(export), "a red boat", "--seed", "5"]
+        + ["--steps", "3", "--out", str(cli)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert np.array_equal(mine, np.asarray(Image.open(cli)))
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ident["mlflow_uri"]}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finestyle.cli", "serve", "models:/ink-style/1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, 120)
+        r = httpx.post(url + "/v1/generate", json={"prompt": "a red boat", "steps": 3, "seed": 5}, timeout=60)
+        assert r.status_code == 200
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), mine)
+    finally:
+        proc.terminate()
+        proc.wait(30)
