@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, task
 
 from finestyle.config import ExportConfig, from_dict, to_dict
+from finestyle.export.registry import register_export
 from finestyle.export.steps import (
     ExportResult,
     abort_export,
@@ -96,6 +97,13 @@ def publish_task(
     )
 
 
+@task(**RETRY)
+def register_task(config: dict[str, Any], export_dir: str) -> dict[str, Any]:
+    """The export as a registered MLflow model version (`export.register`)."""
+    cfg = _cfg(config)
+    return register_export(export_dir, cfg.register, cfg.tracking_uri, log=run_log())
+
+
 @task
 def publish_export_artifacts(result: ExportResult) -> None:
     m = json.loads((Path(result.out) / "manifest.json").read_text())
@@ -126,6 +134,12 @@ def publish_export_artifacts(result: ExportResult) -> None:
                 f"{'ok' if c['pass'] else 'failed: refused at run time'}\n"
                 for p, c in ((m.get("openvino") or {}).get("checks") or {}).items()
             )
+            + (
+                f"- registered: `models:/{result.registered['name']}/{result.registered['version']}` "
+                f"({result.registered['tracking_uri']})\n"
+                if result.registered
+                else ""
+            )
         ),
         "FineStyle export summary",
     )
@@ -150,5 +164,7 @@ def export_model(config: dict[str, Any] | None = None) -> ExportResult:
         except BaseException:
             abort_export(tmp)
             raise
+    if cfg["register"]:
+        result.registered = register_task(cfg, result.out)
     publish_export_artifacts(result)
     return result

@@ -65,6 +65,19 @@ def generate_image(export_dir: str, prompt: str, out: str) -> GenerateResult:
     return run_generate(GenerateConfig(model=export_dir, prompt=prompt, out=out, steps=20))
 
 
+def tracked_run_line(train_out: Path) -> str | None:
+    """Where the training run is tracked: MLflow's run (URI and id), TensorBoard's log folder."""
+    from finestyle.core.tracking import read_identity
+
+    ident = read_identity(train_out)
+    parts = []
+    if ident.get("mlflow_run_id"):
+        parts.append(f"MLflow run {ident['mlflow_run_id']} at {ident['mlflow_uri']}")
+    if ident.get("tensorboard_dir"):
+        parts.append(f"TensorBoard: tensorboard --logdir {ident['tensorboard_root']}")
+    return "; ".join(parts) or None
+
+
 @flow(name="finestyle-pipeline", log_prints=True)
 def finestyle_pipeline(
     config: dict[str, Any] | None = None, force: list[str] | None = None
@@ -105,6 +118,12 @@ def finestyle_pipeline(
     }
     if image:
         summary["generated image"] = image
+    tracked = tracked_run_line(Path(tr.out))
+    if tracked:
+        summary["tracked run"] = tracked
+    if ex.registered:
+        r = ex.registered
+        summary["registered model"] = f"models:/{r['name']}/{r['version']} ({r['tracking_uri']})"
     # 5. optional: evaluate the export (style, prompt, leakage against the base model)
     if cfg.eval is not None:
         ev = evaluate_model(config=to_dict(cfg.eval))

@@ -49,9 +49,14 @@ class EvalConfig:
     """First seed (each prompt uses seed .. seed+seeds-1); keep it apart from any training seed."""
     calibration_seed: int = 35_000_000
     """First seed of the base-model images the world judge's object thresholds are calibrated on."""
+    report_to: str = "none"
+    """none | tensorboard | mlflow | tensorboard,mlflow: the figures (with their intervals) go to the
+    tracked run that trained the adapter (its OUT/tracking.json), else to a new run in this OUT."""
 
     def __post_init__(self) -> None:
         _check(self.seeds >= 1, "eval.seeds", self.seeds, "at least 1")
+        bad = {t.strip() for t in self.report_to.split(",")} - {"none", "tensorboard", "mlflow", ""}
+        _check(not bad, "eval.report_to", self.report_to, "use none, tensorboard, mlflow or tensorboard,mlflow")
         _check(
             abs(self.calibration_seed - self.seed) >= self.seeds,
             "eval.calibration_seed",

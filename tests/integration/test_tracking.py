@@ -184,3 +184,33 @@ def test_export_registered_in_mlflow_loads_as_pyfunc_and_serves(tracked_run, tmp
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_eval_figures_go_to_the_training_run(tracked_run, tmp_path):
+    import mlflow
+
+    from finestyle.config import EvalConfig
+    from finestyle.eval.run import run_eval
+
+    cfg = EvalConfig(
+        model="builtin:tiny-sd",
+        adapter=str(tracked_run / "adapter"),
+        references=str(tracked_run.parent / "data" / "ds"),
+        out=str(tmp_path / "eval"),
+        judge="clip:builtin:tiny-clip",
+        n_prompts=2,
+        seeds=2,
+        steps=2,
+        batch=4,
+        device="cpu",
+        report_to="mlflow",
+    )
+    rep = run_eval(cfg, **Q)
+    ident = json.loads((tracked_run / "tracking.json").read_text())
+    mlflow.set_tracking_uri(ident["mlflow_uri"])
+    run = mlflow.get_run(ident["mlflow_run_id"])
+    assert run.data.metrics["eval/leakage"] == pytest.approx(rep["leakage"])
+    assert run.data.metrics["eval/style_fidelity"] == pytest.approx(rep["style_fidelity"])
+    lo, hi = rep["ci95"]["leakage"]
+    assert run.data.metrics["eval/leakage_ci95_low"] == pytest.approx(lo) and hi >= lo
+    assert len(mlflow.search_runs(experiment_names=["finestyle"], output_format="list")) == 1
