@@ -57,7 +57,7 @@ class RunTracker:
         if "tensorboard" in trackers:
             from accelerate.tracking import TensorBoardTracker
 
-            logdir = Path(uri or saved.get("tensorboard_root") or out / "tracking")
+            logdir = Path(uri or saved.get("tensorboard_root") or out / "tracking").absolute()
             tb = TensorBoardTracker(name, str(logdir))
             tb.start()
             self.trackers.append(tb)

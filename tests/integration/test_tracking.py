@@ -214,3 +214,36 @@ def test_eval_figures_go_to_the_training_run(tracked_run, tmp_path):
     lo, hi = rep["ci95"]["leakage"]
     assert run.data.metrics["eval/leakage_ci95_low"] == pytest.approx(lo) and hi >= lo
     assert len(mlflow.search_runs(experiment_names=["finestyle"], output_format="list")) == 1
+
+
+def test_the_tracking_guide_runs_as_written(tracked_run, tmp_path):
+    """The guide's commands ("## Track a training run"), as written, with DATASET a prepared dataset."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import doc_section
+
+    block = re.search(r"```bash\n(.*?)```", doc_section("## Track a training run"), re.S).group(1)
+    ds = str(tracked_run.parent / "data" / "ds")
+    for line in block.strip().splitlines():
+        args = [ds if a == "DATASET" else a for a in shlex.split(line)]
+        assert args[0] == "finestyle"
+        r = subprocess.run(
+            [sys.executable, "-m", "finestyle.cli", *args[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        )
+        assert r.returncode == 0, (line, r.stderr[-2000:])
+    ident = json.loads((tmp_path / "runs" / "tracked" / "tracking.json").read_text())
+    assert ident["trackers"] == ["tensorboard", "mlflow"] and Path(ident["tensorboard_dir"]).is_dir()
+    import mlflow
+
+    mlflow.set_tracking_uri(ident["mlflow_uri"])
+    v = mlflow.MlflowClient().get_model_version("my-style", "1")
+    assert v.run_id == ident["mlflow_run_id"]
+    assert (tmp_path / "exports" / "tracked" / "manifest.json").is_file()
