@@ -56,7 +56,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.seeds >= 1, "eval.seeds", self.seeds, "at least 1")
         bad = {t.strip() for t in self.report_to.split(",")} - {"none", "tensorboard", "mlflow", ""}
-        _check(not bad, "eval.report_to", self.report_to, "use none, tensorboard, mlflow or tensorboard,mlflow")
+        _check(
+            not bad, "eval.report_to", self.report_to, "use none, tensorboard, mlflow or tensorboard,mlflow"
+        )
         _check(
             abs(self.calibration_seed - self.seed) >= self.seeds,
             "eval.calibration_seed",
