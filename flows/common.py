@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
@@ -39,6 +42,35 @@ def _key(text: str) -> str:
 
 def markdown(key: str, body: str, description: str) -> None:
     create_markdown_artifact(key=_key(key), markdown=body, description=description)
+
+
+INLINE_MAX_SIDE = 512
+"""Pictures in artifacts are downscaled to at most this many pixels a side, and"""
+INLINE_MAX_BYTES = 300_000
+"""at most this many bytes of PNG (halved again until they fit): Prefect stores each
+artifact's markdown in its database, and its UI renders `data:` images inline."""
+
+
+def inline_image(path: str | Path, alt: str) -> str:
+    """A markdown image of the PNG at `path`, embedded as a `data:` URI so Prefect's UI shows the picture
+    itself (a file path only helps on the machine that ran the flow); "" when the file is missing."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        return ""
+    with Image.open(p) as im:
+        im = im.convert("RGB")
+        side = INLINE_MAX_SIDE
+        while True:
+            small = im.copy()
+            small.thumbnail((side, side))
+            buf = io.BytesIO()
+            small.save(buf, format="PNG", optimize=True)
+            if buf.tell() <= INLINE_MAX_BYTES or side <= 64:
+                break
+            side //= 2
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
 def table(key: str, rows: list[dict[str, Any]], description: str) -> None:

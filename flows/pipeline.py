@@ -18,7 +18,7 @@ from prefect import flow, task
 from finestyle.config import PipelineConfig, from_dict, to_dict
 from finestyle.runtime.generate import GenerateResult, run_generate
 from finestyle.train.loop import train_cache_key
-from flows.common import markdown
+from flows.common import inline_image, markdown
 from flows.evaluate import evaluate_model
 from flows.export import export_model
 from flows.prepare import prepare_dataset, task_runner_for
@@ -131,9 +131,18 @@ def finestyle_pipeline(
             f"prompt {ev['prompt_fidelity']:.3f}, style {ev['style_fidelity']:.3f}, "
             f"leakage {ev['leakage']:+.3f} ({ev['out']}/report.md)"
         )
+    pictures = "".join(
+        f"\n\n### {title}\n\n{inline_image(path, title)}"
+        for title, path in (
+            ("dataset preview", f"{ds.out}/preview.png"),
+            ("loss curve", f"{tr.out}/loss.png"),
+            ("generated image", image or ""),
+        )
+        if path and Path(path).is_file()
+    )
     markdown(
         "pipeline-summary",
-        "# FineStyle pipeline\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in summary.items()),
+        "# FineStyle pipeline\n\n" + "\n".join(f"- **{k}**: `{v}`" for k, v in summary.items()) + pictures,
         "FineStyle pipeline run",
     )
     return PipelineResult(export=ex.out, stages=stages, summary=summary)

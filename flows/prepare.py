@@ -22,7 +22,7 @@ from finestyle.prepare.stage import (
     scratch_dir,
     summary_table,
 )
-from flows.common import RETRY, markdown, table
+from flows.common import RETRY, inline_image, markdown, table
 
 
 @task(**RETRY)
@@ -61,6 +61,7 @@ def publish_prepare_artifacts(result: PrepareResult) -> None:
             f"- method: **{rep['method']}**, style: *{rep['config']['style']}*\n"
             f"- rows: **{c['rows']}** from {c['images_used']} image(s) ({c['rows_per_method']})\n"
             f"- preview: `{result.out}/preview.png`, report: `{result.out}/report.json`\n\n"
+            f"{inline_image(Path(result.out) / 'preview.png', 'dataset preview: every crop with its text')}\n\n"
             f"## Skipped inputs ({c['skipped']})\n{skipped}\n"
         ),
         "FineStyle prepare summary",

@@ -11,7 +11,7 @@ from prefect import flow, task
 from finestyle.config import TrainConfig, from_dict, to_dict
 from finestyle.eval.checkpoints import train_with_eval
 from finestyle.train.loop import TrainResult
-from flows.common import RETRY, markdown, run_log, table
+from flows.common import RETRY, inline_image, markdown, run_log, table
 
 
 @task(**RETRY)
@@ -47,6 +47,8 @@ def publish_train_artifacts(result: TrainResult) -> None:
                 else ""
             )
             + "".join(f"- sample: `{s}`\n" for s in samples)
+            + f"\n{inline_image(Path(result.out) / 'loss.png', 'loss curve')}\n\n"
+            + (f"{inline_image(samples[-1], 'last samples')}\n" if samples else "")
         ),
         "FineStyle training summary",
     )

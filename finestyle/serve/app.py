@@ -108,6 +108,15 @@ def _add_guards(app: Any, cfg: ServeConfig) -> None:
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
 
+def metrics_text(state: dict[str, Any], metrics: Metrics) -> bytes:
+    """/metrics: the registry's exposition with the live gauges (queue, in flight, compiles, runtime)."""
+    b: Batcher | None = state.get("batcher")
+    be = state.get("backend")
+    return metrics.render(
+        b.depth() if b else 0, state["in_flight"], shape_compiles(be), getattr(be, "name", "")
+    )
+
+
 def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     """Build the FastAPI app. `backend` may be given (tests); otherwise the export is loaded at start-up."""
     from fastapi import FastAPI
@@ -151,16 +160,7 @@ def create_app(cfg: ServeConfig, backend: Backend | None = None) -> Any:
     async def prom() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        b: Batcher | None = state.get("batcher")
-        return Response(
-            metrics.render(
-                b.depth() if b else 0,
-                state["in_flight"],
-                shape_compiles(state.get("backend")),
-                getattr(state.get("backend"), "name", ""),
-            ),
-            media_type=CONTENT_TYPE_LATEST,
-        )
+        return Response(metrics_text(state, metrics), media_type=CONTENT_TYPE_LATEST)
 
     async def submit(req: GenerationRequest) -> tuple[int, Any]:
         return await submit_request(state, cfg, req)

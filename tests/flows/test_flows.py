@@ -87,8 +87,24 @@ def test_pipeline_runs_reuses_and_invalidates(refs, tmp_path):
     # forcing a stage re-runs it
     fourth = finestyle_pipeline(config=cfg, force=["prepare"])
     assert fourth.stages["prepare"] == "built"
-    assert Artifact.get("pipeline-summary") is not None
+    summary = Artifact.get("pipeline-summary")
     assert Artifact.get("export-parity") is not None
+    # pictures where the production user looks: inline PNGs (data: URIs) in the artifacts, within the limit
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from flows.common import INLINE_MAX_BYTES, INLINE_MAX_SIDE
+
+    for key, n in (("pipeline-summary", 3), ("prepare-summary", 1), ("train-summary", 2)):
+        body = summary.data if key == "pipeline-summary" else Artifact.get(key).data
+        pngs = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", body)
+        assert len(pngs) >= n, (key, body[:300])
+        for b in pngs:
+            raw = base64.b64decode(b)
+            assert len(raw) <= INLINE_MAX_BYTES and max(Image.open(io.BytesIO(raw)).size) <= INLINE_MAX_SIDE
 
 
 def test_bad_input_fails_without_retry(tmp_path):

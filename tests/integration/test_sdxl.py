@@ -246,7 +246,7 @@ def test_export_is_optimums_sdxl_layout_and_runtimes_agree(sdxl_run, sdxl_dir, t
         "XLPipeline"
     )
 
-    ort_be, torch_be = load_backend(str(out)), load_backend(str(out), runtime="torch")
+    ort_be, torch_be = load_backend(str(out), "onnxruntime"), load_backend(str(out), runtime="torch")
     assert ort_be.family == torch_be.family == SDXL
     assert ort_be.native_size * ort_be.vae_scale == 32  # the model's own size, not 512 or 1024
     reqs = [

@@ -76,7 +76,7 @@ def test_a_mixed_style_batch_gives_each_request_its_own_image(swx, adapters, tmp
 
     shutil.copytree(swx, work)
     add_style(str(work), str(adapters["chalk"]), "chalk", **Q)
-    be = load_backend(str(work))
+    be = load_backend(str(work), "onnxruntime")  # the parity path (auto may pick OpenVINO bf16)
     assert be.styles == ["base", "chalk", "ink"]
     reqs = [
         GenerationRequest("a red boat", steps=3, seed=1, style="ink"),
