@@ -98,7 +98,7 @@ def test_pipeline_runs_reuses_and_invalidates(refs, tmp_path):
 
     from flows.common import INLINE_MAX_BYTES, INLINE_MAX_SIDE
 
-    for key, n in (("pipeline-summary", 3), ("prepare-summary", 1), ("train-summary", 2)):
+    for key, n in (("pipeline-summary", 2), ("prepare-summary", 1), ("train-summary", 2)):
         body = summary.data if key == "pipeline-summary" else Artifact.get(key).data
         pngs = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", body)
         assert len(pngs) >= n, (key, body[:300])
