@@ -146,7 +146,10 @@ def image_parity(
 
 
 def bf16_image_check(merged_dir: str | Path, steps: int, size: int | None = None) -> dict[str, Any]:
-    """Same seed, same scheduler: torch fp32 vs torch bf16 (channels_last) image. Fails past the threshold."""
+    """Same seed, same scheduler: torch fp32 vs torch bf16 (channels_last) image, and whether it passes.
+
+    Recorded, not enforced (as OpenVINO's check): the export stands on its fp32 parity; a failed bf16
+    check makes `--runtime torch --dtype bf16` refuse this export."""
 
     req = GenerationRequest(
         "a lighthouse on a cliff at night", steps=steps, seed=1234, width=size, height=size
@@ -155,14 +158,11 @@ def bf16_image_check(merged_dir: str | Path, steps: int, size: int | None = None
     release_memory()
     b = np.asarray(generate(torch_backend(str(merged_dir), None, "cpu", "bf16"), req)[0], np.float32) / 255
     mean, mx = float(np.abs(a - b).mean()), float(np.abs(a - b).max())
-    if not mean <= BF16_IMAGE_MEAN_ATOL:
-        raise VerificationError(
-            f"the bf16 CPU path differs from fp32 by {mean:.3g} mean abs (> {BF16_IMAGE_MEAN_ATOL:g})"
-        )
     return {
         "mean_abs_diff": mean,
         "max_abs_diff": mx,
         "mean_atol": BF16_IMAGE_MEAN_ATOL,
+        "pass": bool(mean <= BF16_IMAGE_MEAN_ATOL),
         "steps": steps,
         "how": "finestyle generate EXPORT PROMPT --runtime torch --dtype bf16",
     }

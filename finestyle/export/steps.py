@@ -151,7 +151,8 @@ def step_bf16(cfg: ExportConfig, tmp: str, log=log_line) -> dict[str, Any] | Non
         return None
     rep = bf16_image_check(Path(tmp) / "merged", cfg.parity_steps)
     release_memory()
-    log(f"export: CPU bf16 path mean diff {rep['mean_abs_diff']:.2e} <= {rep['mean_atol']:g}")
+    verdict = "ok" if rep["pass"] else "FAILED: --runtime torch --dtype bf16 refuses this export"
+    log(f"export: CPU bf16 path mean diff {rep['mean_abs_diff']:.2e} (<= {rep['mean_atol']:g}) {verdict}")
     return rep
 
 

@@ -115,6 +115,15 @@ def load_backend(
                 "--runtime torch"
             )
         return ort_backend(path, providers)
+    if (
+        is_export
+        and dtype == "bf16"
+        and ((verify_export(path, deep=False).get("cpu_bf16") or {}).get("pass") is False)
+    ):
+        raise UserError(
+            "--runtime torch --dtype bf16: this export failed its bf16 image check (manifest.json, cpu_bf16); "
+            "use --dtype fp32 or --runtime onnxruntime"
+        )
     return torch_backend(model, adapter, device, dtype)
 
 
