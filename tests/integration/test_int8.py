@@ -181,8 +181,6 @@ def test_bench_export_adds_the_int8_row(tmp_path):
     assert b["conv_ms"] > 0 and 0 < b["ceiling_share_of_peak"]
     assert f"OpenVINO {r['openvino_profiled']} by layer: conv" in p.stdout
     # the whole image on the default runtime (auto's choice here) beside onnxruntime fp32, as a figure
-    from finestyle.runtime.auto import choose_runtime  # noqa: F401  (the same choice the default makes)
-
     w = r["whole_image"]
     assert w["size"] == 64 and w["seconds"] > 0 and w["ort_fp32_seconds"] > 0 and "(auto: " in w["runtime"]
     assert w["auto_vs_ort_fp32"] == pytest.approx(w["ort_fp32_seconds"] / w["seconds"])
