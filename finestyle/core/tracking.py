@@ -37,6 +37,19 @@ def mlflow_uri(uri: str, out: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
+def artifact_root(tracking_uri: str, out: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the run (OUT/mlartifacts) for the default
+    SQLite store in OUT, else the tracking server's own default (None). MLflow's fallback, ./mlruns in
+    the working directory, would scatter artifacts wherever the command ran."""
+    if (
+        tracking_uri == mlflow_uri("", out)
+        or tracking_uri.startswith("sqlite:///")
+        or tracking_uri.startswith("file:")
+    ):
+        return (out.absolute() / "mlartifacts").as_uri()
+    return None
+
+
 def read_identity(out: Path) -> dict[str, Any]:
     """The tracked run's identity saved in OUT/tracking.json ({} when the run was not tracked)."""
     try:
@@ -71,7 +84,12 @@ class RunTracker:
             mlflow.set_tracking_uri(tracking_uri)
             if mlflow.active_run() is not None:  # left open by a failed attempt in this process (a retry)
                 mlflow.end_run(status="FAILED")
-            ml = MLflowTracker(experiment_name=name, run_id=saved.get("mlflow_run_id"), run_name=out.name)
+            ml = MLflowTracker(
+                experiment_name=name,
+                logging_dir=artifact_root(tracking_uri, out),
+                run_id=saved.get("mlflow_run_id"),
+                run_name=out.name,
+            )
             ml.start()
             self.trackers.append(ml)
             self.identity.update(mlflow_uri=tracking_uri, mlflow_run_id=ml.active_run.info.run_id)

@@ -17,7 +17,7 @@ from typing import Any
 from finestyle.artifacts.manifest import verify_export
 from finestyle.core.errors import UserError
 from finestyle.core.fs import sha256_file
-from finestyle.core.tracking import mlflow_uri, read_identity, require
+from finestyle.core.tracking import artifact_root, mlflow_uri, read_identity, require
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 EXPORT_ARTIFACT = "export"
@@ -79,6 +79,10 @@ def register_export(export_dir: str | Path, spec: str, uri: str = "", log=print)
         mlflow.end_run()
     same_run = trained.get("mlflow_uri") == tracking_uri
     if not same_run:
+        if mlflow.get_experiment_by_name("finestyle") is None:
+            mlflow.create_experiment(
+                "finestyle", artifact_location=artifact_root(tracking_uri, export_dir.parent)
+            )
         mlflow.set_experiment("finestyle")
     tags = version_tags(export_dir, manifest)
     with mlflow.start_run(run_id=trained["mlflow_run_id"] if same_run else None) as run:
