@@ -38,14 +38,10 @@ def mlflow_uri(uri: str, out: Path) -> str:
 
 
 def artifact_root(tracking_uri: str, out: Path) -> str | None:
-    """Where a new experiment keeps its artifacts: beside the run (OUT/mlartifacts) for the default
-    SQLite store in OUT, else the tracking server's own default (None). MLflow's fallback, ./mlruns in
+    """Where a new experiment keeps its artifacts: beside the run (OUT/mlartifacts) for a local SQLite or
+    file store, else the tracking server's own default (None). MLflow's fallback, ./mlruns in
     the working directory, would scatter artifacts wherever the command ran."""
-    if (
-        tracking_uri == mlflow_uri("", out)
-        or tracking_uri.startswith("sqlite:///")
-        or tracking_uri.startswith("file:")
-    ):
+    if tracking_uri.startswith(("sqlite:", "file:")):  # local stores; a server keeps its own
         return (out.absolute() / "mlartifacts").as_uri()
     return None
 
@@ -96,10 +92,6 @@ class RunTracker:
         from finestyle.core.fs import write_json
 
         write_json(out / TRACKING_FILE, self.identity)
-
-    @property
-    def resumed(self) -> bool:
-        return bool(self.trackers)
 
     def hyperparameters(self, values: dict[str, Any]) -> None:
         """The config as hyperparameters (lists and None as text)."""

@@ -20,7 +20,7 @@ from typing import Any
 from finestyle.core.fs import write_json
 
 from .check import CheckSettings, format_table, run_check
-from .train import DEFAULTS, WorldTrainConfig, _duration, train_world_model
+from .train import DEFAULTS, WorldTrainConfig, duration, train_world_model
 
 ORDER = ("vae", "sd", "blip", "judge")
 """Training order: sd trains on the VAE's latents, the judge on its round trips."""
@@ -109,7 +109,7 @@ def train_all(cfg: WorldAllConfig, log: Callable[[str], None] = print) -> dict[s
         if cfg.check_scale > 0:
             entry["check"] = _check(cfg, model, run, log)
         summary["models"][model] = entry
-        log(f"world: {model} done; {_duration(time.time() - t0)} in this run so far")
+        log(f"world: {model} done; {duration(time.time() - t0)} in this run so far")
     summary["passed"] = all(m.get("check", {}).get("passed", True) for m in summary["models"].values())
     write_json(out / "world.json", summary)
     return summary

@@ -451,7 +451,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
             rate = (time.time() - t0) / (done - start)
             log(
                 f"{cfg.model} step {done}/{cfg.steps} loss {np.mean(losses[-50:]):.4f} {rate:.2f}s/step "
-                f"eta {_duration(rate * (cfg.steps - done))}"
+                f"eta {duration(rate * (cfg.steps - done))}"
             )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_checkpoint(ckpt, task, ema, opt, done, before + time.time() - t0)
@@ -518,7 +518,7 @@ def _previous_loss(out: Path) -> float:
         return float("nan")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """1h05m, 12m30s or 45s."""
     s = int(round(seconds))
     if s >= 3600:

@@ -100,7 +100,7 @@ def test_world_train_checkpoints_and_resumes(tmp_path):
 
 def test_the_judge_trains_on_hard_scenes_and_vae_round_trips_and_the_log_has_an_eta(tmp_path):
     from finestyle.world.models import vae_model
-    from finestyle.world.train import WorldTrainConfig, _duration, _judge_task, train_world_model
+    from finestyle.world.train import WorldTrainConfig, _judge_task, duration, train_world_model
 
     vae_model().save_pretrained(tmp_path / "vae" / "model", safe_serialization=True)
     cfg = WorldTrainConfig(model="judge", out=str(tmp_path / "judge"), n_train=16)
@@ -111,7 +111,7 @@ def test_the_judge_trains_on_hard_scenes_and_vae_round_trips_and_the_log_has_an_
     alone.steps, alone.batch_size, alone.checkpoint_every = 50, 2, 50
     train_world_model(alone, log=logs.append)
     assert any(m.startswith("judge step 50/50 ") and m.endswith("eta 0s") for m in logs), logs
-    assert [_duration(x) for x in (45, 750, 3725)] == ["45s", "12m30s", "1h02m"]
+    assert [duration(x) for x in (45, 750, 3725)] == ["45s", "12m30s", "1h02m"]
 
 
 @pytest.fixture
