@@ -22,7 +22,8 @@ def window(tokenizer: Any) -> int:
 
 def token_count(tokenizer: Any, text: str) -> int:
     """Tokens of `text` as the encoder would see it before truncation (start and end included)."""
-    return len(tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"])
+    # verbose=False: counting past the window is the point here, not an indexing error to warn about
+    return len(tokenizer(text, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
 
 
 def fits(tokenizers: list[Any], text: str) -> bool:
