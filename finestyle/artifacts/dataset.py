@@ -148,7 +148,35 @@ def dataset_card(report: dict[str, Any]) -> str:
         "so a centre crop to it cuts little.\n\n"
         "Load it with `datasets.load_from_disk(DIR)`, or as an ImageFolder from `train/` "
         "(`metadata.jsonl` holds `file_name` and `text`). `preview.png` shows every crop with its text.\n"
-    )
+    ) + review_section(report.get("review"))
+
+
+def review_section(review: dict[str, Any] | None) -> str:
+    """The card's record of a `finestyle review`: when, from which version, what changed."""
+    if not review:
+        return ""
+    kinds: dict[str, int] = {}
+    for c in review["changes"]:
+        kinds[c["change"]] = kinds.get(c["change"], 0) + 1
+    lines = [
+        "\n## Review\n",
+        f"- reviewed at {review['reviewed_at']}"
+        + (", **approved**" if review.get("approved") else ", saved (not yet approved)"),
+        f"- previous version: `{review['previous']}` (key `{review['previous_key']}`)",
+        f"- this version's key: `{review['key']}`",
+        f"- changes: {', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'} "
+        f"({review['rows_before']} rows before)",
+    ]
+    if review.get("note"):
+        lines.append(f"- note: {review['note']}")
+    for c in review["changes"][:50]:
+        if c["change"] == "text":
+            lines.append(f"  - row {c['row']}: text {c['from']!r} -> {c['to']!r}")
+        elif c["change"] == "box":
+            lines.append(f"  - row {c['row']}: box {c['from']} -> {c['to']} (crop recut from the source)")
+        else:
+            lines.append(f"  - row {c['row']}: dropped ({c['text']!r})")
+    return "\n".join(lines) + "\n"
 
 
 def write_dataset(tmp: Path, rows: list[dict[str, Any]], report: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 Exit codes: 0 success (bad inputs skipped and reported still count), 2 unusable input or arguments
 (one line on stderr, no traceback), 1 internal failure.
 
-Each command group has its module (`stages`, `inference`, `models`, `evaluate`, `bench`, `world`),
+Each command group has its module (`stages`, `review`, `inference`, `models`, `evaluate`, `bench`, `world`),
 registered on the app in `base`; importing them here, in this order, gives `--help` its order.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 # isort: off
-from finestyle.cli import stages, inference, models, evaluate, world, bench  # noqa: F401 - registers commands
+from finestyle.cli import stages, review, inference, models, evaluate, world, bench  # noqa: F401 - registers commands
 
 # isort: on
 from finestyle.cli.base import app, command, print_summary

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finestyle.core.errors import UserError
+
 QUIET_DEFAULTS = {
     # Prefect 3 tries to reach a telemetry host unless told not to.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -149,3 +151,19 @@ def cpu_has_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AMX or AVX-512 BF16), so bf16 is a speed-up; elsewhere
     PyTorch emulates it, several times slower than fp32."""
     return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A UserError naming the address when nothing can listen on it (as uvicorn would bind it)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses that port or "
+                "pass another --port"
+            ) from None

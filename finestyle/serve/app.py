@@ -19,6 +19,7 @@ from typing import Any
 
 from finestyle.artifacts.manifest import export_native_size, verify_export
 from finestyle.config import ServeConfig
+from finestyle.core.env import check_port_free
 from finestyle.runtime.generate import (
     Backend,
     GenerationRequest,
@@ -26,7 +27,6 @@ from finestyle.runtime.generate import (
 )
 from finestyle.serve.batcher import Batcher, Job, encode_pngs, style_of, submit_request
 from finestyle.serve.lifecycle import (
-    check_port_free,
     drain_then_exit,
     make_lifespan,
     reload_styles,

@@ -143,19 +143,3 @@ def _on_sigterm(state: dict[str, Any], cfg: ServeConfig) -> None:
         )
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (e.g. embedded)
         pass
-
-
-def check_port_free(host: str, port: int) -> None:
-    """A UserError naming the address when nothing can listen on it (as uvicorn would bind it)."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise UserError(
-                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses that port or "
-                "pass another --port"
-            ) from None

@@ -1,0 +1,1 @@
+"""`finestyle review`: a person looks at, fixes and approves a dataset's rows before training."""
