@@ -16,6 +16,7 @@ import typer
 from finestyle.cli.app import app, command, print_summary
 from finestyle.cli.app import main as _library_main
 from finestyle.core.errors import UserError
+from finestyle.review import FLOW_RUN_DECIDERS
 
 # ------------------------------------------------------------------------------------------------
 # run / demo
@@ -31,11 +32,17 @@ def run(
     force: Optional[list[str]] = typer.Option(
         None, "--force", metavar="<str>", help="Re-run a stage: prepare|train|export."
     ),
+    review: bool = typer.Option(
+        False,
+        "--review",
+        help="Pause after prepare until a person approves the rows (review page on 127.0.0.1:8765).",
+    ),
 ) -> None:
     """Run the whole DAG (prepare -> train -> export) as one Prefect flow run."""
     from finestyle.config import load_pipeline_config
 
     cfg = load_pipeline_config(config, set_ or [])
+    cfg.review = cfg.review or review
     _run_pipeline(cfg, force or [])
 
 
@@ -77,6 +84,16 @@ def demo(
         )
 
 
+def _prefect_decider(flow_run_id: str) -> Any:
+    """`finestyle review --flow-run ID`: Approve / Reject resume that paused Prefect flow run."""
+    from flows.review import resume_decider
+
+    return resume_decider(flow_run_id)
+
+
+FLOW_RUN_DECIDERS["prefect"] = _prefect_decider
+
+
 def _random_builtin(model: str) -> bool:
     from finestyle.core.models import BUILTINS
 
@@ -106,6 +123,9 @@ class FinestyleLines(logging.Filter):
     per-run bookkeeping (run names, states, the temporary server's start and stop)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError):
+            return False  # bad input: the command's own one line ("error: ...") says it, no traceback
         return record.levelno >= logging.WARNING or bool(STAGE_LINE.match(record.getMessage()))
 
 

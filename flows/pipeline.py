@@ -89,6 +89,13 @@ def finestyle_pipeline(
     cfg.prepare.force = cfg.prepare.force or "prepare" in force
     runner = prepare_dataset.with_options(task_runner=task_runner_for(cfg.task_runner))
     ds = runner(config=to_dict(cfg.prepare))
+    if cfg.review:  # a person approves the rows (or a reviewed version of them) before any training
+        from flows.common import run_log
+        from flows.review import await_review
+
+        cfg.train.dataset = await_review(
+            ds.out, cfg.review_host, cfg.review_port, cfg.review_timeout, run_log()
+        )
     # 2. train: the folder is named by the run's content key (dataset fingerprint + options)
     cfg.train.force = cfg.train.force or "train" in force
     if cfg.train.out == "runs/train":
@@ -110,7 +117,7 @@ def finestyle_pipeline(
     }
     summary = {
         "stages": ", ".join(f"{k} {v}" for k, v in stages.items()),
-        "dataset preview": f"{ds.out}/preview.png",
+        "dataset preview": f"{cfg.train.dataset}/preview.png",
         "training samples": tr.samples_dir,
         "loss curve": f"{tr.out}/loss.png",
         "export": ex.out,
@@ -134,7 +141,7 @@ def finestyle_pipeline(
     pictures = "".join(
         f"\n\n### {title}\n\n{inline_image(path, title)}"
         for title, path in (
-            ("dataset preview", f"{ds.out}/preview.png"),
+            ("dataset preview", f"{cfg.train.dataset}/preview.png"),
             ("loss curve", f"{tr.out}/loss.png"),
             ("generated image", image or ""),
         )

@@ -64,11 +64,12 @@ def review(
             },
         )
         return
+    from finestyle.review import FLOW_RUN_DECIDERS
     from finestyle.review.app import serve_review
 
     decide = None
     if flow_run:
-        from finestyle.review.flowrun import resume_decider
-
-        decide = resume_decider(flow_run)
+        if "prefect" not in FLOW_RUN_DECIDERS:
+            raise UserError("--flow-run needs the `finestyle` command (its Prefect flows are not loaded)")
+        decide = FLOW_RUN_DECIDERS["prefect"](flow_run)
     serve_review(dataset, host, port, out, decide, log=typer.echo)

@@ -36,10 +36,22 @@ class PipelineConfig:
     `out` are filled from the other stages when left default)."""
     task_runner: str = "default"
     """Prefect task runner for mapped prepare work: default (threads) | dask."""
+    review: bool = False
+    """Pause after prepare until a person approves the dataset (review page, or Prefect's Resume form)."""
+    review_host: str = "127.0.0.1"
+    """Address of the review page the paused run serves."""
+    review_port: int = 8765
+    """Port of that page (0: no page; approve or reject in Prefect's UI)."""
+    review_timeout: int = 86400
+    """Seconds the run waits for a decision before it fails, training nothing."""
 
     def __post_init__(self) -> None:
         _check(
             self.task_runner in ("default", "dask"), "task_runner", self.task_runner, "use default or dask"
+        )
+        _check(self.review_timeout > 0, "review_timeout", self.review_timeout, "give seconds > 0")
+        _check(
+            0 <= self.review_port < 65536, "review_port", self.review_port, "give a port, or 0 for no page"
         )
 
 
