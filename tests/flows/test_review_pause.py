@@ -48,8 +48,27 @@ def prefect_server(tmp_path_factory):
         log.close()
 
 
+def guide_blocks() -> list[list[str]]:
+    """The commands of the review guide's "## A pipeline that waits for review" (two bash blocks)."""
+    import re
+    import shlex
+
+    from tests.conftest import doc_section
+
+    text = doc_section("## A pipeline that waits for review", "docs/guides/review.md")
+    return [shlex.split(b.strip()) for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
 def _start_run(tmp_path: Path, env: dict, page_port: int, timeout_s: int = 600) -> subprocess.Popen:
-    args = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "example.yaml"), "--review"]
+    """The guide's `finestyle run configs/example.yaml --review`, with tiny parameters."""
+    run = guide_blocks()[0]
+    assert run[:2] == ["finestyle", "run"] and "--review" in run
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        *[str(REPO / a) if a.endswith(".yaml") else a for a in run[1:]],
+    ]
     for s in (
         f"workdir={tmp_path / 'wd'}",
         "train.steps=2",
@@ -118,6 +137,41 @@ def test_review_page_approve_resumes_the_run_with_the_reviewed_version(prefect_s
 
     assert json.loads(reports[0].read_text())["dataset_fingerprint"] == rec["key"] == dataset_key(rec["out"])
     assert "review approved" in out + err
+
+
+def test_review_from_another_process_by_flow_run_id_rejects(prefect_server, tmp_path):
+    """The guide's `finestyle review DATASET --flow-run FLOW_RUN_ID`: its Reject resumes the run, which fails."""
+    api, env = prefect_server
+    proc = _start_run(tmp_path, env, 0)
+    page_port = _free_port()
+    try:
+        run = _paused_run(api, proc)
+        cmd = guide_blocks()[1]
+        cmd = [
+            str(tmp_path / "wd" / "dataset") if a == "DATASET" else run["id"] if a == "FLOW_RUN_ID" else a
+            for a in cmd
+        ]
+        page = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *cmd[1:], "--port", str(page_port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{page_port}"
+            _wait_for(lambda: _ok(url + "/api/dataset"), 120, "the review page")
+            r = httpx.post(url + "/api/reject", json={"note": "sky crops"}, timeout=60)
+            assert r.status_code == 200 and "resumed" in r.json()["resumed"], r.text
+        finally:
+            page.terminate()
+            page.wait(30)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "review rejected: sky crops; nothing was trained" in err, err[-3000:]
+    assert not (tmp_path / "wd" / "train").exists()
 
 
 def test_reject_in_prefects_resume_form_fails_the_run_and_trains_nothing(prefect_server, tmp_path):

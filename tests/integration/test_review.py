@@ -64,7 +64,9 @@ def test_save_writes_a_new_version_with_its_key_and_review_record(client, prepar
     assert report["counts"]["rows"] == len(new)
     card = (out / "README.md").read_text()
     assert "## Review" in card and "fixed boat" in card and dataset_key(prepared) in card
-    assert (out / "preview.png").is_file() and len((out / "train" / "metadata.jsonl").read_text().splitlines()) == len(new)
+    assert (out / "preview.png").is_file() and len(
+        (out / "train" / "metadata.jsonl").read_text().splitlines()
+    ) == len(new)
     # the page now reviews the new version: the old page's key is stale
     assert c.get("/api/dataset").json()["key"] == rec["key"]
     stale = c.post("/api/save", json={"key": d["key"], "edits": {"drops": [0]}})
@@ -106,12 +108,45 @@ def test_a_dataset_prepared_again_makes_the_page_stale(prepared, tmp_path):
     assert not (tmp_path / "v2").exists()
 
 
+def guide_commands(heading: str, dataset: Path) -> list[list[str]]:
+    """The review guide's commands under `heading`, as argv for `python -m flows.cli`, DATASET filled in."""
+    import re
+    import shlex
+
+    from tests.conftest import doc_section
+
+    block = re.search(r"```bash\n(.*?)```", doc_section(heading, "docs/guides/review.md"), re.S).group(1)
+    out = []
+    for line in block.strip().splitlines():
+        args = [str(dataset) if a == "DATASET" else a for a in shlex.split(line)]
+        assert args[0] == "finestyle", line
+        out.append([sys.executable, "-m", "flows.cli", *args[1:]])
+    return out
+
+
+def test_the_guide_opens_the_review_page_as_written(prepared, tmp_path):
+    """ "## Open the review page": the command as written serves the page on 127.0.0.1:8765."""
+    import httpx
+
+    from tests.integration.test_review_browser import wait_http
+
+    (cmd,) = guide_commands("## Open the review page", prepared)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_http("http://127.0.0.1:8765/api/dataset", proc)
+        assert httpx.get("http://127.0.0.1:8765/api/dataset").json()["key"] == dataset_key(prepared)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_label_studio_round_trip(prepared, tmp_path):
-    """Export to Label Studio's task format, relabel as a person would there (a text, a box, a drop),
-    import Label Studio's JSON export: a new version with exactly those changes."""
-    ls = tmp_path / "ls"
-    cli = [sys.executable, "-m", "finestyle.cli", "review", str(prepared)]
-    r = subprocess.run([*cli, "--export", "label-studio", "--to", str(ls)], capture_output=True, text=True)
+    """ "## Label Studio", as written: export to Label Studio's task format, relabel as a person would
+    there (a text, a box, a drop), import Label Studio's JSON export: a new version with exactly those
+    changes."""
+    ls = tmp_path / "ls-tasks"
+    export_cmd, import_cmd = guide_commands("## Label Studio", prepared)
+    r = subprocess.run(export_cmd, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     tasks = json.loads((ls / "tasks.json").read_text())
     rows = load_rows(prepared)
@@ -122,27 +157,33 @@ def test_label_studio_round_trip(prepared, tmp_path):
     assert (ls / t0["data"]["image"].split("?d=")[1]).is_file()
     res = {x["type"]: x for x in t0["annotations"][0]["result"]}
     v, W = res["rectanglelabels"]["value"], res["rectanglelabels"]["original_width"]
-    assert round(v["x"] * W / 100) == rows[0]["crop"][0] and res["textarea"]["value"]["text"] == [rows[0]["text"]]
+    assert round(v["x"] * W / 100) == rows[0]["crop"][0] and res["textarea"]["value"]["text"] == [
+        rows[0]["text"]
+    ]
     # a person's edits in Label Studio, as its export writes them
     res["textarea"]["value"]["text"] = ["a blue house, in paper-cut style"]
     v.update(x=0.0, y=0.0, width=50.0, height=50.0)
     tasks[1]["annotations"].append(
-        {"result": [{"type": "choices", "from_name": "drop", "to_name": "image", "value": {"choices": ["drop"]}}]}
+        {
+            "result": [
+                {"type": "choices", "from_name": "drop", "to_name": "image", "value": {"choices": ["drop"]}}
+            ]
+        }
     )
-    exported = tmp_path / "export.json"
+    exported = tmp_path / "ls-export.json"
     exported.write_text(json.dumps(tasks[:-1]))  # the last task deleted in Label Studio: dropped too
-    r = subprocess.run([*cli, "--import", str(exported), "--out", str(tmp_path / "v2")], capture_output=True, text=True)
+    r = subprocess.run(import_cmd, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    new = load_rows(tmp_path / "v2")
+    new = load_rows(tmp_path / "reviewed")
     assert len(new) == len(rows) - 2
     H = res["rectanglelabels"]["original_height"]
     assert new[0]["text"] == "a blue house, in paper-cut style"
     assert new[0]["crop"] == [0, 0, round(W / 2), round(H / 2)]
     assert [r["text"] for r in new[1:]] == [r["text"] for r in rows[2:-1]]
-    rec = json.loads((tmp_path / "v2" / "report.json").read_text())["review"]
+    rec = json.loads((tmp_path / "reviewed" / "report.json").read_text())["review"]
     assert sorted(c["change"] for c in rec["changes"]) == ["box", "dropped", "dropped", "text"]
     # an export of another version is refused, naming what to do; nothing is written
     tasks[0]["data"]["finestyle_key"] = "0" * 64
     exported.write_text(json.dumps(tasks))
-    r = subprocess.run([*cli, "--import", str(exported), "--out", str(tmp_path / "v3")], capture_output=True, text=True)
+    r = subprocess.run([*import_cmd[:-1], str(tmp_path / "v3")], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "export again" in r.stderr and not (tmp_path / "v3").exists()

@@ -123,7 +123,17 @@ def test_review_page_in_chromium_edit_drop_redraw_approve_then_train(tmp_path):
     # an ordinary training run reads the new version
     run = tmp_path / "run"
     r = subprocess.run(
-        [sys.executable, "-m", "finestyle.cli", "train", str(out), "--base", "builtin:tiny-sd", "--out", str(run)]
+        [
+            sys.executable,
+            "-m",
+            "finestyle.cli",
+            "train",
+            str(out),
+            "--base",
+            "builtin:tiny-sd",
+            "--out",
+            str(run),
+        ]
         + ["--steps", "2", "--resolution", "64", "--sample-every", "0"],
         capture_output=True,
         text=True,
