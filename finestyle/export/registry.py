@@ -115,7 +115,8 @@ def resolve_model_uri(uri: str) -> str:
         raise UserError(
             f"{uri}: MLflow cannot provide it ({first}); check the name, version and MLFLOW_TRACKING_URI"
         ) from exc
-    export = local / "artifacts" / EXPORT_ARTIFACT
-    if not (export / "manifest.json").is_file():
+    # MLflow stores an artifact folder under its source folder's own name (the export's), not the key
+    found = sorted(p.parent for p in (local / "artifacts").glob("*/manifest.json"))
+    if len(found) != 1:
         raise UserError(f"{uri}: not a FineStyle export registered with `finestyle export --register`")
-    return str(export)
+    return str(found[0])

@@ -104,9 +104,39 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch):
         TrainConfig(dataset="x", report_to="wandb")
 
 
-def test_export_registered_in_mlflow_loads_as_pyfunc_and_serves(tracked_run, tmp_path):
-    """`export --register mlflow:NAME`: a model version in the training run, tagged with its lineage;
-    pyfunc.load_model generates the image `finestyle generate` gives; `serve models:/NAME/1` serves it."""
+@pytest.fixture(scope="module")
+def guide_run(tracked_run, tmp_path_factory) -> Path:
+    """The guide's commands ("## Track a training run"), as written, with DATASET a prepared dataset,
+    run in a fresh folder (its own ./mlruns). Returns that folder."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import doc_section
+
+    cwd = tmp_path_factory.mktemp("guide")
+    block = re.search(r"```bash\n(.*?)```", doc_section("## Track a training run"), re.S).group(1)
+    ds = str(tracked_run.parent / "data" / "ds")
+    for line in block.strip().splitlines():
+        args = [ds if a == "DATASET" else a for a in shlex.split(line)]
+        assert args[0] == "finestyle"
+        r = subprocess.run(
+            [sys.executable, "-m", "finestyle.cli", *args[1:]],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        )
+        assert r.returncode == 0, (line, r.stderr[-2000:])
+    return cwd
+
+
+def test_export_registered_in_mlflow_loads_as_pyfunc_and_serves(guide_run, tmp_path):
+    """`export --register mlflow:NAME` (the guide's): a model version in the training run, tagged with its
+    lineage; pyfunc.load_model generates the image `finestyle generate` gives; `serve models:/NAME/1`
+    serves it."""
     import base64
     import io
     import os
@@ -119,37 +149,27 @@ def test_export_registered_in_mlflow_loads_as_pyfunc_and_serves(tracked_run, tmp
     import pandas as pd
     from PIL import Image
 
-    from finestyle.config import ExportConfig
     from finestyle.core.fs import sha256_file
-    from finestyle.export.steps import run_export
     from tests.integration.test_server import wait_ready
 
-    ident = json.loads((tracked_run / "tracking.json").read_text())
-    export = tmp_path / "export"
-    cfg = ExportConfig(
-        base="builtin:tiny-sd",
-        adapter=str(tracked_run / "adapter"),
-        out=str(export),
-        register="mlflow:ink-style",
-    )
-    res = run_export(cfg, **Q)
-    assert res.registered["name"] == "ink-style" and res.registered["version"] == "1"
-    assert res.registered["run_id"] == ident["mlflow_run_id"]  # lineage: logged into the training run
+    run = guide_run / "runs" / "tracked"
+    ident = json.loads((run / "tracking.json").read_text())
+    export = guide_run / "exports" / "tracked"
     mlflow.set_tracking_uri(ident["mlflow_uri"])
-    v = mlflow.MlflowClient().get_model_version("ink-style", "1")
-    assert v.run_id == ident["mlflow_run_id"]
+    v = mlflow.MlflowClient().get_model_version("my-style", "1")
+    assert v.run_id == ident["mlflow_run_id"]  # lineage: logged into the training run
     manifest = json.loads((export / "manifest.json").read_text())
     assert v.tags["finestyle.manifest_sha256"] == sha256_file(export / "manifest.json")
     assert v.tags["finestyle.base_model"] == "builtin:tiny-sd"
     assert v.tags["finestyle.adapter_key"] == manifest["adapter_fingerprint"]
     assert (
         v.tags["finestyle.dataset_key"]
-        == json.loads((tracked_run / "report.json").read_text())["dataset_fingerprint"]
+        == json.loads((run / "report.json").read_text())["dataset_fingerprint"]
     )
     assert float(v.tags["finestyle.parity.unet_max_abs_diff"]) == pytest.approx(
         manifest["parity"]["unet"]["max_abs_diff"], rel=1e-2
     )
-    model = mlflow.pyfunc.load_model("models:/ink-style/1")
+    model = mlflow.pyfunc.load_model("models:/my-style/1")
     got = model.predict(pd.DataFrame([{"prompt": "a red boat", "seed": 5, "steps": 3}]))
     assert len(got) == 1
     mine = np.asarray(Image.open(io.BytesIO(base64.b64decode(got[0]))))
@@ -169,7 +189,7 @@ def test_export_registered_in_mlflow_loads_as_pyfunc_and_serves(tracked_run, tmp
         port = sk.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": ident["mlflow_uri"]}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finestyle.cli", "serve", "models:/ink-style/1", "--port", str(port)],
+        [sys.executable, "-m", "finestyle.cli", "serve", "models:/my-style/1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -216,34 +236,13 @@ def test_eval_figures_go_to_the_training_run(tracked_run, tmp_path):
     assert len(mlflow.search_runs(experiment_names=["finestyle"], output_format="list")) == 1
 
 
-def test_the_tracking_guide_runs_as_written(tracked_run, tmp_path):
-    """The guide's commands ("## Track a training run"), as written, with DATASET a prepared dataset."""
-    import os
-    import re
-    import shlex
-    import subprocess
-    import sys
-
-    from tests.conftest import doc_section
-
-    block = re.search(r"```bash\n(.*?)```", doc_section("## Track a training run"), re.S).group(1)
-    ds = str(tracked_run.parent / "data" / "ds")
-    for line in block.strip().splitlines():
-        args = [ds if a == "DATASET" else a for a in shlex.split(line)]
-        assert args[0] == "finestyle"
-        r = subprocess.run(
-            [sys.executable, "-m", "finestyle.cli", *args[1:]],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-        )
-        assert r.returncode == 0, (line, r.stderr[-2000:])
-    ident = json.loads((tmp_path / "runs" / "tracked" / "tracking.json").read_text())
+def test_the_tracking_guide_runs_as_written(guide_run):
+    """ "## Track a training run": both trackers, and the export registered in the training run."""
+    ident = json.loads((guide_run / "runs" / "tracked" / "tracking.json").read_text())
     assert ident["trackers"] == ["tensorboard", "mlflow"] and Path(ident["tensorboard_dir"]).is_dir()
     import mlflow
 
     mlflow.set_tracking_uri(ident["mlflow_uri"])
     v = mlflow.MlflowClient().get_model_version("my-style", "1")
     assert v.run_id == ident["mlflow_run_id"]
-    assert (tmp_path / "exports" / "tracked" / "manifest.json").is_file()
+    assert (guide_run / "exports" / "tracked" / "manifest.json").is_file()
