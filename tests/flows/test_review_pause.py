@@ -29,7 +29,7 @@ def prefect_server(tmp_path_factory):
         PREFECT_HOME=str(home),
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="true",  # the artifact page is checked in Prefect's own UI
     )
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -137,6 +137,31 @@ def test_review_page_approve_resumes_the_run_with_the_reviewed_version(prefect_s
 
     assert json.loads(reports[0].read_text())["dataset_fingerprint"] == rec["key"] == dataset_key(rec["out"])
     assert "review approved" in out + err
+    _artifact_pictures_in_prefects_ui(api, run["id"])
+
+
+def _artifact_pictures_in_prefects_ui(api: str, run_id: str) -> None:
+    """Prefect's UI (in Chromium) shows the pipeline artifact's pictures, not file paths."""
+    from tests.integration.test_review_browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM:
+        return  # the review page's browser test says why (FINESTYLE_REQUIRE_BROWSER in CI)
+    from playwright.sync_api import sync_playwright
+
+    rows = _api(api, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    summary = next(a for a in rows if a.get("key") == "pipeline-summary")
+    ui = api.removesuffix("/api")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"{ui}/artifacts/artifact/{summary['id']}")
+        page.wait_for_selector('img[src^="data:image/png"]', timeout=60_000)
+        imgs = page.locator('img[src^="data:image/png"]')
+        assert imgs.count() >= 2  # the dataset preview and the loss curve
+        assert imgs.first.evaluate("i => i.complete && i.naturalWidth > 0")
+        if os.environ.get("FINESTYLE_DOC_SHOTS"):
+            page.screenshot(path=os.environ["FINESTYLE_DOC_SHOTS"] + "/prefect-artifact.png", full_page=True)
+        browser.close()
 
 
 def test_review_from_another_process_by_flow_run_id_rejects(prefect_server, tmp_path):
