@@ -24,6 +24,32 @@ TARGET_PRESETS = {
     "kv-up0.1": r".*up_blocks\.0\.attentions\.1\..*attn2\.(to_k|to_v)$",
 }
 
+_JOINT = r"(.*\.)?transformer_blocks\.\d+\.attn\."
+MMDIT_TARGET_PRESETS = {
+    # FineStyle on SD 3.x / FLUX.1: the text stream's K/V in every joint (double-stream) block. FLUX's
+    # single-stream blocks share one K/V projection between text and image tokens: never targeted.
+    "kv": _JOINT + r"(add_k_proj|add_v_proj)$",
+    "qkvo": _JOINT + r"(add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+    # every attention projection, both streams (and FLUX's single-stream blocks' q/k/v)
+    "attn": _JOINT + r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+    # every Linear of every transformer block (attention, MLPs, modulation): the broadest LoRA
+    "all-linear": r"(.*\.)?(single_)?transformer_blocks\.\d+\..+",
+}
+"""The presets' meaning on an MMDiT (`finestyle.core.mmdit`); `kv-up0*` are UNet-only."""
+
+
+def target_regex_for(targets: str, family: str) -> str:
+    """The module regex a `targets` preset (or regex) means for a model family."""
+    from finestyle.core.sd import MMDIT
+
+    if family in MMDIT:
+        if targets.startswith("kv-up0"):
+            raise UserError(
+                f"train.targets: {targets!r} names UNet blocks; SD 3.x and FLUX take kv, qkvo, attn or all-linear"
+            )
+        return MMDIT_TARGET_PRESETS.get(targets, targets)
+    return TARGET_PRESETS.get(targets, targets)
+
 
 @dataclass
 class TrainConfig:
@@ -205,7 +231,7 @@ class TrainConfig:
         _check(
             not bad, "train.report_to", self.report_to, "use none, tensorboard, mlflow or tensorboard,mlflow"
         )
-        if self.targets not in TARGET_PRESETS:
+        if self.targets not in TARGET_PRESETS and self.targets not in MMDIT_TARGET_PRESETS:
             try:
                 re.compile(self.targets)
             except re.error as exc:

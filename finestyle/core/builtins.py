@@ -22,7 +22,8 @@ from finestyle.core.builtin_nets import (
 )
 from finestyle.core.errors import ModelLoadError
 from finestyle.core.fs import hash_tree
-from finestyle.core.sd import SD, SDXL
+from finestyle.core.mmdit import tiny_flux_components, tiny_sd3_components
+from finestyle.core.sd import FLUX, SD, SD3, SDXL
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -36,7 +37,7 @@ class Builtin:
     description: str
     build: Callable[[], Any] | None = None
     folder: str = ""  # trained builtins: folder under WEIGHTS_DIR, with its SHA256SUMS
-    family: str = SD  # text-to-image builtins: `sd` or `sdxl` (finestyle.core.sd)
+    family: str = SD  # text-to-image builtins: `sd`, `sdxl`, `sd3` or `flux` (finestyle.core.sd)
 
 
 # Trained builtins ship here, each folder in its ordinary save_pretrained layout plus SHA256SUMS.
@@ -121,6 +122,22 @@ BUILTINS: dict[str, Builtin] = {
             family=SDXL,
         ),
         Builtin(
+            "builtin:tiny-sd3",
+            "text-to-image",
+            "tiny Stable Diffusion 3.5 (MMDiT with 2 joint blocks, CLIP-L + CLIP-G + T5 text, VAE, "
+            "flow-matching Euler); random weights, CPU-fast",
+            tiny_sd3_components,
+            family=SD3,
+        ),
+        Builtin(
+            "builtin:tiny-flux",
+            "text-to-image",
+            "tiny FLUX.1 (1 double-stream + 1 single-stream block, CLIP-L pooled + T5 text, VAE, "
+            "flow-matching Euler); random weights, CPU-fast",
+            tiny_flux_components,
+            family=FLUX,
+        ),
+        Builtin(
             "builtin:tiny-blip",
             "captioner",
             "tiny BLIP captioner (ViT 64 px + 2-layer BERT decoder) with its processor",
@@ -178,15 +195,24 @@ def get_builtin(name: str, kind: str) -> Builtin:
 
 def pipeline_class(family: str) -> Any:
     """The diffusers pipeline class of a family."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+    return getattr(
+        diffusers,
+        {
+            SDXL: "StableDiffusionXLPipeline",
+            SD3: "StableDiffusion3Pipeline",
+            FLUX: "FluxPipeline",
+        }.get(family, "StableDiffusionPipeline"),
+    )
 
 
 def pipeline_extras(family: str) -> dict[str, Any]:
     """Constructor arguments beyond the components: no safety checker (sd), no watermarker (sdxl)."""
     if family == SDXL:
         return dict(add_watermarker=False)
+    if family in (SD3, FLUX):
+        return {}
     return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

@@ -29,7 +29,7 @@ from finestyle.core.builtins import (
 from finestyle.core.env import quiet_progress_bars
 from finestyle.core.errors import ModelLoadError, UserError
 from finestyle.core.fs import staging_dir
-from finestyle.core.sd import SD, SDXL, family_of_class, folder_family
+from finestyle.core.sd import FLUX, SD, SD3, SDXL, denoiser, family_of_class, folder_family
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -113,6 +113,12 @@ def _single_file_family(path: Path) -> str:
             keys = list(f.keys())
     except Exception as exc:
         raise ModelLoadError(f"cannot read {str(path)!r} as safetensors: {exc}") from exc
+    if any(".double_blocks." in f".{k}" or k.startswith("single_transformer_blocks.") for k in keys):
+        return FLUX  # BFL's layout (double_blocks, optionally under model.diffusion_model.) or diffusers'
+    if any(".joint_blocks." in f".{k}" for k in keys) or any(
+        k.startswith("transformer_blocks.") for k in keys
+    ):
+        return SD3
     if any(k.startswith(("conditioner.embedders.1.", "text_encoder_2.")) for k in keys):
         return SDXL
     return SD
@@ -296,13 +302,29 @@ def load_sd_pipeline(
                 name, lambda: cls.from_pretrained(name, use_safetensors=True, torch_dtype=dt, **extras)
             )
     pipe.set_progress_bar_config(disable=True)
-    if pipe.unet.dtype != dt:
+    if denoiser(pipe).dtype != dt:
         pipe.to(dtype=dt)
     return pipe.to(dev)
 
 
+_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def require_unet(stage: str, name: str) -> None:
+    """Refuse, in one line, an SD 3.x / FLUX.1 model in a stage that runs UNets only so far."""
+    family = model_family(name)
+    if family in (SD3, FLUX):
+        raise UserError(
+            f"{stage}: {name!r} is {'an SD 3.x' if family == SD3 else 'a FLUX.1'} model (MMDiT); `finestyle "
+            f"{stage}` runs SD 1.x/2.x and SDXL UNets only so far. For SD 3.x and FLUX.1 FineStyle has their "
+            "models, adapters (diffusers and kohya formats) and prepare's text fitting: "
+            "docs/guides/sd3-flux.md says what each stage supports"
+        )
+
+
 def load_tokenizers(name: str) -> list[Any]:
-    """The text-to-image model's tokenizers, in its encoders' order (SDXL: two), without its weights.
+    """The text-to-image model's tokenizers, in its encoders' order (SDXL and FLUX: two, SD 3: three,
+    its T5 last), without its weights.
 
     A folder or hub id reads `tokenizer/` (and `tokenizer_2/`) only; a builtin or single file builds the
     pipeline, which for those is cheap or unavoidable. Each tokenizer's `model_max_length` is its
@@ -313,8 +335,9 @@ def load_tokenizers(name: str) -> list[Any]:
     name = str(name)
     if is_builtin(name) or Path(name).expanduser().is_file():
         pipe = load_sd_pipeline(name, device="cpu", dtype="fp32")
-        return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-    subs = ["tokenizer", "tokenizer_2"] if model_family(name) == SDXL else ["tokenizer"]
+        return [getattr(pipe, s) for s in _TOKENIZERS if getattr(pipe, s, None) is not None]
+    subs = {SDXL: 2, FLUX: 2, SD3: 3}.get(model_family(name), 1)
+    subs = list(_TOKENIZERS[:subs])
     return [_guarded_load(name, lambda s=s: AutoTokenizer.from_pretrained(name, subfolder=s)) for s in subs]
 
 

@@ -24,8 +24,10 @@ import torch
 
 from finestyle.core.errors import UserError
 
-SD, SDXL = "sd", "sdxl"
-FAMILIES = (SD, SDXL)
+SD, SDXL, SD3, FLUX = "sd", "sdxl", "sd3", "flux"
+FAMILIES = (SD, SDXL, SD3, FLUX)
+MMDIT = (SD3, FLUX)
+"""The transformer (MMDiT) families: SD 3.x and FLUX.1 (`finestyle.core.mmdit`)."""
 
 
 def unet_family(unet_config: Any) -> str:
@@ -36,14 +38,26 @@ def unet_family(unet_config: Any) -> str:
 
 def pipe_family(pipe: Any) -> str:
     """The family of a loaded diffusers pipeline."""
+    if getattr(pipe, "transformer", None) is not None:
+        return family_of_class(type(pipe).__name__)
     if getattr(pipe, "text_encoder_2", None) is not None:
         return SDXL
     return unet_family(pipe.unet.config)
 
 
 def family_of_class(class_name: str) -> str:
-    """The family named by a pipeline class (`_class_name` in model_index.json)."""
+    """The family named by a pipeline or transformer class (`_class_name` in model_index.json)."""
+    if "StableDiffusion3" in class_name or "SD3" in class_name:
+        return SD3
+    if "Flux" in class_name:
+        return FLUX
     return SDXL if "StableDiffusionXL" in class_name else SD
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: its UNet, or its MMDiT transformer (SD 3.x, FLUX.1)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def folder_family(folder: str | Path) -> str | None:
@@ -55,6 +69,9 @@ def folder_family(folder: str | Path) -> str | None:
     unet_cfg = folder / "unet" / "config.json"
     if unet_cfg.is_file():
         return unet_family(json.loads(unet_cfg.read_text()))
+    transformer_cfg = folder / "transformer" / "config.json"
+    if transformer_cfg.is_file():
+        return family_of_class(json.loads(transformer_cfg.read_text()).get("_class_name", ""))
     return None
 
 

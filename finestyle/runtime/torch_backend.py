@@ -10,6 +10,7 @@ import torch
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.artifacts.manifest import verify_export
 from finestyle.core.fs import sha256_file
+from finestyle.core.loading import require_unet
 from finestyle.core.models import load_sd_pipeline, quiet_hf_logs
 from finestyle.core.sd import (
     SDXL,
@@ -37,6 +38,7 @@ def torch_backend(model: str, adapter: str | None, device: str | None, dtype: st
         pipe = load_sd_pipeline(str(path / "merged"), device=device, dtype=dtype)
         base_for_style = manifest.get("base_model")
     else:
+        require_unet("generate", model)
         pipe = load_sd_pipeline(model, device=device, dtype=dtype)
     has_adapter = False
     if adapter:

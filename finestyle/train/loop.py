@@ -30,6 +30,7 @@ from finestyle.config import TrainConfig, to_dict
 from finestyle.core.env import cpu_has_bf16
 from finestyle.core.errors import UserError
 from finestyle.core.fs import staging_dir, write_json
+from finestyle.core.loading import require_unet
 from finestyle.core.memory import check_fits
 from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
 from finestyle.core.sd import (
@@ -160,6 +161,7 @@ def _load_and_cache(st: TrainState) -> None:
     cfg, device = st.cfg, st.device
     st.rows = load_training_rows(cfg.dataset)
     st.fingerprint = dataset_fingerprint(cfg.dataset)
+    require_unet("train", cfg.base)
     check_fits("train", cfg.base, "train on a machine with more memory (or a GPU)")
     # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
     pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)

@@ -1,0 +1,178 @@
+"""SD 3.5 and FLUX.1: MMDiT transformers, their tiny builtins and where FineStyle's adapter goes in them.
+
+In an MMDiT's joint attention the text tokens have their own key and value projections
+(`attn.add_k_proj`, `attn.add_v_proj` in diffusers' joint blocks): the image's queries read the
+prompt through them, which is the part cross-attention's K/V play in a UNet. FineStyle's adapter goes
+there. FLUX's single-stream blocks project text and image tokens with one shared `to_k`/`to_v`, so an
+adapter there would change the image tokens too; FineStyle leaves them alone.
+
+The tiny builtins follow diffusers' own pipeline tests (one joint block, 4-channel 64 px latents with
+a one-level VAE), with random weights, and build offline: their CLIP tokenizers are byte-level, and
+their T5 tokenizer is a real `T5TokenizerFast` (SentencePiece-style Unigram, `▁` word starts) over the
+tiny models' word list plus single characters.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SD3, FLUX = "sd3", "flux"
+MMDIT_FAMILIES = (SD3, FLUX)
+
+T5_WINDOW = 256
+"""Tokens the tiny builtins' T5 reads (SD 3.5 reads 256 by default, FLUX.1-dev 512, schnell 256)."""
+
+
+def t5_tokenizer(words: list[str], max_length: int = T5_WINDOW) -> Any:
+    """A real T5TokenizerFast over `words` (one piece each, `▁`-prefixed) and printable characters."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in chars] + [("▁" + c, -4.0) for c in chars]
+    tok = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        additional_special_tokens=[],
+        model_max_length=max_length,
+    )
+
+
+def tiny_t5(tokenizer: Any, d_model: int = 32) -> Any:
+    """A two-layer T5 encoder (diffusers' tests use one of this size)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _clip_pair(projection: bool) -> tuple[Any, Any, Any, Any]:
+    """Two tiny byte-level CLIP text encoders and their tokenizers (CLIP-L and CLIP-G's places)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from finestyle.core.builtin_nets import write_byte_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        write_byte_clip_tokenizer(Path(d))
+        tok, tok2 = CLIPTokenizer.from_pretrained(d), CLIPTokenizer.from_pretrained(d)
+    cfg = CLIPTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        projection_dim=32,
+        hidden_act="gelu",
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg), cls(cfg), tok, tok2
+
+
+def _tiny_vae(latent_channels: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def tiny_sd3_components() -> dict[str, Any]:
+    """SD 3.5's layout at toy size: CLIP-L, CLIP-G and T5 text, one joint block, flow-matching Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from finestyle.core.builtin_nets import _BLIP_WORDS as TINY_WORDS
+
+    te, te2, tok, tok2 = _clip_pair(projection=True)
+    tok3 = t5_tokenizer(TINY_WORDS)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,  # 32x32 latents = 64x64 images (the VAE halves)
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # T5's width; CLIP-L + CLIP-G (32 + 32) fill it too
+        pooled_projection_dim=64,  # both CLIPs' pooled projections
+        out_channels=4,
+    )
+    return dict(
+        transformer=transformer,
+        vae=_tiny_vae(4),
+        text_encoder=te,
+        text_encoder_2=te2,
+        text_encoder_3=tiny_t5(tok3, d_model=64),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        tokenizer_3=tok3,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def tiny_flux_components() -> dict[str, Any]:
+    """FLUX.1's layout at toy size: CLIP-L pooled + T5 text, one double- and one single-stream block."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from finestyle.core.builtin_nets import _BLIP_WORDS as TINY_WORDS
+
+    te, _, tok, _ = _clip_pair(projection=False)
+    tok2 = t5_tokenizer(TINY_WORDS)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2, as FLUX packs them
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return dict(
+        transformer=transformer,
+        vae=_tiny_vae(4),
+        text_encoder=te,
+        text_encoder_2=tiny_t5(tok2, d_model=32),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+    )

@@ -1,0 +1,111 @@
+"""SD 3.5 and FLUX.1 (MMDiT): the tiny builtins load, save and reload as their families; FineStyle's
+adapter sits on the text stream's K/V of the joint blocks only; diffusers' `load_lora_weights` reads its
+diffusers file back (and, for FLUX, its kohya fused-qkv file) to the same transformer output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, KOHYA_WEIGHTS
+from finestyle.config import TrainConfig
+from finestyle.core.loading import load_sd_pipeline, load_tokenizers, model_family, save_builtin
+from finestyle.core.sd import FLUX, SD3, denoiser, pipe_family
+from finestyle.core.text import window
+from finestyle.train.lora import add_lora, kohya_mmdit, lora_state_dict, save_adapter
+
+FAMILIES = {"builtin:tiny-sd3": SD3, "builtin:tiny-flux": FLUX}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_tiny_mmdit_builtins_load_generate_save_and_reload(name, tmp_path):
+    pipe = load_sd_pipeline(name, device="cpu")
+    assert pipe_family(pipe) == FAMILIES[name] == model_family(name)
+    g = torch.Generator().manual_seed(0)
+    img = pipe("a red boat", num_inference_steps=2, height=64, width=64, output_type="np", generator=g).images
+    assert img.shape == (1, 64, 64, 3)
+    folder = save_builtin(name, tmp_path / "m")
+    assert model_family(str(folder)) == FAMILIES[name]
+    again = load_sd_pipeline(str(folder), device="cpu")
+    for (k, a), b in zip(
+        denoiser(pipe).state_dict().items(), denoiser(again).state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    toks = load_tokenizers(str(folder))
+    assert [window(t) for t in toks] == ([77, 77, 256] if FAMILIES[name] == SD3 else [77, 256])
+    assert type(toks[-1]).__name__ == "T5TokenizerFast"
+
+
+def _forward(tr, family: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    cfg = tr.config
+    text = torch.randn(1, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    if family == SD3:
+        x = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+        return tr(
+            x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.tensor([500.0])
+        ).sample
+    x = torch.randn(1, 16, cfg.in_channels, generator=g)
+    ids = torch.zeros(16, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    return tr(
+        x,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=torch.tensor([0.5]),
+        img_ids=ids,
+        txt_ids=torch.zeros(7, 3),
+        guidance=None,
+    ).sample
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_finestyle_adapter_on_the_text_streams_kv_round_trips_through_diffusers(name, tmp_path):
+    family = FAMILIES[name]
+    pipe = load_sd_pipeline(name, device="cpu")
+    tr = pipe.transformer
+    base = _forward(tr, family)
+    lcfg = add_lora(tr, TrainConfig(dataset="", base=name, targets="kv", rank=4))
+    lora = lora_state_dict(tr)
+    names = {k.rsplit(".lora_", 1)[0] for k in lora}
+    assert names and all(n.startswith("transformer_blocks.") for n in names)  # never FLUX's single blocks
+    assert {n.rsplit(".", 1)[1] for n in names} == {"add_k_proj", "add_v_proj"}
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    tuned = _forward(tr, family).detach()
+    assert not torch.allclose(tuned, base, atol=1e-4)  # the adapter changes the output
+    save_adapter(tmp_path / "adapter", tr, lcfg, {"targets": "kv"})
+    for weights in (ADAPTER_WEIGHTS, KOHYA_WEIGHTS) if family == FLUX else (ADAPTER_WEIGHTS,):
+        fresh = load_sd_pipeline(name, device="cpu")
+        fresh.load_lora_weights(str(tmp_path / "adapter"), weight_name=weights)
+        torch.testing.assert_close(_forward(fresh.transformer, family).detach(), tuned, atol=1e-5, rtol=1e-4)
+
+
+def test_kohya_fused_qkv_is_exactly_the_kv_update():
+    """SD 3's kohya file (diffusers cannot read SD 3 kohya LoRAs; ComfyUI and kohya do): its fused qkv
+    update, up @ down x alpha / rank, equals [0; dK; dV] of the K/V LoRA."""
+    g = torch.Generator().manual_seed(0)
+    r, d_in, d_out, alpha = 4, 12, 10, 8.0
+    peft = {
+        f"transformer_blocks.0.attn.{p}.lora_{ab}.weight": torch.randn(*(shape), generator=g)
+        for p in ("add_k_proj", "add_v_proj")
+        for ab, shape in (("A", (r, d_in)), ("B", (d_out, r)))
+    }
+    k = kohya_mmdit(peft, SD3, alpha)
+    key = "lora_unet_joint_blocks_0_context_block_attn_qkv"
+    fused = k[key + ".lora_up.weight"] @ k[key + ".lora_down.weight"] * (k[key + ".alpha"] / (3 * r))
+    dk = (
+        peft["transformer_blocks.0.attn.add_k_proj.lora_B.weight"]
+        @ peft["transformer_blocks.0.attn.add_k_proj.lora_A.weight"]
+    )
+    dv = (
+        peft["transformer_blocks.0.attn.add_v_proj.lora_B.weight"]
+        @ peft["transformer_blocks.0.attn.add_v_proj.lora_A.weight"]
+    )
+    torch.testing.assert_close(fused, torch.cat([torch.zeros(d_out, d_in), dk, dv]) * (alpha / r))
+    assert (
+        kohya_mmdit({"transformer_blocks.0.ff.net.0.proj.lora_A.weight": torch.zeros(1, 1)}, SD3, 1.0) is None
+    )
