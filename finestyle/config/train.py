@@ -94,6 +94,9 @@ class TrainConfig:
     """Random horizontal flips (latents cached for both orientations)."""
     caption_dropout: float = 0.1
     """Probability of training on the empty text (keeps classifier-free guidance working)."""
+    flux_guidance: float = 1.0
+    """FLUX.1-dev only: the distilled guidance input while training (1.0, as ai-toolkit and kohya train
+    style LoRAs on dev; diffusers' script uses 3.5)."""
     snr_gamma: float | None = None
     """Min-SNR loss weighting gamma (5.0 is the paper's value); None: off."""
     noise_offset: float = 0.0

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from finestyle.core.builtin_nets import (
     blip_base_random,
     sd15_random_components,
@@ -224,6 +226,9 @@ def build_builtin_pipeline(name: str) -> Any:
         return cls.from_pretrained(builtin_folder(name), use_safetensors=True, **pipeline_extras(b.family))
     with seeded(0):
         comps = b.build()
+    for m in comps.values():  # as from_pretrained leaves them: no dropout (T5's config has 0.1)
+        if isinstance(m, torch.nn.Module):
+            m.eval()
     return cls(**comps, **pipeline_extras(b.family))
 
 

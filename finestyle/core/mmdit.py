@@ -63,6 +63,7 @@ def tiny_t5(tokenizer: Any, d_model: int = 32) -> Any:
             num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,
+            dropout_rate=0.0,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
@@ -176,3 +177,77 @@ def tiny_flux_components() -> dict[str, Any]:
         tokenizer_2=tok2,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# conditioning and flow matching, for training (the pipelines do the same at inference)
+
+
+def t5_length(pipe: Any) -> int:
+    """Tokens of T5 text the pipeline encodes: its T5 tokenizer's window, at most 512."""
+    tok = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+    n = getattr(tok, "model_max_length", None) or 256
+    return int(min(n, 512))
+
+
+def encode_mmdit(pipe: Any, texts: list[str], device: Any) -> tuple[Any, Any]:
+    """(prompt embeddings [n, seq, dim], pooled [n, pdim]) exactly as the pipeline's `encode_prompt`."""
+    from finestyle.core.sd import pipe_family
+
+    if pipe_family(pipe) == SD3:
+        emb, _, pooled, _ = pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=t5_length(pipe),
+        )
+        return emb, pooled
+    emb, pooled, _ = pipe.encode_prompt(
+        prompt=texts, prompt_2=None, device=device, max_sequence_length=t5_length(pipe)
+    )
+    return emb, pooled
+
+
+def bucket_step(pipe: Any) -> int:
+    """Image sizes a step of which the transformer can patch: the VAE factor times 2 (SD 3's 2x2
+    patches, FLUX's 2x2 latent packing)."""
+    return int(pipe.vae_scale_factor) * 2
+
+
+def flow_inputs(latents: Any, noise: Any, sigmas: Any) -> tuple[Any, Any]:
+    """Rectified flow: x_sigma = (1 - sigma) x + sigma noise, and the velocity target noise - x."""
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+    return (1.0 - s) * latents + s * noise, noise - latents
+
+
+def mmdit_forward(
+    net: Any, family: str, noisy: Any, sigmas: Any, hidden: Any, pooled: Any, guidance: float | None
+) -> Any:
+    """The transformer's velocity for noisy latents [n, c, h, w] at `sigmas`, in the latents' layout.
+    `guidance`: FLUX.1-dev's distilled guidance input (None for models without one)."""
+    import torch
+
+    if family == SD3:
+        return net(
+            noisy, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=sigmas * 1000
+        ).sample
+    from diffusers import FluxPipeline
+
+    n, c, h, w = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
+    txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+    g = torch.full((n,), guidance, device=noisy.device) if guidance is not None else None
+    out = net(
+        packed,
+        encoder_hidden_states=hidden,
+        pooled_projections=pooled,
+        timestep=sigmas,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=g,
+    ).sample
+    # unpack [n, (h/2)(w/2), c*4] -> [n, c, h, w]
+    return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)

@@ -76,7 +76,10 @@ def folder_family(folder: str | Path) -> str | None:
 
 
 def native_size(pipe: Any) -> int:
-    """The image size the base model was trained at: UNet `sample_size` x the VAE factor (512, 1024)."""
+    """The image size the base model was trained at: UNet `sample_size` x the VAE factor (512, 1024);
+    for SD 3.x and FLUX.1, their pipeline's default size (1024)."""
+    if getattr(pipe, "unet", None) is None:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
@@ -97,8 +100,9 @@ def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 def text_encoders(pipe: Any) -> list[tuple[Any, Any]]:
     """(tokenizer, text encoder) pairs in the order the family concatenates them."""
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    for k in ("_2", "_3"):  # SDXL's second CLIP; SD 3's CLIP-G and T5; FLUX's T5
+        if getattr(pipe, "text_encoder" + k, None) is not None:
+            pairs.append((getattr(pipe, "tokenizer" + k), getattr(pipe, "text_encoder" + k)))
     return [(t, e) for t, e in pairs if e is not None]
 
 
@@ -109,9 +113,14 @@ def encode_texts(pipe: Any, texts: list[str], device: Any = None) -> tuple[torch
     sd: the last hidden state of the one encoder. sdxl: both encoders' penultimate hidden states,
     concatenated, and the last encoder's projected pooled output (diffusers' `encode_prompt`).
     """
-    if pipe_family(pipe) == SD:
+    family = pipe_family(pipe)
+    if family == SD:
         enc = pipe.text_encoder
         return enc(tokenize(pipe.tokenizer, texts).to(device or enc.device))[0], None
+    if family in MMDIT:
+        from finestyle.core.mmdit import encode_mmdit
+
+        return encode_mmdit(pipe, texts, device or pipe.text_encoder.device)
     hidden, pooled = [], None
     for tok, enc in text_encoders(pipe):
         out = enc(tokenize(tok, texts).to(device or enc.device), output_hidden_states=True)

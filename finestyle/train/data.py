@@ -112,6 +112,10 @@ def build_caches(
     examples: list[Example] = []
     vae = pipe.vae
     step = int(getattr(pipe, "vae_scale_factor", 8))
+    if getattr(pipe, "unet", None) is None:  # SD 3.x / FLUX.1: whole 2x2 latent patches
+        from finestyle.core.mmdit import bucket_step
+
+        step = bucket_step(pipe)
     for r in rows:
         size = bucket_of(r["image"].size, cfg, resolution, step)
         img, top_left = crop_to_bucket(r["image"], size)

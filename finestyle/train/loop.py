@@ -27,16 +27,17 @@ from finestyle import __version__
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, KOHYA_WEIGHTS
 from finestyle.artifacts.dataset import dataset_fingerprint, load_training_rows
 from finestyle.config import TrainConfig, to_dict
+from finestyle.config.train import target_regex_for
 from finestyle.core.env import cpu_has_bf16
 from finestyle.core.errors import UserError
 from finestyle.core.fs import staging_dir, write_json
-from finestyle.core.loading import require_unet
 from finestyle.core.memory import check_fits
 from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
 from finestyle.core.sd import (
+    MMDIT,
     native_size,
+    pipe_family,
     text_encoders,
-    unet_family,
 )
 from finestyle.core.stage import find_reusable
 from finestyle.core.text import phrase_in_window, window
@@ -161,15 +162,20 @@ def _load_and_cache(st: TrainState) -> None:
     cfg, device = st.cfg, st.device
     st.rows = load_training_rows(cfg.dataset)
     st.fingerprint = dataset_fingerprint(cfg.dataset)
-    require_unet("train", cfg.base)
     check_fits("train", cfg.base, "train on a machine with more memory (or a GPU)")
     # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
     pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
+    st.family = pipe_family(pipe)
     check_style_in_window(
         cfg.dataset, st.rows, dataset_style(cfg.dataset), [t for t, _ in text_encoders(pipe)]
     )
-    st.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    st.frozen_dtype = pipe.unet.dtype
+    if st.family in MMDIT:  # flow matching with the model's own scheduler settings (its `shift`)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        st.noise_sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    else:
+        st.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    st.frozen_dtype = st.unet.dtype
     t_cache = time.perf_counter()
     st.resolution = cfg.resolution or native_size(pipe)
     st.examples, st.latent_cache, st.text_emb = build_caches(
@@ -184,11 +190,12 @@ def _load_and_cache(st: TrainState) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     st.scaling = pipe.vae.config.scaling_factor
+    st.shift = float(pipe.vae.config.get("shift_factor") or 0.0)
     # Mixed precision: hold the frozen UNet weights in the autocast dtype once, rather than letting
     # autocast re-cast 860M fp32 weights on every forward (measured: most of the bf16 gain on CPU).
     # The LoRA weights added later stay fp32.
-    if st.amp is not None and pipe.unet.dtype != st.amp:
-        pipe.unet.to(st.amp)
+    if st.amp is not None and st.unet.dtype != st.amp:
+        st.unet.to(st.amp)
         st.frozen_dtype = st.amp
 
 
@@ -376,7 +383,7 @@ def finish(st: TrainState, loop_s: float, log=log_line) -> TrainResult:
     log(
         f"train: {st.step} steps, loss {report['final_loss']:.4f} (last 10), {report['steps_per_s']:.2f} "
         f"steps/s, {n_train:,} trainable params "
-        f"({100 * n_train / n_unet:.3f}% of the UNet) -> {adapter_dir}"
+        f"({100 * n_train / n_unet:.3f}% of the {'transformer' if st.family in MMDIT else 'UNet'}) -> {adapter_dir}"
     )
     _barrier(st.world)
     return TrainResult(
@@ -400,7 +407,7 @@ def adapter_meta(st: TrainState) -> dict[str, Any]:
         "dataset": str(cfg.dataset),
         "dataset_fingerprint": st.fingerprint,
         "targets": cfg.targets,
-        "target_regex": cfg.target_regex,
+        "target_regex": target_regex_for(cfg.targets, st.family),
         "rank": cfg.rank,
         "alpha": cfg.lora_alpha,
         "weight_name": ADAPTER_WEIGHTS,
@@ -435,7 +442,7 @@ def _train_report(st: TrainState, loop_s: float, key: str) -> dict[str, Any]:
         "cache_key": key,
         "config": to_dict(cfg),
         "base_model": cfg.base,
-        "family": unet_family(st.unet.config),
+        "family": st.family,
         "resolution": st.resolution,
         "dataset_fingerprint": st.fingerprint,
         "device": str(device),

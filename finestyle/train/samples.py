@@ -13,6 +13,7 @@ import torch
 from finestyle.config import TrainConfig
 from finestyle.core.env import cpu_has_bf16
 from finestyle.core.sd import (
+    denoiser,
     text_encoders,
 )
 
@@ -97,16 +98,17 @@ def write_samples(
     final: bool = False,
 ) -> Path:
     """The sample grid of the prompts at this step, written under OUT/samples; returns its path."""
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    net = denoiser(pipe)
+    was_training = net.training
+    net.eval()
     pipe.vae.to(device)
     for _, enc in text_encoders(pipe):
         enc.to(device)
-    low = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
+    low = net.dtype if net.dtype != torch.float32 else None
     emulated = low == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16()
     try:
         if emulated:  # previews in fp32: an emulated bf16 UNet samples ~30x slower on such CPUs
-            with frozen_in_fp32(pipe.unet):
+            with frozen_in_fp32(net):
                 grid = sample_grid(pipe, prompts, cfg.sample_steps, cfg.sample_resolution, seed=cfg.seed)
         else:
             with torch.autocast(device.type, dtype=low, enabled=low is not None):  # low-precision UNet
@@ -116,7 +118,7 @@ def write_samples(
         for _, enc in text_encoders(pipe):
             enc.to("cpu")
         if was_training:
-            pipe.unet.train()
+            net.train()
     (out / "samples").mkdir(exist_ok=True)
     path = out / "samples" / (f"final-step-{step:07d}.png" if final else f"step-{step:07d}.png")
     grid.save(path)

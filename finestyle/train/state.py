@@ -129,9 +129,15 @@ class TrainState:
     t_start: float = 0.0
     resolution: int = 512  # the training resolution: cfg's, else the base model's native size
 
+    shift: float = 0.0  # the VAE's latent shift (SD 3.x, FLUX.1), subtracted before scaling
+    family: str = "sd"
+
     @property
     def unet(self) -> Any:
-        return self.pipe.unet
+        """The denoiser being adapted: the UNet, or the SD 3.x / FLUX.1 transformer."""
+        from finestyle.core.sd import denoiser
+
+        return denoiser(self.pipe)
 
     @property
     def main_proc(self) -> bool:

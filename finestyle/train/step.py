@@ -12,7 +12,9 @@ from finestyle.config import TrainConfig
 from finestyle.core.env import cpu_has_bf16
 from finestyle.core.errors import UserError
 from finestyle.core.sd import (
+    MMDIT,
     unet_kwargs,
+    unpack_cond,
 )
 from finestyle.train.checkpoints import latest_checkpoint
 from finestyle.train.data import Example, epoch_batches
@@ -79,17 +81,11 @@ def _next_batch(st: TrainState) -> list[Example]:
 def _micro_step(st: TrainState, batch: list[Example]) -> torch.Tensor:
     """One forward/backward on one batch from the caches; returns its (accumulation-scaled) loss, on
     the device (reading it would wait for the device: `train_step` reads once per step)."""
+    if st.family in MMDIT:
+        return _flow_micro_step(st, batch)
     cfg, gen, device = st.cfg, st.gen, st.device
     # inputs from the caches: sample the posterior, drop captions, draw noise and timesteps
-    lat = []
-    for ex in batch:
-        vid = ex.latent_ids[int(torch.randint(len(ex.latent_ids), (1,), generator=gen))]
-        mean, std = st.latent_cache[vid]
-        lat.append(mean + std * torch.randn(mean.shape, generator=gen))
-    latents = torch.stack(lat) * st.scaling
-    drop = torch.rand(len(batch), generator=gen) < cfg.caption_dropout
-    ids = [0 if d else ex.text_id for ex, d in zip(batch, drop.tolist(), strict=True)]
-    cond = st.text_emb[ids]
+    latents, cond = _cached_inputs(st, batch)
     noise = torch.randn(latents.shape, generator=gen)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
@@ -106,6 +102,43 @@ def _micro_step(st: TrainState, batch: list[Example]) -> torch.Tensor:
             x = x.contiguous(memory_format=torch.channels_last)
         pred = st.model(x, t, **cond_kw).sample
     loss = diffusion_loss(pred, target, t, st.noise_sched, cfg.snr_gamma) / cfg.grad_accum
+    (st.scaler.scale(loss) if st.scaler else loss).backward()
+    return loss.detach()
+
+
+def _cached_inputs(st: TrainState, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents sampled from each crop's cached posterior, scaled; text conditioning with dropout)."""
+    gen = st.gen
+    lat = []
+    for ex in batch:
+        vid = ex.latent_ids[int(torch.randint(len(ex.latent_ids), (1,), generator=gen))]
+        mean, std = st.latent_cache[vid]
+        lat.append(mean + std * torch.randn(mean.shape, generator=gen))
+    latents = (torch.stack(lat) - st.shift) * st.scaling
+    drop = torch.rand(len(batch), generator=gen) < st.cfg.caption_dropout
+    ids = [0 if d else ex.text_id for ex, d in zip(batch, drop.tolist(), strict=True)]
+    return latents, st.text_emb[ids]
+
+
+def _flow_micro_step(st: TrainState, batch: list[Example]) -> torch.Tensor:
+    """SD 3.x / FLUX.1: rectified flow, as diffusers' SD 3 and FLUX scripts train it. sigma is drawn
+    logit-normal (mean 0, std 1: the scripts' default weighting scheme, whose loss weights are all 1)
+    and shifted by the scheduler's `shift`; the target is the velocity noise - x."""
+    from finestyle.core.mmdit import flow_inputs, mmdit_forward
+
+    cfg, gen, device = st.cfg, st.gen, st.device
+    latents, cond = _cached_inputs(st, batch)
+    noise = torch.randn(latents.shape, generator=gen)
+    u = torch.sigmoid(torch.randn(len(batch), generator=gen))
+    shift = float(st.noise_sched.config.get("shift", 1.0))
+    sigmas = shift * u / (1 + (shift - 1) * u)
+    latents, noise, sigmas, cond = latents.to(device), noise.to(device), sigmas.to(device), cond.to(device)
+    noisy, target = flow_inputs(latents, noise, sigmas)
+    hidden, pooled = unpack_cond(cond.to(st.frozen_dtype), st.unet.config.pooled_projection_dim)
+    with torch.autocast(device.type, dtype=st.amp, enabled=st.amp is not None):
+        guidance = cfg.flux_guidance if st.unet.config.get("guidance_embeds") else None
+        pred = mmdit_forward(st.model, st.family, noisy.to(st.frozen_dtype), sigmas, hidden, pooled, guidance)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="mean") / cfg.grad_accum
     (st.scaler.scale(loss) if st.scaler else loss).backward()
     return loss.detach()
 

@@ -115,7 +115,9 @@ def test_only_targeted_modules_change(dataset, tmp_path, targets, pattern):
         assert not any("attn1" in m or "to_q" in m or "to_out" in m for m in modules)
 
 
-def _train_in_subprocess(dataset, out, kill_at: int | None = None, resume: bool = False) -> int:
+def _train_in_subprocess(
+    dataset, out, kill_at: int | None = None, resume: bool = False, base: str = "builtin:tiny-sd"
+) -> int:
     """Each run in a fresh process, so that all three start from identical process state."""
     code = f"""
 import os, signal
@@ -124,7 +126,7 @@ from finestyle.config import TrainConfig
 def die_after(state, path):
     if state.step == {kill_at!r}:
         os.kill(os.getpid(), signal.SIGKILL)
-T.run_train(hooks=T.TrainHooks(on_checkpoint=die_after), cfg=TrainConfig(dataset={str(dataset)!r}, base="builtin:tiny-sd", out={str(out)!r}, steps=6,
+T.run_train(hooks=T.TrainHooks(on_checkpoint=die_after), cfg=TrainConfig(dataset={str(dataset)!r}, base={base!r}, out={str(out)!r}, steps=6,
             resolution=64, sample_steps=2, lr=1e-3, rank=4, seed=3, checkpoint_every=2, caption_dropout=0.3,
             dropout=0.1, flip=True, resume={resume!r}), log=lambda m: None)
 """
