@@ -11,7 +11,6 @@ import torch
 
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.core.errors import UserError, VerificationError
-from finestyle.core.loading import require_unet
 from finestyle.core.models import load_sd_pipeline
 from finestyle.core.sd import (
     pack_cond,
@@ -68,7 +67,6 @@ def merge_adapter(
     Returns (merged pipeline in fp32, merge report). Raises VerificationError past `atol`.
     """
 
-    require_unet("export", base)
     pipe = load_sd_pipeline(base, device=device, dtype=torch.float32)
     if adapter is None:
         return pipe, {"adapter": None, "max_abs_diff": 0.0, "atol": atol}

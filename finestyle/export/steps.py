@@ -22,8 +22,10 @@ from finestyle.config import ExportConfig
 from finestyle.core.fs import (
     hash_tree,
 )
+from finestyle.core.loading import model_family
 from finestyle.core.models import load_sd_pipeline, pick_device
 from finestyle.core.onnxrt import ort_providers
+from finestyle.core.sd import MMDIT, pipe_family
 from finestyle.export.merge import (
     PARITY_BATCHES,
     PARITY_TIMESTEPS,
@@ -214,12 +216,57 @@ def run_export(cfg: ExportConfig, log=log_line) -> ExportResult:
     return result
 
 
+def _build_mmdit(cfg: ExportConfig, tmp: str, log=log_line) -> ExportResult:
+    """SD 3.x / FLUX.1: merge and prove, ONNX through optimum, transformer and image parity, publish."""
+    from finestyle.export.mmdit import merge_mmdit, mmdit_image_parity, transformer_parity
+
+    t = time.perf_counter()
+    merged, merge_rep = merge_mmdit(cfg.base, cfg.adapter or None, cfg.lora_scale, cfg.merge_atol)
+    merged.save_pretrained(Path(tmp) / "merged", safe_serialization=True)
+    copy_adapter_info(cfg.adapter, Path(tmp) / "merged")
+    merge_rep["seconds"] = time.perf_counter() - t
+    log(f"export: merged (max diff {merge_rep['max_abs_diff']:.2e} <= {cfg.merge_atol:g})")
+    t = time.perf_counter()
+    onnx_export(Path(tmp) / "merged", Path(tmp) / "onnx", False, cfg.opset)
+    checker = check_onnx_files(Path(tmp) / "onnx")
+    onnx_rep = {"checker": checker, "fp16": None, "seconds": time.perf_counter() - t}
+    log(f"export: ONNX written and checked ({', '.join(checker)})")
+    unet_atol, image_atol = export_thresholds(cfg)
+    providers = _providers(cfg)
+    family = pipe_family(merged)
+    onnx_dir = Path(tmp) / "onnx"
+    parity = {
+        "transformer": transformer_parity(
+            merged.transformer, family, onnx_dir / "transformer" / "model.onnx", unet_atol, providers
+        ),
+        "image": mmdit_image_parity(merged, onnx_dir, cfg.parity_steps, image_atol, providers),
+    }
+    log(
+        "export: parity "
+        + ", ".join(f"{k} {v['max_abs_diff']:.2e} <= {v['atol']:g}" for k, v in parity.items())
+    )
+    del merged
+    release_memory()
+    return publish_export(cfg, tmp, merge_rep, onnx_rep, parity, None, None, log, None, None)
+
+
 def _build_export(cfg: ExportConfig, log=log_line) -> ExportResult:
     reused = check_reuse(cfg, log)
     if reused:
         return reused
+    family = model_family(cfg.base)
+    if family in MMDIT:
+        from finestyle.export.mmdit import check_options
+
+        skipped = check_options(cfg)
+        if skipped:
+            log(
+                f"export: {' and '.join(skipped)} not yet built for SD 3.x / FLUX.1: skipped (onnxruntime serves it)"
+            )
     tmp = begin_export(cfg)
     try:
+        if family in MMDIT:
+            return _build_mmdit(cfg, tmp, log)
         merge_rep = step_merge(cfg, tmp, log)
         onnx_rep = step_onnx(cfg, tmp, log)
         parity = step_validate(cfg, tmp, log=log)

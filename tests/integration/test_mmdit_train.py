@@ -21,20 +21,30 @@ def _guide(heading: str) -> list[list[str]]:
     return [shlex.split(line) for line in block.strip().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "heading,base",
-    [("## The tour on SD 3.5", "builtin:tiny-sd3"), ("## The tour on FLUX.1", "builtin:tiny-flux")],
-)
-def test_the_guide_tour_prepares_and_trains_an_mmdit_adapter_diffusers_loads(heading, base, tmp_path):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "examples").symlink_to(REPO / "data" / "examples")
+def _run_guide(heading: str, cwd) -> None:
     for args in _guide(heading):
-        assert args[0] == "finestyle" and base in args
+        assert args[0] == "finestyle"
         r = subprocess.run(
-            [sys.executable, "-m", "flows.cli", *args[1:]], cwd=tmp_path, capture_output=True, text=True
+            [sys.executable, "-m", "flows.cli", *args[1:]], cwd=cwd, capture_output=True, text=True
         )
         assert r.returncode == 0, (args, r.stderr[-2000:])
-    run = next(tmp_path.glob("runs/*"))
+
+
+@pytest.fixture(scope="module")
+def tours(tmp_path_factory):
+    """Both tours of the guide, as written, in one folder (data/examples linked in)."""
+    cwd = tmp_path_factory.mktemp("tours")
+    (cwd / "data").mkdir()
+    (cwd / "data" / "examples").symlink_to(REPO / "data" / "examples")
+    _run_guide("## The tour on SD 3.5", cwd)
+    _run_guide("## The tour on FLUX.1", cwd)
+    return cwd
+
+
+@pytest.mark.parametrize("name,base", [("ink-sd3", "builtin:tiny-sd3"), ("ink-flux", "builtin:tiny-flux")])
+def test_the_guide_tour_prepares_and_trains_an_mmdit_adapter_diffusers_loads(tours, name, base):
+    """ "## The tour on SD 3.5" and "## The tour on FLUX.1": rectified-flow training of the text K/V."""
+    run = tours / "runs" / name
     import json
 
     report = json.loads((run / "report.json").read_text())
@@ -52,6 +62,25 @@ def test_the_guide_tour_prepares_and_trains_an_mmdit_adapter_diffusers_loads(hea
     assert not any(n.startswith("single_transformer_blocks") for n in names)
     after = pipe("a red boat, in ink wash style", generator=g(), **kw).images
     assert not (before == after).all()  # the trained adapter changes the image
+
+
+def test_the_guide_exports_both_families_with_parity(tours):
+    """ "## Export", as written, on the tours' adapters: merged, ONNX, parity in the manifest."""
+    import json
+
+    _run_guide("## Export", tours)
+    tmp_path = tours
+    for name, family in (("ink-sd3", "sd3"), ("ink-flux", "flux")):
+        m = json.loads((tmp_path / "exports" / name / "manifest.json").read_text())
+        assert m["family"] == family and m["merge"]["adapter_effect"] > 0
+        assert (
+            m["parity"]["transformer"]["max_abs_diff"] <= 1e-4
+            and m["parity"]["image"]["max_abs_diff"] <= 2e-3
+        )
+        assert (
+            "transformer" in m["onnx_checker"]
+            and (tmp_path / "exports" / name / "onnx" / "transformer" / "model.onnx").is_file()
+        )
 
 
 def test_sd3_kill_and_resume_is_bit_exact(tmp_path):
