@@ -25,11 +25,13 @@ from finestyle.artifacts.manifest import verify_export
 from finestyle.config import SCHEDULERS, GenerateConfig
 from finestyle.core.errors import UserError
 from finestyle.core.onnxrt import require_tensorrt
+from finestyle.core.sd import MMDIT
 from finestyle.core.text import phrase_in_window, window
 from finestyle.runtime.auto import choose_runtime
 from finestyle.runtime.backend import RUNTIMES, Backend, GenerationRequest, log_line
 from finestyle.runtime.onnx_backends import (
     backend_layout,
+    mmdit_backend,
     openvino_backend,
     ort_backend,
     provider_config,
@@ -85,6 +87,13 @@ def load_backend(
         from finestyle.artifacts.styles import is_swappable
 
         m = verify_export(path)
+        if m.get("family") in MMDIT:
+            if runtime != "onnxruntime":
+                raise UserError(
+                    f"--runtime {runtime}: SD 3.x / FLUX.1 exports run on onnxruntime so far "
+                    "(docs/guides/sd3-flux.md)"
+                )
+            return mmdit_backend(path, providers, m)
         if is_swappable(m):
             if runtime not in ("onnxruntime", "openvino", "torch", "tensorrt"):
                 raise UserError(
@@ -196,6 +205,8 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
     """
     from PIL import Image
 
+    if backend.family in MMDIT:
+        return [_mmdit_images(backend, r) for r in reqs]
     img = decoded_batch(backend, reqs)
     arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     images = [Image.fromarray(a) for a in arr]
@@ -204,6 +215,34 @@ def generate_batch(backend: Backend, reqs: list[GenerationRequest]) -> list[list
         out.append(images[k : k + r.num_images])
         k += r.num_images
     return out
+
+
+def _mmdit_images(backend: Backend, req: GenerationRequest) -> list[Any]:
+    """SD 3.x / FLUX.1: the ORT pipeline with λ2 as its guidance (SD 3: classifier-free guidance with
+    the negative prompt; FLUX.1-dev: the distilled guidance input; schnell ignores it). Style guidance
+    needs the base transformer, which these exports do not hold yet."""
+    from finestyle.core.sd import SD3
+
+    if req.style_guidance > 0:
+        raise UserError("style guidance on SD 3.x / FLUX.1 exports is not yet built; use style_guidance 0")
+    if req.scheduler:
+        raise UserError(
+            "SD 3.x / FLUX.1 exports sample with their own flow-matching scheduler; drop --scheduler"
+        )
+    pipe = backend.parts["pipe"]
+    size = backend.native_size * backend.vae_scale
+    kw: dict[str, Any] = dict(
+        num_inference_steps=req.steps,
+        guidance_scale=req.guidance,
+        height=req.height or size,
+        width=req.width or size,
+        num_images_per_prompt=req.num_images,
+        generator=torch.Generator().manual_seed(req.seed),
+        output_type="pil",
+    )
+    if backend.family == SD3:
+        kw["negative_prompt"] = req.negative_prompt or None
+    return list(pipe(req.prompt, **kw).images)
 
 
 def decoded_batch(backend: Backend, reqs: list[GenerationRequest]) -> torch.Tensor:

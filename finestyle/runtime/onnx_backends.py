@@ -256,3 +256,35 @@ def openvino_backend(
         manifest_sha256=msha,
         parts=comps,
     )
+
+
+def mmdit_backend(export_dir: Path, providers: list[str] | None, manifest: dict[str, Any]) -> Backend:
+    """An SD 3.x / FLUX.1 export on onnxruntime, through optimum's ORT pipelines (the pipeline its
+    export's image parity was measured with). `generate_batch` runs it request by request."""
+    from optimum.onnxruntime import ORTFluxPipeline, ORTStableDiffusion3Pipeline
+
+    from finestyle.core.sd import SD3
+
+    family = manifest["family"]
+    cls = ORTStableDiffusion3Pipeline if family == SD3 else ORTFluxPipeline
+    provs = ort_providers(providers)
+    pipe = cls.from_pretrained(str(export_dir / "onnx"), provider=provs[0])
+    pipe.set_progress_bar_config(disable=True)
+    vae_scale = int(pipe.vae_scale_factor)
+    native = int(getattr(pipe, "default_sample_size", 128))
+    return Backend(
+        name=f"onnxruntime ({provs[0]}, optimum {cls.__name__})",
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        scaling_factor=float(pipe.vae_decoder.config.get("scaling_factor", 1.0)),
+        vae_scale=vae_scale,
+        latent_channels=int(pipe.vae_decoder.config.get("latent_channels", 16)),
+        native_size=native,
+        encode_text=None,
+        unet=None,
+        decode=None,
+        manifest=manifest,
+        manifest_sha256=sha256_file(export_dir / "manifest.json"),
+        parts={"pipe": pipe},
+        family=family,
+    )

@@ -83,6 +83,54 @@ def test_the_guide_exports_both_families_with_parity(tours):
         )
 
 
+def test_the_guide_generates_and_serves_an_sd3_export(tours):
+    """ "## Generate and serve", as written: the PNG, and the server's image for the same request."""
+    import io
+    import os
+    import signal
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from tests.integration.test_server import wait_ready
+
+    if not (tours / "exports" / "ink-sd3" / "manifest.json").exists():
+        _run_guide("## Export", tours)
+    gen, serve = _guide("## Generate and serve")
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *gen[1:]], cwd=tours, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    png = Image.open(tours / "boat.png")
+    assert (
+        "ORTStableDiffusion3Pipeline" in png.text["finestyle:runtime"] and png.text["finestyle:seed"] == "5"
+    )
+    from tests.integration.test_review_browser import free_port
+
+    port = free_port()
+    args = [a if a != "8000" else str(port) for a in serve[1:]]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=tours,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, 120)
+        body = {"prompt": "a red boat, in ink wash style", "steps": 4, "seed": 5}
+        got = httpx.post(url + "/v1/generate", json=body, timeout=120)
+        assert got.status_code == 200
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got.content))), np.asarray(png))
+        bad = httpx.post(url + "/v1/generate", json={**body, "style_guidance": 1.0}, timeout=60)
+        assert bad.status_code in (400, 422) and "not yet" in bad.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_sd3_kill_and_resume_is_bit_exact(tmp_path):
     from safetensors.torch import load_file
 
