@@ -251,3 +251,119 @@ def mmdit_forward(
     ).sample
     # unpack [n, (h/2)(w/2), c*4] -> [n, c, h, w]
     return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# joint attention: where each text token is read, for prepare's concept boxes
+
+
+class CaptureJointAttention:
+    """Wraps a joint block's attention processor: the block computes as before, and the image
+    queries' softmax over the joint keys (image and text tokens, as the block attends) is summed over
+    heads and its text columns kept in `store[name]`: [batch, image tokens, text tokens].
+
+    SD 3 concatenates [image, text] tokens; FLUX [text, image], with rotary embeddings on both."""
+
+    def __init__(self, name: str, inner: Any, family: str, store: dict[str, Any]) -> None:
+        self.name, self.inner, self.family, self.store = name, inner, family, store
+
+    def __call__(
+        self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        if encoder_hidden_states is not None:
+            self.store[self.name] = self._probs(
+                attn, hidden_states, encoder_hidden_states, kwargs.get("image_rotary_emb")
+            )
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+    def _probs(self, attn: Any, img: Any, txt: Any, rotary: Any) -> Any:
+        import torch
+
+        def heads(x: Any) -> Any:  # [b, seq, heads, d]
+            return x.unflatten(-1, (attn.heads, -1))
+
+        q, k = heads(attn.to_q(img)), heads(attn.to_k(img))
+        eq, ek = heads(attn.add_q_proj(txt)), heads(attn.add_k_proj(txt))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if getattr(attn, "norm_added_q", None) is not None:
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        n_txt = txt.shape[1]
+        if self.family == SD3:
+            q_all, k_all = torch.cat([q, eq], 1), torch.cat([k, ek], 1)
+            img_rows, txt_cols = slice(0, img.shape[1]), slice(img.shape[1], None)
+        else:
+            q_all, k_all = torch.cat([eq, q], 1), torch.cat([ek, k], 1)
+            if rotary is not None:
+                from diffusers.models.embeddings import apply_rotary_emb
+
+                q_all = apply_rotary_emb(q_all, rotary, sequence_dim=1)
+                k_all = apply_rotary_emb(k_all, rotary, sequence_dim=1)
+            img_rows, txt_cols = slice(n_txt, None), slice(0, n_txt)
+        scale = q_all.shape[-1] ** -0.5
+        logits = torch.einsum("bqhd,bkhd->bhqk", q_all[:, img_rows].float(), k_all.float()) * scale
+        return logits.softmax(-1)[..., txt_cols].sum(1).cpu()
+
+
+def t5_token_spans(tokenizer: Any, prompt: str, phrases: list[str], offset: int) -> dict[str, list[int]]:
+    """Positions of each phrase's T5 tokens in the joint text sequence (T5's tokens start at `offset`)."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    spans: dict[str, list[int]] = {}
+    for ph in phrases:
+        sub = tokenizer(ph, add_special_tokens=False).input_ids
+        for i in range(len(ids) - len(sub) + 1) if sub else ():
+            if ids[i : i + len(sub)] == sub:
+                spans[ph] = [offset + j for j in range(i, i + len(sub))]
+                break
+    return spans
+
+
+def joint_attention_maps(
+    pipe: Any, latents: Any, prompt: str, phrases: list[str], sigma: float, seed: int
+) -> dict[str, Any]:
+    """Per phrase, its image-token attention averaged over the joint blocks, on the patch grid
+    [h/2, w/2] of `latents` (scaled VAE latents), at noise level `sigma`."""
+    import torch
+
+    from finestyle.core.sd import pipe_family
+
+    family = pipe_family(pipe)
+    net = pipe.transformer
+    t5 = pipe.tokenizer_3 if family == SD3 else pipe.tokenizer_2
+    # SD 3's joint text is [CLIP tokens (its window), T5 tokens]; FLUX's is T5 alone
+    offset = int(pipe.tokenizer.model_max_length) if family == SD3 else 0
+    spans = t5_token_spans(t5, prompt, phrases, offset)
+    if not spans:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g).to(latents.dtype)
+    noisy, _ = flow_inputs(latents, noise, torch.tensor([sigma], dtype=latents.dtype))
+    hidden, pooled = encode_mmdit(pipe, [prompt], latents.device)
+    store: dict[str, Any] = {}
+    original = dict(net.attn_processors)
+    procs = {
+        n: CaptureJointAttention(n, p, family, store) if n.startswith("transformer_blocks.") else p
+        for n, p in original.items()
+    }
+    guidance = 3.5 if net.config.get("guidance_embeds") else None
+    try:
+        net.set_attn_processor(procs)
+        with torch.no_grad():
+            mmdit_forward(
+                net,
+                family,
+                noisy.to(net.dtype),
+                torch.tensor([sigma]),
+                hidden.to(net.dtype),
+                pooled.to(net.dtype),
+                guidance,
+            )
+    finally:
+        net.set_attn_processor(original)
+    gh, gw = latents.shape[-2] // 2, latents.shape[-1] // 2
+    out = {}
+    for ph, idx in spans.items():
+        maps = [p[0, :, idx].sum(-1).reshape(gh, gw) for p in store.values() if p.shape[1] == gh * gw]
+        if maps:
+            out[ph] = torch.stack(maps).mean(0)
+    return out

@@ -25,7 +25,7 @@ from PIL import Image
 
 from finestyle.core.errors import UserError
 from finestyle.core.geometry import fit_size
-from finestyle.core.sd import encode_texts, pack_cond, unet_kwargs
+from finestyle.core.sd import encode_texts, native_size, pack_cond, unet_kwargs
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1/y1 exclusive), pixels
 
@@ -393,6 +393,8 @@ def attention_heatmaps(
     4. Normalise to [0, 1].
     Phrases whose tokens are not in the (truncated) prompt get no map.
     """
+    if getattr(pipe, "unet", None) is None:  # SD 3.x / FLUX.1: the joint blocks' image-to-text attention
+        return _joint_heatmaps(pipe, image, prompt, phrases, timestep, seed, resolution)
     unet, vae, tok = pipe.unet, pipe.vae, pipe.tokenizer
     device, dtype = unet.device, unet.dtype
     spans = token_spans(tok, prompt, phrases)
@@ -441,6 +443,36 @@ def attention_heatmaps(
             acc = acc / n
             acc = acc - acc.min()
             out[ph] = (acc / acc.max()).numpy() if float(acc.max()) > 0 else acc.numpy()
+    return out
+
+
+def _joint_heatmaps(
+    pipe: Any,
+    image: Image.Image,
+    prompt: str,
+    phrases: list[str],
+    timestep: int,
+    seed: int,
+    resolution: int | None,
+) -> dict[str, np.ndarray]:
+    """`attention_heatmaps` for SD 3.x / FLUX.1: the noise level is timestep / 1000 (a flow model's
+    sigma), and each phrase's T5 tokens are read from the image queries' joint attention."""
+    from finestyle.core.mmdit import joint_attention_maps
+
+    vae = pipe.vae
+    res = resolution or native_size(pipe)
+    pw, ph = fit_size(image.size, res, multiple=2 * pipe.vae_scale_factor)
+    x = torch.from_numpy(np.asarray(image.resize((pw, ph), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)
+    x = x.permute(2, 0, 1)[None].to(device=vae.device, dtype=vae.dtype)
+    shift = float(vae.config.get("shift_factor") or 0.0)
+    latents = (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
+    maps = joint_attention_maps(pipe, latents.float(), prompt, phrases, timestep / 1000, seed)
+    lh, lw = latents.shape[-2:]
+    out: dict[str, np.ndarray] = {}
+    for p, m in maps.items():
+        acc = F.interpolate(m[None, None].float(), size=(lh, lw), mode="bilinear", align_corners=False)[0, 0]
+        acc = acc - acc.min()
+        out[p] = (acc / acc.max()).numpy() if float(acc.max()) > 0 else acc.numpy()
     return out
 
 

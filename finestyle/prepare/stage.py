@@ -29,7 +29,6 @@ from finestyle.core.fs import (
     write_json,
 )
 from finestyle.core.geometry import bucket_size
-from finestyle.core.loading import require_unet
 from finestyle.core.memory import check_fits
 from finestyle.core.models import (
     load_captioner,
@@ -125,7 +124,6 @@ def get_base(cfg: PrepareConfig) -> Any:
     dev = pick_device(cfg.device)
     key = (str(cfg.base), str(dev), "fp32" if dev.type == "cpu" else "fp16")
     if key not in _MODELS:
-        require_unet("prepare --concepts attention", str(cfg.base))
         check_fits(
             "prepare", str(cfg.base), "use --concepts grid (no base model) or a machine with more memory"
         )

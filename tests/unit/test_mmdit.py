@@ -109,3 +109,33 @@ def test_kohya_fused_qkv_is_exactly_the_kv_update():
     assert (
         kohya_mmdit({"transformer_blocks.0.ff.net.0.proj.lora_A.weight": torch.zeros(1, 1)}, SD3, 1.0) is None
     )
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_joint_attention_capture_is_transparent_and_maps_each_phrase(name):
+    """prepare's attention boxes on an MMDiT: the capture leaves the transformer's output unchanged, and
+    each phrase gets a map over the image patches (its T5 tokens' share of the joint softmax)."""
+    from finestyle.core.mmdit import CaptureJointAttention, joint_attention_maps
+
+    family = FAMILIES[name]
+    pipe = load_sd_pipeline(name, device="cpu")
+    tr = pipe.transformer
+    ref = _forward(tr, family)
+    store: dict = {}
+    procs = {
+        n: CaptureJointAttention(n, p, family, store)
+        for n, p in tr.attn_processors.items()
+        if n.startswith("transformer_blocks.")
+    }
+    tr.set_attn_processor({**tr.attn_processors, **procs})
+    torch.testing.assert_close(_forward(tr, family), ref)
+    assert store and all(p.shape[-1] == 7 for p in store.values())  # 7 text tokens in _forward
+    heads = tr.config.num_attention_heads
+    assert all(float(p.min()) >= 0 and float(p.sum(-1).max()) <= heads + 1e-4 for p in store.values())
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = joint_attention_maps(
+        pipe, latents, "a red boat near a tall tree", ["red boat", "tall tree"], 0.4, 0
+    )
+    assert set(maps) == {"red boat", "tall tree"}
+    assert all(m.shape == (8, 8) and torch.isfinite(m).all() for m in maps.values())
+    assert not torch.equal(maps["red boat"], maps["tall tree"])
