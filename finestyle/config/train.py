@@ -94,6 +94,9 @@ class TrainConfig:
     """Random horizontal flips (latents cached for both orientations)."""
     caption_dropout: float = 0.1
     """Probability of training on the empty text (keeps classifier-free guidance working)."""
+    t5: bool = True
+    """SD 3.x: condition on T5 too. Off: CLIP-L and CLIP-G only (T5's part is zeros, as SD 3.5 allows);
+    T5-XXL is 4.7 B parameters, about 19 GB in fp32, never loaded then."""
     flux_guidance: float = 1.0
     """FLUX.1-dev only: the distilled guidance input while training (1.0, as ai-toolkit and kohya train
     style LoRAs on dev; diffusers' script uses 3.5)."""

@@ -273,9 +273,14 @@ def _load_single_file(cls: Any, path: Path, dtype: torch.dtype, extras: dict[str
 
 
 def load_sd_pipeline(
-    name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    without_t5: bool = False,
 ) -> Any:
-    """Load a Stable Diffusion (1.x/2.x or XL) pipeline from a hub id, local folder, single file or builtin.
+    """Load a Stable Diffusion (1.x/2.x, XL, 3.x) or FLUX.1 pipeline from a hub id, local folder, single
+    file or builtin. `without_t5`: an SD 3.x pipeline without its T5 encoder (never loaded; its part of
+    the conditioning is zeros, as diffusers does with `text_encoder_3=None`).
 
     The family comes from the model itself (`model_family`): an SDXL base loads as
     `StableDiffusionXLPipeline`, anything else as `StableDiffusionPipeline`.
@@ -292,9 +297,13 @@ def load_sd_pipeline(
     name = str(name)
     if is_builtin(name):
         pipe = build_builtin_pipeline(name)
+        if without_t5 and getattr(pipe, "text_encoder_3", None) is not None:
+            pipe.text_encoder_3, pipe.tokenizer_3 = None, None
     else:
         family = model_family(name)
         cls, extras = pipeline_class(family), pipeline_extras(family)
+        if without_t5 and family == SD3:
+            extras = {**extras, "text_encoder_3": None, "tokenizer_3": None}
         if Path(name).expanduser().is_file():
             pipe = _load_single_file(cls, Path(name).expanduser(), dt, extras)
         else:

@@ -117,20 +117,25 @@ def _single_file_params(path: Path) -> dict[str, int]:
 
 def estimate_bytes(stage: str, params: dict[str, int]) -> int:
     """Peak host memory of `stage` (export | train | prepare) from fp32 parameter counts."""
-    unet = params.get("unet", 0) * 4
-    rest = sum(v for k, v in params.items() if k != "unet") * 4
+    net = "unet" if "unet" in params else "transformer"  # SD 3.x / FLUX.1: the MMDiT transformer
+    unet = params.get(net, 0) * 4
+    rest = sum(v for k, v in params.items() if k != net) * 4
     if stage == "export":
         return int(EXPORT_UNET_FACTOR * unet + rest + OVERHEAD_BYTES)
     factor = 1.25 if stage == "prepare" else 1.15
     return int(factor * (unet + rest) + OVERHEAD_BYTES)
 
 
-def check_fits(stage: str, model: str, hint: str, log: Any = None) -> dict[str, Any] | None:
+def check_fits(
+    stage: str, model: str, hint: str, log: Any = None, exclude: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
     """Refuse `stage` on `model` with one line when its estimated peak clearly exceeds this machine's
     memory. Returns the estimate (GB) for reports, or None when it cannot be estimated.
 
     FINESTYLE_MEMORY_GUARD=0 turns the refusal into a warning (e.g. on a machine with large swap)."""
     params = component_params(model)
+    if params:
+        params = {k: v for k, v in params.items() if k not in exclude}  # components left unloaded
     host = host_memory_bytes()
     if not params or not host:
         return None

@@ -185,8 +185,10 @@ def tiny_flux_components() -> dict[str, Any]:
 
 def t5_length(pipe: Any) -> int:
     """Tokens of T5 text the pipeline encodes: its T5 tokenizer's window, at most 512."""
-    tok = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
-    n = getattr(tok, "model_max_length", None) or 256
+    from finestyle.core.sd import pipe_family
+
+    tok = getattr(pipe, "tokenizer_3" if pipe_family(pipe) == SD3 else "tokenizer_2", None)
+    n = getattr(tok, "model_max_length", None) or 256  # SD 3 without T5: the pipeline's default
     return int(min(n, 512))
 
 

@@ -32,9 +32,10 @@ from finestyle.core.env import cpu_has_bf16
 from finestyle.core.errors import UserError
 from finestyle.core.fs import staging_dir, write_json
 from finestyle.core.memory import check_fits
-from finestyle.core.models import load_sd_pipeline, model_fingerprint, pick_device
+from finestyle.core.models import load_sd_pipeline, model_family, model_fingerprint, pick_device
 from finestyle.core.sd import (
     MMDIT,
+    SD3,
     native_size,
     pipe_family,
     text_encoders,
@@ -162,9 +163,12 @@ def _load_and_cache(st: TrainState) -> None:
     cfg, device = st.cfg, st.device
     st.rows = load_training_rows(cfg.dataset)
     st.fingerprint = dataset_fingerprint(cfg.dataset)
-    check_fits("train", cfg.base, "train on a machine with more memory (or a GPU)")
+    fits_hint = "train on a machine with more memory (or a GPU)"
+    if cfg.t5 and model_family(cfg.base) == SD3:
+        fits_hint += ", or without T5 (--no-t5: CLIP-L and CLIP-G only)"
+    check_fits("train", cfg.base, fits_hint, exclude=() if cfg.t5 else ("text_encoder_3",))
     # fp32 everywhere for the one-off caching (an fp16 VAE can overflow); the UNet is cast below.
-    pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32)
+    pipe = st.pipe = load_sd_pipeline(cfg.base, device=device, dtype=torch.float32, without_t5=not cfg.t5)
     st.family = pipe_family(pipe)
     check_style_in_window(
         cfg.dataset, st.rows, dataset_style(cfg.dataset), [t for t, _ in text_encoders(pipe)]

@@ -139,3 +139,25 @@ def test_joint_attention_capture_is_transparent_and_maps_each_phrase(name):
     assert set(maps) == {"red boat", "tall tree"}
     assert all(m.shape == (8, 8) and torch.isfinite(m).all() for m in maps.values())
     assert not torch.equal(maps["red boat"], maps["tall tree"])
+
+
+def test_sd3_without_t5_conditions_on_the_clips_and_the_guard_suggests_it(monkeypatch, tmp_path):
+    from finestyle.config import TrainConfig
+    from finestyle.core import memory
+    from finestyle.core.errors import UserError
+    from finestyle.core.sd import encode_texts
+    from finestyle.train.loop import _load_and_cache, setup
+
+    pipe = load_sd_pipeline("builtin:tiny-sd3", device="cpu", without_t5=True)
+    assert pipe.text_encoder_3 is None
+    hidden, pooled = encode_texts(pipe, ["a red boat"], "cpu")
+    assert hidden.shape[1] == 77 + 256 and torch.count_nonzero(hidden[:, 77:]) == 0  # T5's part: zeros
+    full = memory.component_params("builtin:tiny-sd3")
+    need = memory.estimate_bytes("train", full)
+    assert memory.estimate_bytes("train", {k: v for k, v in full.items() if k != "text_encoder_3"}) < need
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: need - 1)
+    from tests.conftest import prepare_small_dataset
+
+    ds = prepare_small_dataset(tmp_path / "data")
+    with pytest.raises(UserError, match=r"or without T5 \(--no-t5"):
+        _load_and_cache(setup(TrainConfig(dataset=str(ds), base="builtin:tiny-sd3", out=str(tmp_path / "r"))))
