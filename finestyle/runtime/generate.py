@@ -24,6 +24,7 @@ from finestyle import __version__
 from finestyle.artifacts.manifest import verify_export
 from finestyle.config import SCHEDULERS, GenerateConfig
 from finestyle.core.errors import UserError
+from finestyle.core.models import model_family
 from finestyle.core.onnxrt import require_tensorrt
 from finestyle.core.sd import MMDIT
 from finestyle.core.text import phrase_in_window, window
@@ -41,7 +42,12 @@ from finestyle.runtime.onnx_backends import (
 )
 from finestyle.runtime.openvino import resolve_precision
 from finestyle.runtime.swappable import swappable_backend
-from finestyle.runtime.torch_backend import torch_backend, torch_backend_from_pipe
+from finestyle.runtime.torch_backend import (
+    StyleGuided,
+    mmdit_torch_backend,
+    torch_backend,
+    torch_backend_from_pipe,
+)
 
 
 def load_backend(
@@ -88,9 +94,11 @@ def load_backend(
 
         m = verify_export(path)
         if m.get("family") in MMDIT:
+            if runtime == "torch":
+                return mmdit_torch_backend(model, None, device, dtype)
             if runtime != "onnxruntime":
                 raise UserError(
-                    f"--runtime {runtime}: SD 3.x / FLUX.1 exports run on onnxruntime so far "
+                    f"--runtime {runtime}: SD 3.x / FLUX.1 exports run on onnxruntime or torch so far "
                     "(docs/guides/sd3-flux.md)"
                 )
             return mmdit_backend(path, providers, m)
@@ -133,6 +141,8 @@ def load_backend(
             "--runtime torch --dtype bf16: this export failed its bf16 image check (manifest.json, cpu_bf16); "
             "use --dtype fp32 or --runtime onnxruntime"
         )
+    if not is_export and model_family(model) in MMDIT:
+        return mmdit_torch_backend(model, adapter, device, dtype)
     return torch_backend(model, adapter, device, dtype)
 
 
@@ -223,8 +233,11 @@ def _mmdit_images(backend: Backend, req: GenerationRequest) -> list[Any]:
     needs the base transformer, which these exports do not hold yet."""
     from finestyle.core.sd import SD3
 
-    if req.style_guidance > 0:
-        raise UserError("style guidance on SD 3.x / FLUX.1 exports is not yet built; use style_guidance 0")
+    if req.style_guidance > 0 and not backend.parts.get("adapter"):
+        raise UserError(
+            "style guidance on SD 3.x / FLUX.1 needs the base transformer beside the adapter: run the base "
+            "model with --adapter on the torch runtime (exports do not hold the base transformer yet)"
+        )
     if req.scheduler:
         raise UserError(
             "SD 3.x / FLUX.1 exports sample with their own flow-matching scheduler; drop --scheduler"
@@ -242,6 +255,10 @@ def _mmdit_images(backend: Backend, req: GenerationRequest) -> list[Any]:
     )
     if backend.family == SD3:
         kw["negative_prompt"] = req.negative_prompt or None
+    if req.style_guidance > 0:
+        cfg_scale = req.guidance if backend.family == SD3 and req.guidance > 1 else None
+        with StyleGuided(pipe, req.style_guidance, cfg_scale):
+            return list(pipe(req.prompt, **kw).images)
     return list(pipe(req.prompt, **kw).images)
 
 

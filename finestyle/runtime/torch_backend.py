@@ -135,3 +135,82 @@ def build_torch_backend(
         family=family,
         encode_prompts=enc_prompts if family == SDXL else None,
     )
+
+
+def mmdit_torch_backend(model: str, adapter: str | None, device: str | None, dtype: str | None) -> Backend:
+    """SD 3.x / FLUX.1 on torch: diffusers' pipeline, with the adapter as a peft adapter so that style
+    guidance's base pass is the same transformer with the adapter switched off."""
+    path = Path(model)
+    manifest, msha = {}, None
+    if (path / "manifest.json").exists():
+        manifest = verify_export(path)
+        msha = sha256_file(path / "manifest.json")
+        model = str(path / "merged")
+    pipe = load_sd_pipeline(model, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter:
+        info = adapter_info(adapter)
+        with quiet_hf_logs():
+            pipe.load_lora_weights(
+                adapter, weight_name=info.get("weight_name", ADAPTER_WEIGHTS), adapter_name="finestyle"
+            )
+    return Backend(
+        name=f"torch ({pipe.transformer.device.type}, {str(pipe.transformer.dtype).removeprefix('torch.')}, diffusers {type(pipe).__name__})",
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale=int(pipe.vae_scale_factor),
+        latent_channels=int(pipe.vae.config.latent_channels),
+        native_size=int(pipe.default_sample_size),
+        encode_text=None,
+        unet=None,
+        decode=None,
+        manifest=manifest,
+        manifest_sha256=msha,
+        parts={"pipe": pipe, "adapter": bool(adapter)},
+        family=pipe_family(pipe),
+    )
+
+
+class StyleGuided:
+    """Style guidance λ1 inside a diffusers SD 3.x / FLUX.1 pipeline, with the pipeline's own loop.
+
+    The pipeline combines what the transformer returns as u + s·(c − u) under classifier-free
+    guidance (scale s > 1), or takes c alone. Returning c' = c + (λ1 / s)·(c − b), where b is the
+    base transformer's velocity for the prompt (the adapter switched off), makes its result
+    u + s·(c − u) + λ1·(c − b): FineStyle's formula with velocities (docs/guides/sd3-flux.md)."""
+
+    def __init__(self, pipe: Any, lam1: float, cfg_scale: float | None) -> None:
+        self.pipe, self.lam1, self.s = pipe, lam1, cfg_scale
+        self.net = pipe.transformer
+        self.forward = self.net.forward
+
+    def __enter__(self) -> StyleGuided:
+        self.net.forward = self._forward
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.net.forward = self.forward
+
+    def _forward(self, *args: Any, **kw: Any) -> Any:
+        out = self.forward(*args, **kw)
+        pred = out[0]
+        n = pred.shape[0]
+        half = n // 2 if self.s else 0  # with CFG the batch is [negative; prompt]
+        base_kw = {
+            k: (
+                v[half:]
+                if torch.is_tensor(v) and v.shape[:1] == (n,) and k not in ("img_ids", "txt_ids")
+                else v
+            )
+            for k, v in kw.items()
+        }
+        self.net.disable_adapters()
+        try:
+            base = self.forward(*args, **base_kw)[0]
+        finally:
+            self.net.enable_adapters()
+        cond = pred[half:]
+        guided = cond + (self.lam1 / (self.s or 1.0)) * (cond - base)
+        pred = torch.cat([pred[:half], guided]) if half else guided
+        return (pred, *out[1:]) if isinstance(out, tuple) else type(out)(sample=pred)

@@ -126,8 +126,11 @@ def request_problem(body: Any, be: Backend, cfg: ServeConfig) -> tuple[int, str]
         )
     if be.kv is not None and style and style not in be.styles:
         return 404, f"unknown style {style!r}; this server has: {', '.join(be.styles)}"
-    if body.style_guidance > 0 and be.family in ("sd3", "flux"):
-        return 422, "style_guidance on SD 3.x / FLUX.1 exports is not yet built; use 0"
+    if body.style_guidance > 0 and be.family in ("sd3", "flux") and not be.parts.get("adapter"):
+        return (
+            422,
+            "style_guidance on SD 3.x / FLUX.1 exports is not yet built (torch with --adapter runs it); use 0",
+        )
     if body.style_guidance > 0 and be.unet_base is None and be.kv is None:
         return 422, "style_guidance needs an export made with --with-base-unet"
     return None

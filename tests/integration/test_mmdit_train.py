@@ -131,6 +131,18 @@ def test_the_guide_generates_and_serves_an_sd3_export(tours):
         proc.wait(30)
 
 
+def test_the_guide_generates_with_style_guidance_on_torch(tours):
+    """ "## Style guidance for flow-matching models", as written: λ1 on the torch runtime, in the PNG."""
+    from PIL import Image
+
+    _run_guide("## Style guidance for flow-matching models", tours)
+    png = Image.open(tours / "guided.png")
+    assert (
+        png.text["finestyle:style_guidance"] == "2.0"
+        and "StableDiffusion3Pipeline" in png.text["finestyle:runtime"]
+    )
+
+
 def test_sd3_kill_and_resume_is_bit_exact(tmp_path):
     from safetensors.torch import load_file
 

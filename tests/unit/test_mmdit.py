@@ -161,3 +161,74 @@ def test_sd3_without_t5_conditions_on_the_clips_and_the_guard_suggests_it(monkey
     ds = prepare_small_dataset(tmp_path / "data")
     with pytest.raises(UserError, match=r"or without T5 \(--no-t5"):
         _load_and_cache(setup(TrainConfig(dataset=str(ds), base="builtin:tiny-sd3", out=str(tmp_path / "r"))))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_style_guidance_gives_the_pipeline_finestyles_velocity(name, tmp_path):
+    """Inside diffusers' own loop, StyleGuided makes u + s(c - u) come out as u + s(c - u) + λ1(c - b):
+    c and u with the adapter on, b with it off (FLUX: no CFG, c + λ1(c - b))."""
+    from finestyle.runtime.torch_backend import StyleGuided
+
+    family = FAMILIES[name]
+    pipe = load_sd_pipeline(name, device="cpu")
+    tr = pipe.transformer
+    lcfg = add_lora(tr, TrainConfig(dataset="", base=name, targets="kv", rank=4))
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_adapter(tmp_path / "a", tr, lcfg, {"targets": "kv"})
+    pipe = load_sd_pipeline(name, device="cpu")
+    pipe.load_lora_weights(str(tmp_path / "a"), weight_name=ADAPTER_WEIGHTS, adapter_name="finestyle")
+    tr = pipe.transformer
+    one = _inputs_for(tr, family)
+    s, lam = (5.0, 2.0) if family == SD3 else (None, 2.0)
+    kw = {
+        k: (torch.cat([v, v]) if s and torch.is_tensor(v) and k not in ("img_ids", "txt_ids") else v)
+        for k, v in one.items()
+    }
+    if s:
+        kw["encoder_hidden_states"] = torch.cat(
+            [torch.zeros_like(one["encoder_hidden_states"]), one["encoder_hidden_states"]]
+        )
+    with torch.no_grad():
+        tuned = tr(**kw, return_dict=False)[0]
+        tr.disable_adapters()
+        base = tr(
+            **{k: (v[1:] if s and torch.is_tensor(v) and v.shape[:1] == (2,) else v) for k, v in kw.items()},
+            return_dict=False,
+        )[0]
+        tr.enable_adapters()
+        with StyleGuided(pipe, lam, s):
+            got = tr(**kw, return_dict=False)[0]
+    c = tuned[1:] if s else tuned
+    torch.testing.assert_close(got[-1:] if s else got, c + (lam / (s or 1.0)) * (c - base))
+    if s:
+        torch.testing.assert_close(got[:1], tuned[:1])  # the negative branch untouched
+        u = tuned[:1]
+        final = got[:1] + s * (got[1:] - got[:1])
+        torch.testing.assert_close(final, u + s * (c - u) + lam * (c - base), rtol=1e-4, atol=1e-5)
+
+
+def _inputs_for(tr, family):
+    g = torch.Generator().manual_seed(3)
+    cfg = tr.config
+    text = torch.randn(1, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    if family == SD3:
+        return dict(
+            hidden_states=torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=torch.tensor([500.0]),
+        )
+    ids = torch.zeros(16, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    return dict(
+        hidden_states=torch.randn(1, 16, cfg.in_channels, generator=g),
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=torch.tensor([0.5]),
+        img_ids=ids,
+        txt_ids=torch.zeros(7, 3),
+    )
