@@ -24,6 +24,10 @@ _BLIP_WORDS = (
 ).split()
 
 
+TINY_WORDS = _BLIP_WORDS
+"""The tiny builtins' word list (the tiny T5 tokenizer of `core.mmdit` gives each a piece)."""
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Seed torch inside a forked RNG so building a builtin never disturbs the caller's RNG."""

@@ -120,7 +120,7 @@ def tiny_sd3_components() -> dict[str, Any]:
     """SD 3.5's layout at toy size: CLIP-L, CLIP-G and T5 text, one joint block, flow-matching Euler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from finestyle.core.builtin_nets import _BLIP_WORDS as TINY_WORDS
+    from finestyle.core.builtin_nets import TINY_WORDS
 
     te, te2, tok, tok2 = _clip_pair(projection=True)
     tok3 = t5_tokenizer(TINY_WORDS)
@@ -153,7 +153,7 @@ def tiny_flux_components() -> dict[str, Any]:
     """FLUX.1's layout at toy size: CLIP-L pooled + T5 text, one double- and one single-stream block."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    from finestyle.core.builtin_nets import _BLIP_WORDS as TINY_WORDS
+    from finestyle.core.builtin_nets import TINY_WORDS
 
     te, _, tok, _ = _clip_pair(projection=False)
     tok2 = t5_tokenizer(TINY_WORDS)
@@ -183,20 +183,22 @@ def tiny_flux_components() -> dict[str, Any]:
 # conditioning and flow matching, for training (the pipelines do the same at inference)
 
 
+def _family(pipe: Any) -> str:
+    """SD3 or FLUX for an MMDiT pipeline, by its class (as `core.sd.pipe_family` says; sd imports this
+    module, so it is not imported back)."""
+    return SD3 if "StableDiffusion3" in type(pipe).__name__ else FLUX
+
+
 def t5_length(pipe: Any) -> int:
     """Tokens of T5 text the pipeline encodes: its T5 tokenizer's window, at most 512."""
-    from finestyle.core.sd import pipe_family
-
-    tok = getattr(pipe, "tokenizer_3" if pipe_family(pipe) == SD3 else "tokenizer_2", None)
+    tok = getattr(pipe, "tokenizer_3" if _family(pipe) == SD3 else "tokenizer_2", None)
     n = getattr(tok, "model_max_length", None) or 256  # SD 3 without T5: the pipeline's default
     return int(min(n, 512))
 
 
 def encode_mmdit(pipe: Any, texts: list[str], device: Any) -> tuple[Any, Any]:
     """(prompt embeddings [n, seq, dim], pooled [n, pdim]) exactly as the pipeline's `encode_prompt`."""
-    from finestyle.core.sd import pipe_family
-
-    if pipe_family(pipe) == SD3:
+    if _family(pipe) == SD3:
         emb, _, pooled, _ = pipe.encode_prompt(
             prompt=texts,
             prompt_2=None,
@@ -327,9 +329,7 @@ def joint_attention_maps(
     [h/2, w/2] of `latents` (scaled VAE latents), at noise level `sigma`."""
     import torch
 
-    from finestyle.core.sd import pipe_family
-
-    family = pipe_family(pipe)
+    family = _family(pipe)
     net = pipe.transformer
     t5 = pipe.tokenizer_3 if family == SD3 else pipe.tokenizer_2
     # SD 3's joint text is [CLIP tokens (its window), T5 tokens]; FLUX's is T5 alone
