@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.input import RunInput
+from pydantic import Field
 
 from finestyle.core.errors import UserError
 from finestyle.review.app import Decide
@@ -25,14 +26,16 @@ from flows.common import inline_image, markdown
 class ReviewDecision(RunInput):
     """What a paused `finestyle-pipeline` run waits for: Prefect's UI shows these fields as a form."""
 
-    approved: bool = False
-    """Train on the dataset (true), or fail the run and train nothing (false)."""
-    note: str = ""
-    """Why: kept in the run's log."""
-    dataset: str = ""
-    """The reviewed version to train on (the review page fills it in); empty: the prepared dataset."""
-    key: str = ""
-    """That version's content key, as the review page saw it."""
+    # descriptions as Field(...): Prefect's Resume form shows them under each field
+    approved: bool = Field(
+        False, description="Train on the dataset (on), or fail the run and train nothing (off)."
+    )
+    note: str = Field("", description="Why: kept in the run's log.")
+    dataset: str = Field(
+        "",
+        description="The reviewed version to train on (the review page fills it in); empty: the prepared dataset.",
+    )
+    key: str = Field("", description="That version's content key, as the review page saw it.")
 
 
 def resume_decider(flow_run_id: str) -> Decide:
