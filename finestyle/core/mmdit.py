@@ -369,3 +369,50 @@ def joint_attention_maps(
         if maps:
             out[ph] = torch.stack(maps).mean(0)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# fixed inputs for merge and parity checks
+
+
+def probe_inputs(net: Any, family: str, batch: int, sigma: float, seed: int = 0) -> dict[str, Any]:
+    """Fixed transformer inputs as the pipelines build them (8x8 latents, 7 text tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + batch)
+    cfg = net.config
+    text = torch.randn(batch, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+    if family == SD3:
+        x = torch.randn(batch, cfg.in_channels, 8, 8, generator=g)
+        return dict(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=torch.full((batch,), sigma * 1000),
+        )
+    x = torch.randn(batch, 16, cfg.in_channels, generator=g)  # 4x4 packed patches
+    img_ids = torch.zeros(16, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    out = dict(
+        hidden_states=x,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=torch.full((batch,), sigma),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(7, 3),
+    )
+    if cfg.guidance_embeds:
+        out["guidance"] = torch.full((batch,), 3.5)
+    return out
+
+
+CASES = ((1, 0.3), (2, 0.8))
+
+
+def velocities(net: Any, family: str) -> dict[str, Any]:
+    """The transformer's velocities on the fixed inputs (merge and parity checks)."""
+    import torch
+
+    with torch.no_grad():
+        return {f"b{b}_s{s}": net(**probe_inputs(net, family, b, s)).sample.float() for b, s in CASES}

@@ -13,7 +13,9 @@ from finestyle.artifacts.adapter import ADAPTER_WEIGHTS, adapter_info
 from finestyle.core.errors import UserError, VerificationError
 from finestyle.core.models import load_sd_pipeline
 from finestyle.core.sd import (
+    MMDIT,
     pack_cond,
+    pipe_family,
     pooled_dim,
     unet_kwargs,
 )
@@ -59,12 +61,24 @@ def unet_outputs(unet: Any, timesteps=PARITY_TIMESTEPS, batches=PARITY_BATCHES) 
     return out
 
 
+def _probe(pipe: Any) -> tuple[str, Any, Any]:
+    """(component name, denoiser, its fixed-input outputs): the UNet's at several timesteps, or an SD 3.x /
+    FLUX.1 transformer's velocities at several noise levels (`export.mmdit.velocities`)."""
+    family = pipe_family(pipe)
+    if family in MMDIT:
+        from finestyle.core.mmdit import velocities
+
+        return "transformer", pipe.transformer, lambda net: velocities(net, family)
+    return "unet", pipe.unet, unet_outputs
+
+
 def merge_adapter(
     base: str, adapter: str | None, lora_scale: float, device: torch.device, atol: float
 ) -> tuple[Any, dict[str, Any]]:
     """Load base + adapter, fuse at `lora_scale`, unload, and prove merged == unmerged.
 
-    Returns (merged pipeline in fp32, merge report). Raises VerificationError past `atol`.
+    The denoiser is the UNet, or the MMDiT transformer of SD 3.x / FLUX.1. Returns (merged pipeline in
+    fp32, merge report). Raises VerificationError past `atol`.
     """
 
     pipe = load_sd_pipeline(base, device=device, dtype=torch.float32)
@@ -74,22 +88,24 @@ def merge_adapter(
     weight_name = info.get("weight_name", ADAPTER_WEIGHTS)
     if not (Path(adapter) / weight_name).exists():
         raise UserError(f"adapter {adapter!r} lacks {weight_name}")
-    base_ref = unet_outputs(pipe.unet, timesteps=(500,), batches=(1,))
+    name, net, outputs = _probe(pipe)
+    base_ref = outputs(net)
     pipe.load_lora_weights(adapter, weight_name=weight_name, adapter_name="finestyle")
     pipe.set_adapters(["finestyle"], adapter_weights=[lora_scale])
-    ref = unet_outputs(pipe.unet)
+    ref = outputs(net)
     # the adapter's scale is already set on the adapter: fuse it as is
-    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["finestyle"])
+    pipe.fuse_lora(components=[name], lora_scale=1.0, adapter_names=["finestyle"])
     pipe.unload_lora_weights()
-    leftover = [k for k in pipe.unet.state_dict() if "base_layer" in k or "lora_" in k]
+    label = "UNet" if name == "unet" else "transformer"
+    leftover = [k for k in net.state_dict() if "base_layer" in k or "lora_" in k]
     if leftover:
-        raise VerificationError(f"merged UNet still holds peft wrapper weights, e.g. {leftover[0]}")
-    merged = unet_outputs(pipe.unet)
+        raise VerificationError(f"merged {label} still holds peft wrapper weights, e.g. {leftover[0]}")
+    merged = outputs(net)
     diff = max(float((merged[k] - ref[k]).abs().max()) for k in ref)
-    effect = float((ref["b1_t500"] - base_ref["b1_t500"]).abs().max())
+    effect = max(float((ref[k] - base_ref[k]).abs().max()) for k in ref)
     if not diff <= atol:
         raise VerificationError(
-            f"merged UNet differs from UNet+adapter by {diff:.3g} max abs (> {atol:g}); "
+            f"merged {label} differs from {label}+adapter by {diff:.3g} max abs (> {atol:g}); "
             "the fuse did not reproduce the adapter"
         )
     return pipe, {

@@ -135,14 +135,19 @@ def image_parity(
         output_type="np",
         guidance_scale=7.5,
     ).images[0]
-    if not np.isfinite(b).all():
+    return compare_images(a, b, atol, steps) | {"size": s, "prompt": prompt}
+
+
+def compare_images(torch_img: Any, onnx_img: Any, atol: float, steps: int) -> dict[str, Any]:
+    """Max abs difference of the PyTorch and ONNX pipelines' images; fails on NaN/inf or past `atol`."""
+    if not np.isfinite(onnx_img).all():
         raise VerificationError("ONNX pipeline image holds NaN/inf")
-    diff = float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
+    diff = float(np.abs(np.asarray(torch_img, np.float32) - np.asarray(onnx_img, np.float32)).max())
     if not diff <= atol:
         raise VerificationError(
             f"ONNX image differs from PyTorch by {diff:.3g} max abs (> {atol:g}) at {steps} steps"
         )
-    return {"max_abs_diff": diff, "atol": atol, "steps": steps, "size": s, "prompt": prompt}
+    return {"max_abs_diff": diff, "atol": atol, "steps": steps}
 
 
 def bf16_image_check(merged_dir: str | Path, steps: int, size: int | None = None) -> dict[str, Any]:

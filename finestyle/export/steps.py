@@ -218,10 +218,12 @@ def run_export(cfg: ExportConfig, log=log_line) -> ExportResult:
 
 def _build_mmdit(cfg: ExportConfig, tmp: str, log=log_line) -> ExportResult:
     """SD 3.x / FLUX.1: merge and prove, ONNX through optimum, transformer and image parity, publish."""
-    from finestyle.export.mmdit import merge_mmdit, mmdit_image_parity, transformer_parity
+    from finestyle.export.mmdit import mmdit_image_parity, transformer_parity
 
     t = time.perf_counter()
-    merged, merge_rep = merge_mmdit(cfg.base, cfg.adapter or None, cfg.lora_scale, cfg.merge_atol)
+    merged, merge_rep = merge_adapter(
+        cfg.base, cfg.adapter or None, cfg.lora_scale, torch.device("cpu"), cfg.merge_atol
+    )
     merged.save_pretrained(Path(tmp) / "merged", safe_serialization=True)
     copy_adapter_info(cfg.adapter, Path(tmp) / "merged")
     merge_rep["seconds"] = time.perf_counter() - t
