@@ -180,3 +180,12 @@ def prepare_small_dataset(root: Path, n: int = 2, style: str = "paper-cut", size
         log=lambda m: None,
     )
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

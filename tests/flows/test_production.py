@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, doc_section
+from tests.conftest import REPO, doc_section, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +47,7 @@ def readme_production_commands() -> list[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _copy_checkout(dst: Path) -> None:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.flows.test_production import _api, _free_port, _healthy, _wait_for
+from tests.conftest import free_port as _free_port
+from tests.flows.test_production import _api, _healthy, _wait_for
 
 pytestmark = pytest.mark.slow
 

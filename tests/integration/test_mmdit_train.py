@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finestyle.artifacts.adapter import ADAPTER_WEIGHTS
-from tests.conftest import REPO, doc_section, prepare_small_dataset
+from tests.conftest import REPO, doc_section, free_port, prepare_small_dataset
 from tests.integration.test_train import _train_in_subprocess
 
 
@@ -106,8 +106,6 @@ def test_the_guide_generates_and_serves_an_sd3_export(tours):
     assert (
         "ORTStableDiffusion3Pipeline" in png.text["finestyle:runtime"] and png.text["finestyle:seed"] == "5"
     )
-    from tests.integration.test_review_browser import free_port
-
     port = free_port()
     args = [a if a != "8000" else str(port) for a in serve[1:]]
     proc = subprocess.Popen(

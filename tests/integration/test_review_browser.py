@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 
 from finestyle.core.fs import hash_tree
 from finestyle.review.versions import dataset_key, load_rows
-from tests.conftest import prepare_small_dataset
+from tests.conftest import free_port, prepare_small_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM or not __import__("importlib").util.find_spec("playwright"):
@@ -32,12 +31,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
